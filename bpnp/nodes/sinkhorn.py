@@ -1,0 +1,295 @@
+r"""Entropic optimal transport (Sinkhorn) as a declarative node.
+
+Per batch item, with cost :math:`M \in \mathbb{R}^{m\times n}`, marginals :math:`r, c \ge 0`,
+:math:`\sum r = \sum c`, and inverse temperature :math:`\lambda`:
+
+.. math::
+    P^\star = \arg\min_{P \ge 0} \ \langle M, P\rangle + \tfrac{1}{\lambda}\langle P, \log P - 1\rangle
+    \quad \text{s.t.} \quad P\mathbf{1} = r, \; P^\top\mathbf{1} = c,
+
+whose solution is :math:`P = \exp(-\lambda M + \alpha \mathbf{1}^\top + \mathbf{1}\beta^\top)`.
+
+**Forward.** Sinkhorn iterations on the log potentials :math:`(\alpha, \beta)` with
+``logsumexp`` (stable in float32 for large :math:`\lambda`, where the linear-domain kernel
+:math:`e^{-\lambda M}` underflows). After each :math:`\beta` update the columns are exact; the
+next :math:`\alpha` update reveals the row sums of the current plan for free,
+:math:`P\mathbf{1} = r \odot e^{\alpha_k - \alpha_{k+1}}`, so each item stops on its own L1
+marginal error ``tol`` (relative to the total mass) at O(m) cost, and is frozen while the rest of
+the batch iterates. A zero entry of ``r`` or ``c`` marks a padded row or column anywhere; its
+entries of :math:`P` and of every gradient are exactly 0.
+
+**Backward (implicit).** Perturbing :math:`M` gives :math:`dP = P\odot(-\lambda\,dM + d\alpha_i
++ d\beta_j)` with :math:`(d\alpha, d\beta)` restoring the marginals. For an incoming gradient
+:math:`G = \partial L/\partial P` this yields
+
+.. math::
+    \frac{\partial L}{\partial M} = \lambda\, P \odot \left(a \mathbf{1}^\top + \mathbf{1} b^\top - G\right),
+    \qquad
+    \begin{bmatrix} \mathrm{diag}(P\mathbf{1}) & P \\ P^\top & \mathrm{diag}(P^\top\mathbf{1}) \end{bmatrix}
+    \begin{bmatrix} a \\ b \end{bmatrix}
+    = \begin{bmatrix} (G\odot P)\mathbf{1} \\ (G\odot P)^\top\mathbf{1} \end{bmatrix},
+
+the lecture's :math:`\Lambda`-block result. The larger side is eliminated (its block is
+diagonal), leaving the Schur complement :math:`S = \mathrm{diag}(P\mathbf 1) - P\,
+\mathrm{diag}(P^\top\mathbf 1)^{-1}P^\top` on the *smaller* side, batched and solved by Cholesky
+with the gradient as right-hand side (never an explicit inverse). :math:`S` is singular along
+:math:`\mathbf 1` (the gauge :math:`a + t, b - t`); the lecture drops one unknown, we instead add
+:math:`\tau\, u u^\top` (:math:`u` = normalised mask of real rows), which makes :math:`S` positive
+definite without index bookkeeping around padding and does not change :math:`a_i + b_j` because
+the right-hand side is orthogonal to :math:`u`. The gradients to the marginals are
+:math:`\partial L/\partial r = a`, :math:`\partial L/\partial c = b`, defined up to that same
+gauge (only perturbations with :math:`\sum dr = \sum dc` are feasible); we return the
+minimum-norm representative.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from bpnp.nodes.linalg import SINGULAR_MODES, solve_spd
+from bpnp.nodes.status import Status
+
+BACKWARD_MODES = ("implicit", "unrolled")
+
+
+@dataclass
+class SinkhornInfo:
+    """Per-item diagnostics of the last forward pass (all (B,) tensors)."""
+
+    iterations: torch.Tensor
+    converged: torch.Tensor
+    marginal_error: torch.Tensor
+    status: torch.Tensor
+    backward_status: torch.Tensor | None = None
+
+
+def uniform_marginals(
+    row_mask: torch.Tensor, col_mask: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uniform marginals over the real points: ``1/m'`` per real row, ``1/n'`` per real column.
+
+    Args:
+        row_mask: (B, m) bool, True for real rows.
+        col_mask: (B, n) bool, True for real columns.
+
+    Returns:
+        ``(r (B, m), c (B, n))``, each summing to 1 per item (0 for an all-padding item), exactly
+        0 at padding.
+
+    Example:
+        >>> r, c = uniform_marginals(torch.tensor([[True, True, False]]), torch.tensor([[True, True]]))
+        >>> r
+        tensor([[0.5000, 0.5000, 0.0000]])
+    """
+    if row_mask.ndim != 2 or col_mask.ndim != 2 or row_mask.shape[0] != col_mask.shape[0]:
+        raise ValueError(
+            f"masks must have shapes (B, m) and (B, n), got {tuple(row_mask.shape)} and {tuple(col_mask.shape)}"
+        )
+    rm, cm = row_mask.to(dtype), col_mask.to(dtype)
+    r = rm / rm.sum(1, keepdim=True).clamp_min(1)
+    c = cm / cm.sum(1, keepdim=True).clamp_min(1)
+    return r, c
+
+
+def _validate(M: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> None:
+    if not isinstance(M, torch.Tensor) or not M.is_floating_point():
+        raise TypeError(f"M must be a floating-point tensor, got {getattr(M, 'dtype', type(M))}")
+    if M.ndim != 3:
+        raise ValueError(f"M must have shape (B, m, n), got {tuple(M.shape)}")
+    B, m, n = M.shape
+    if r.shape != (B, m) or c.shape != (B, n):
+        raise ValueError(f"r and c must have shapes {(B, m)} and {(B, n)}, got {tuple(r.shape)} and {tuple(c.shape)}")
+    if r.device != M.device or c.device != M.device:
+        raise ValueError(f"M, r and c must be on one device, got {M.device}, {r.device}, {c.device}")
+    rd, cd = r.detach(), c.detach()
+    if not (torch.isfinite(rd).all() and torch.isfinite(cd).all()):
+        raise ValueError("marginals r and c must be finite")
+    if bool((rd < 0).any()) or bool((cd < 0).any()):
+        raise ValueError("marginals r and c must be non-negative (0 marks padding)")
+    mass_r, mass_c = rd.sum(1), cd.sum(1)
+    gap = (mass_r - mass_c).abs() > 1e-4 * torch.maximum(mass_r, mass_c).clamp_min(1e-12)
+    if bool(gap.any()):
+        i = int(gap.nonzero()[0])
+        raise ValueError(
+            f"marginals must have equal mass per item: item {i} has sum(r)={float(mass_r[i]):.6g}, "
+            f"sum(c)={float(mass_c[i]):.6g}"
+        )
+
+
+def _sinkhorn_iterations(M, r, c, lam, max_iter, tol):
+    """Log-domain Sinkhorn with per-item stopping; differentiable torch ops throughout."""
+    B, m, n = M.shape
+    dtype = M.dtype
+    # A finite "minus infinity" keeps padded potentials out of the plan (exp underflows to 0)
+    # without producing inf - inf = NaN, in the forward or in an unrolled backward.
+    # (A sum of two such values must still be representable, hence the /8.)
+    neg = -torch.finfo(dtype).max / 8
+    row, col = r > 0, c > 0
+    real = row[:, :, None] & col[:, None, :]
+    finite_item = torch.where(real, torch.isfinite(M), torch.ones_like(real)).flatten(1).all(1)
+    logK = -lam * torch.where(real & finite_item[:, None, None], M, torch.zeros_like(M))
+    log_r = torch.log(torch.where(row, r, torch.ones_like(r)))
+    log_c = torch.log(torch.where(col, c, torch.ones_like(c)))
+    mass = r.sum(1).clamp_min(torch.finfo(dtype).tiny)
+
+    alpha = torch.where(row, torch.zeros_like(r), torch.full_like(r, neg))
+    beta = torch.where(col, log_c - torch.logsumexp(logK + alpha[:, :, None], dim=1), torch.full_like(c, neg))
+    active = row.any(1) & col.any(1) & finite_item
+    iterations = torch.zeros(B, dtype=torch.long, device=M.device)
+    err = torch.zeros(B, dtype=dtype, device=M.device)
+    for _ in range(max_iter):
+        if not bool(active.any()):
+            break
+        alpha_new = torch.where(row, log_r - torch.logsumexp(logK + beta[:, None, :], dim=2), torch.full_like(r, neg))
+        # Row sums of the current plan are r * exp(alpha - alpha_new): its L1 marginal error.
+        ratio = torch.exp(torch.where(row, alpha - alpha_new, torch.zeros_like(r)))
+        err_now = (r * (ratio - 1).abs()).sum(1).detach() / mass
+        err = torch.where(active, err_now, err)
+        active = active & (err_now > tol)
+        if not bool(active.any()):
+            break
+        alpha = torch.where(active[:, None], alpha_new, alpha)
+        beta_new = torch.where(col, log_c - torch.logsumexp(logK + alpha[:, :, None], dim=1), torch.full_like(c, neg))
+        beta = torch.where(active[:, None], beta_new, beta)
+        iterations = iterations + active.long()
+    P = torch.exp(logK + alpha[:, :, None] + beta[:, None, :])
+    P = torch.where(real & finite_item[:, None, None], P, torch.zeros_like(P))
+    converged = ~active
+    status = torch.where(converged, int(Status.OK), int(Status.MAX_ITER)).long()
+    status = torch.where(finite_item, status, torch.full_like(status, int(Status.NONFINITE)))
+    return P, SinkhornInfo(iterations=iterations, converged=converged & finite_item, marginal_error=err, status=status)
+
+
+def _ot_backward(P, G, row, col, lam, need_marginals, singular):
+    """Implicit gradients of the OT plan; see the module docstring for the derivation."""
+    B, m, n = P.shape
+    transpose = m > n  # eliminate the larger side so the dense system is min(m, n) square
+    if transpose:
+        P, G, row, col = P.transpose(1, 2), G.transpose(1, 2), col, row
+    GP = G * P
+    g_r, g_c = GP.sum(2), GP.sum(1)
+    rs, cs = P.sum(2), P.sum(1)
+    inv_cs = torch.where(col & (cs > 0), 1.0 / torch.where(cs > 0, cs, torch.ones_like(cs)), torch.zeros_like(cs))
+    Pc = P * inv_cs[:, None, :]
+    S = torch.diag_embed(rs) - Pc @ P.transpose(1, 2)
+    rowf = row.to(P.dtype)
+    count = rowf.sum(1, keepdim=True).clamp_min(1)
+    u = rowf / count.sqrt()
+    tau = (rs.sum(1, keepdim=True) / count).clamp_min(torch.finfo(P.dtype).tiny)  # mean real row mass
+    S = S + tau[:, :, None] * u[:, :, None] * u[:, None, :] + torch.diag_embed(1.0 - rowf)
+    S = 0.5 * (S + S.transpose(1, 2))
+    rhs = g_r - (Pc * g_c[:, None, :]).sum(2)
+    rhs = torch.where(row, rhs, torch.zeros_like(rhs))
+    # Cholesky success is the criterion here: peaked plans (large lam) make S legitimately
+    # ill-conditioned while the solve stays accurate enough for a gradient.
+    a, status = solve_spd(S, rhs, mode=singular, rcond=float(torch.finfo(P.dtype).eps))
+    b = (g_c - (P * a[:, :, None]).sum(1)) * inv_cs
+    gM = lam * P * (a[:, :, None] + b[:, None, :] - G)
+    ga = gb = None
+    if need_marginals:
+        # Minimum-norm representative of the gauge family (a + t, b - t).
+        colf = col.to(P.dtype)
+        t = ((b * colf).sum(1) - (a * rowf).sum(1)) / (rowf.sum(1) + colf.sum(1)).clamp_min(1)
+        ga = (a + t[:, None]) * rowf
+        gb = (b - t[:, None]) * colf
+    if transpose:
+        gM = gM.transpose(1, 2)
+        ga, gb = gb, ga
+    return gM, ga, gb, status
+
+
+class _SinkhornFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, M, r, c, lam, max_iter, tol, singular, holder):
+        with torch.no_grad():
+            P, info = _sinkhorn_iterations(M, r, c, lam, max_iter, tol)
+        holder["info"] = info
+        ctx.lam, ctx.singular, ctx.holder = lam, singular, holder
+        ctx.save_for_backward(P, r > 0, c > 0)
+        return P
+
+    @staticmethod
+    def backward(ctx, G):
+        P, row, col = ctx.saved_tensors
+        need_r, need_c = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
+        G = torch.nan_to_num(G, nan=0.0, posinf=0.0, neginf=0.0)
+        gM, ga, gb, status = _ot_backward(P, G, row, col, ctx.lam, need_r or need_c, ctx.singular)
+        info = ctx.holder.get("info")
+        if info is not None:
+            info.backward_status = status
+        return gM, (ga if need_r else None), (gb if need_c else None), None, None, None, None, None
+
+
+def sinkhorn(
+    M: torch.Tensor,
+    r: torch.Tensor,
+    c: torch.Tensor,
+    lam: float = 10.0,
+    max_iter: int = 100,
+    tol: float = 1e-6,
+    backward: str = "implicit",
+    singular: str = "damp",
+) -> tuple[torch.Tensor, SinkhornInfo]:
+    """Entropic optimal transport plan, batched, differentiable in ``M``, ``r`` and ``c``.
+
+    Args:
+        M: (B, m, n) cost matrices (finite on real entries; padded entries are ignored).
+        r: (B, m) row marginals, >= 0, 0 marks a padded row.
+        c: (B, n) column marginals, >= 0, same mass as ``r`` per item.
+        lam: inverse temperature lambda > 0 (larger = closer to a hard assignment).
+        max_iter: iteration limit per item.
+        tol: stop an item when its L1 row-marginal error divided by its mass is <= tol.
+        backward: ``"implicit"`` (Schur-complement solve, memory independent of iterations) or
+            ``"unrolled"`` (autograd through the iterations).
+        singular: per-item fallback if the backward system is singular (``"damp"``,
+            ``"min_norm"``, ``"zero"``).
+
+    Returns:
+        ``(P, info)``: (B, m, n) transport plans and per-item :class:`SinkhornInfo`.
+
+    Example:
+        >>> M = torch.rand(2, 3, 4); r, c = uniform_marginals(torch.ones(2, 3, dtype=torch.bool), torch.ones(2, 4, dtype=torch.bool))
+        >>> P, info = sinkhorn(M, r, c)
+        >>> torch.allclose(P.sum(2), r, atol=1e-5)
+        True
+    """
+    if backward not in BACKWARD_MODES:
+        raise ValueError(f"backward must be one of {BACKWARD_MODES}, got {backward!r}")
+    if singular not in SINGULAR_MODES:
+        raise ValueError(f"singular must be one of {SINGULAR_MODES}, got {singular!r}")
+    if not lam > 0:
+        raise ValueError(f"lam must be positive, got {lam}")
+    _validate(M, r, c)
+    r, c = r.to(M.dtype), c.to(M.dtype)
+    if backward == "unrolled":
+        return _sinkhorn_iterations(M, r, c, lam, max_iter, tol)
+    holder: dict = {}
+    P = _SinkhornFunction.apply(M, r, c, float(lam), int(max_iter), float(tol), singular, holder)
+    return P, holder["info"]
+
+
+class SinkhornOT(nn.Module):
+    """Layer form of :func:`sinkhorn`; the last forward's diagnostics are in :attr:`last_info`.
+
+    Args:
+        lam, max_iter, tol, backward, singular: as in :func:`sinkhorn`.
+    """
+
+    def __init__(
+        self, lam: float = 10.0, max_iter: int = 100, tol: float = 1e-6, backward: str = "implicit", singular: str = "damp"
+    ) -> None:
+        super().__init__()
+        if backward not in BACKWARD_MODES:
+            raise ValueError(f"backward must be one of {BACKWARD_MODES}, got {backward!r}")
+        self.lam, self.max_iter, self.tol, self.backward, self.singular = lam, max_iter, tol, backward, singular
+        self.last_info: SinkhornInfo | None = None
+
+    def forward(self, M: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        P, self.last_info = sinkhorn(M, r, c, self.lam, self.max_iter, self.tol, self.backward, self.singular)
+        return P
+
+    def extra_repr(self) -> str:
+        return f"lam={self.lam}, max_iter={self.max_iter}, tol={self.tol}, backward={self.backward!r}"
