@@ -94,6 +94,7 @@ def implicit_vjp(
     dense_max_dim: int = 64,
     cg_tol: float = 1e-10,
     cg_max_iter: int = 500,
+    force_fallback: torch.Tensor | None = None,
 ) -> tuple[tuple[torch.Tensor | None, ...], torch.Tensor]:
     """Vector-Jacobian product of ``y*(xs)`` by the implicit function theorem.
 
@@ -105,6 +106,8 @@ def implicit_vjp(
         constraints: optional ``constraints(*xs, y) -> (B, p)``, equality constraints ``h = 0``.
         solver: ``"dense"``, ``"cg"`` or ``"auto"`` (dense when ``prod(shape) <= dense_max_dim``).
         singular: per-item fallback ``"damp"``, ``"min_norm"`` or ``"zero"``.
+        force_fallback: optional (B,) bool, items that take the fallback regardless (dense,
+            unconstrained solves only), e.g. those a forward solver found degenerate.
 
     Returns:
         ``(grads, status)``: one gradient (or None) per input, and (B,) int64 status codes.
@@ -155,7 +158,7 @@ def implicit_vjp(
             H = dense_hessian(lambda z: lagrangian(xs_const, z), y_flat)
             H = 0.5 * (H + H.transpose(1, 2))
             if A is None:
-                w, status = solve_spd(H, v, mode=singular)
+                w, status = solve_spd(H, v, mode=singular, force_fallback=force_fallback)
                 mu = None
             else:
                 w, mu, status = solve_kkt(H, A, v, mode=singular)

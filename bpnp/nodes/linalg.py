@@ -52,6 +52,7 @@ def solve_spd(
     mode: str = "damp",
     rcond: float | None = None,
     damping_ladder: tuple[float, ...] = (1e-8, 1e-6, 1e-4, 1e-2, 1.0),
+    force_fallback: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Solve ``H w = v`` per item for symmetric positive (semi-)definite ``H``.
 
@@ -62,6 +63,8 @@ def solve_spd(
             ``"damp"``, ``"min_norm"`` or ``"zero"`` (see module docstring).
         rcond: relative conditioning threshold; default ``sqrt(eps)`` of the dtype.
         damping_ladder: damping values, relative to ``trace(H)/d``, tried in order in ``"damp"``.
+        force_fallback: optional (B,) bool: items known to be degenerate (e.g. by the forward
+            solver) take the fallback even if their factorisation happens to succeed.
 
     Returns:
         ``(w, status)`` with ``w`` (B, d), finite, and ``status`` (B,) int64.
@@ -82,6 +85,8 @@ def solve_spd(
     vs = torch.where(finite[:, None], v, torch.zeros_like(v))
 
     L, ok = _cholesky_ok(Hs, rcond)
+    if force_fallback is not None:
+        ok = ok & ~force_fallback
     w = torch.cholesky_solve(vs.unsqueeze(-1), L).squeeze(-1)
     w = torch.where(ok[:, None], w, torch.zeros_like(w))
     status = torch.full((b,), int(Status.OK), dtype=torch.long, device=H.device)

@@ -1,0 +1,89 @@
+r"""Robust kernels on the angular error ``e = 1 - cos(angle)`` in ``[0, 2]``.
+
+Each kernel is a concave, increasing function of ``e`` with :math:`\rho(e) \approx e` for small
+``e`` and one scale ``sigma`` (in units of ``e``; an angle of ``a`` radians gives
+``e ~= a^2 / 2``). Concavity in ``e`` makes iteratively reweighted steps majorise-minimise the
+robust objective, since :math:`\rho(e) \le \rho(e_0) + \rho'(e_0)(e - e_0)`.
+
+=================  =====================================  ==================================
+name               rho(e)                                 rho'(e)
+=================  =====================================  ==================================
+``none``           e                                      1
+``huber``          e if e <= s else 2 sqrt(s e) - s       1 or sqrt(s / e)
+``geman_mcclure``  s e / (s + e)                          s^2 / (s + e)^2
+``tanh``           s tanh(e / s)  (the original BPnPNet)  1 - tanh^2(e / s)
+=================  =====================================  ==================================
+"""
+
+from __future__ import annotations
+
+import torch
+
+KERNELS = ("none", "huber", "geman_mcclure", "tanh")
+
+
+class RobustKernel:
+    """A robust kernel with its first two derivatives, elementwise on tensors of errors ``e``.
+
+    Args:
+        name: one of :data:`KERNELS`.
+        scale: ``sigma > 0`` in units of ``1 - cos(angle)``.
+
+    Example:
+        >>> k = RobustKernel("geman_mcclure", 0.01)
+        >>> float(k.rho(torch.tensor(0.01)))
+        0.005
+    """
+
+    def __init__(self, name: str = "none", scale: float = 0.01) -> None:
+        if name not in KERNELS:
+            raise ValueError(f"robust kernel must be one of {KERNELS}, got {name!r}")
+        if not scale > 0:
+            raise ValueError(f"robust scale must be positive, got {scale}")
+        self.name, self.scale = name, float(scale)
+
+    def rho(self, e: torch.Tensor) -> torch.Tensor:
+        # No clamping of e at 0: at an exact fit half the errors round to tiny negatives, and a
+        # clamp would zero their derivatives (a wrong Hessian). Each formula is smooth there.
+        s = self.scale
+        if self.name == "none":
+            return e
+        if self.name == "huber":
+            # sqrt only where it is taken (where() would still differentiate the other branch).
+            big = e > s
+            root = torch.sqrt(torch.where(big, e, torch.full_like(e, s)) * s)
+            return torch.where(big, 2 * root - s, e)
+        if self.name == "geman_mcclure":
+            return s * e / (s + e)
+        return s * torch.tanh(e / s)
+
+    def d1(self, e: torch.Tensor) -> torch.Tensor:
+        s = self.scale
+        if self.name == "none":
+            return torch.ones_like(e)
+        if self.name == "huber":
+            big = e > s
+            return torch.where(big, torch.sqrt(s / torch.where(big, e, torch.full_like(e, s))), torch.ones_like(e))
+        if self.name == "geman_mcclure":
+            return s * s / (s + e) ** 2
+        return 1 - torch.tanh(e / s) ** 2
+
+    def d2(self, e: torch.Tensor) -> torch.Tensor:
+        s = self.scale
+        if self.name == "none":
+            return torch.zeros_like(e)
+        if self.name == "huber":
+            big = e > s
+            eb = torch.where(big, e, torch.full_like(e, s))
+            return torch.where(big, -0.5 * torch.sqrt(torch.full_like(e, s)) * eb ** -1.5, torch.zeros_like(e))
+        if self.name == "geman_mcclure":
+            return -2 * s * s / (s + e) ** 3
+        th = torch.tanh(e / s)
+        return -2 * th * (1 - th * th) / s
+
+    @property
+    def is_identity(self) -> bool:
+        return self.name == "none"
+
+    def __repr__(self) -> str:
+        return f"RobustKernel({self.name!r}, scale={self.scale})"

@@ -1,0 +1,161 @@
+"""PnP refinement node: convergence, derivatives, gradcheck, batch independence, degeneracy."""
+
+import pytest
+import torch
+
+from bpnp.nodes.pnp import PnPRefine, _derivatives, _retract, pnp_objective, so3_exp
+from bpnp.nodes.implicit import dense_hessian
+from bpnp.nodes.robust import KERNELS, RobustKernel
+from bpnp.nodes.status import Status
+from tests.nodes.pnp_problems import make_problem, perturb, rotation_error
+
+
+def test_so3_exp_is_rotation_and_second_order_at_zero():
+    w = torch.randn(5, 3, dtype=torch.float64)
+    R = so3_exp(w)
+    torch.testing.assert_close(R @ R.transpose(1, 2), torch.eye(3, dtype=torch.float64).expand(5, 3, 3))
+    # Second derivative at 0 must match Exp(w) ~ I + [w] + [w]^2 / 2.
+    x = torch.tensor([0.3, -0.2, 0.9], dtype=torch.float64)
+    H = torch.autograd.functional.hessian(lambda w: (so3_exp(w[None])[0] @ x)[0], torch.zeros(3, dtype=torch.float64))
+    # d2/dw2 of (1/2 [w]^2 x)_0 = 1/2 (w (w.x) - x |w|^2)_0 -> 1/2 (e0 x^T + x e0^T) - x0 I
+    e0 = torch.tensor([1.0, 0, 0], dtype=torch.float64)
+    expected = 0.5 * (torch.outer(e0, x) + torch.outer(x, e0)) - x[0] * torch.eye(3, dtype=torch.float64)
+    torch.testing.assert_close(H, expected)
+
+
+@pytest.mark.parametrize("robust", KERNELS)
+def test_analytic_derivatives_match_autograd(robust):
+    W, b, p, R, t = make_problem(B=2, n=10, seed=3, noise=0.05)
+    W = W + 0.01 * torch.rand(W.shape, dtype=W.dtype, generator=torch.Generator().manual_seed(0))
+    R0, t0 = perturb(R, t, 10.0, 0.2)
+    kernel = RobustKernel(robust, 0.005)
+    F, g, H, _ = _derivatives(W, b, p @ R0.transpose(1, 2) + t0[:, None], kernel)
+
+    def local(xi):
+        Rx, tx = _retract(R0, t0, xi)
+        return pnp_objective(W, b, p, Rx, tx, kernel)
+
+    xi0 = torch.zeros(2, 6, dtype=torch.float64, requires_grad=True)
+    g_ref = torch.autograd.grad(local(xi0).sum(), xi0)[0]
+    torch.testing.assert_close(F, local(xi0).detach())
+    torch.testing.assert_close(g, g_ref)
+    torch.testing.assert_close(H, dense_hessian(local, xi0.detach()))
+
+
+@pytest.mark.parametrize("angle", [20.0, 45.0])
+def test_recovers_true_pose_float64(angle):
+    W, b, p, R, t = make_problem(B=3, n=15, seed=1)
+    R0, t0 = perturb(R, t, angle, 0.5)
+    out = PnPRefine()(W, b, p, R0, t0)
+    assert (out.status == Status.OK).all()
+    assert rotation_error(out.R, R).max() < 1e-6
+    assert (out.t - t).norm(dim=1).max() < 1e-6
+    assert rotation_error(R0, R).min() > 0.3  # the start really was >= 20 deg away
+
+
+@pytest.mark.parametrize("robust", ["huber", "geman_mcclure", "tanh"])
+def test_robust_kernels_converge_and_ignore_outliers(robust):
+    W, b, p, R, t = make_problem(B=2, n=20, seed=2, noise=1e-3)
+    # Replace 6 of 20 correspondences with wrong pairs of equal weight.
+    W[:, :6, :6] = 0
+    idx = torch.arange(6)
+    W[:, idx, (idx + 3) % 6] = 1 / 20
+    R0, t0 = perturb(R, t, 5.0, 0.1)
+    plain = PnPRefine()(W, b, p, R0, t0)
+    robust_out = PnPRefine(robust=robust, robust_scale=1e-4, max_iter=100)(W, b, p, R0, t0)
+    assert (robust_out.status == Status.OK).all()
+    assert rotation_error(robust_out.R, R).max() < rotation_error(plain.R, R).min()
+
+
+@pytest.mark.parametrize("robust", ["none", "geman_mcclure"])
+def test_gradcheck_all_inputs(robust):
+    W, b, p, R, t = make_problem(B=2, n=6, seed=4, noise=0.01)
+    W = W + 0.02 * torch.rand(W.shape, dtype=W.dtype, generator=torch.Generator().manual_seed(1))
+    R0, t0 = perturb(R, t, 3.0, 0.05)
+    node = PnPRefine(robust=robust, robust_scale=0.01, max_iter=100)
+    W.requires_grad_(True)
+    b.requires_grad_(True)
+    p.requires_grad_(True)
+
+    def f(W, b, p):
+        out = node(W, b, p, R0, t0)
+        return out.R, out.t
+
+    assert torch.autograd.gradcheck(f, (W, b, p), eps=1e-6, atol=1e-5, rtol=1e-4)
+    assert (node.last_backward_status == Status.OK).all()
+
+
+def test_implicit_equals_unrolled():
+    W, b, p, R, t = make_problem(B=2, n=8, seed=5, noise=0.01)
+    W = W + 0.02 * torch.rand(W.shape, dtype=W.dtype, generator=torch.Generator().manual_seed(2))
+    R0, t0 = perturb(R, t, 10.0, 0.1)
+    gR = torch.randn(2, 3, 3, dtype=torch.float64)
+    gt = torch.randn(2, 3, dtype=torch.float64)
+    grads = []
+    for mode in ("implicit", "unrolled"):
+        Wg = W.clone().requires_grad_(True)
+        out = PnPRefine(backward=mode, max_iter=100)(Wg, b, p, R0, t0)
+        grads.append(torch.autograd.grad((out.R * gR).sum() + (out.t * gt).sum(), Wg)[0])
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-8, rtol=1e-5)
+
+
+def test_items_are_independent():
+    W, b, p, R, t = make_problem(B=3, n=10, seed=6, noise=0.01)
+    R0, t0 = perturb(R, t, 15.0, 0.2)
+    W2, p2 = W.clone(), p.clone()
+    W2[2] = W2[2].roll(1, dims=1)  # change item 2 only (wrong correspondences, more iterations)
+    p2[2] = 3 * p2[2]
+    outs, grads = [], []
+    for Wi, pi in ((W, p), (W2, p2)):
+        Wg = Wi.clone().requires_grad_(True)
+        out = PnPRefine()(Wg, b, pi, R0, t0)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.R.sum() + out.t.sum(), Wg)[0])
+    assert torch.equal(outs[0].R[:2], outs[1].R[:2]) and torch.equal(outs[0].t[:2], outs[1].t[:2])
+    assert torch.equal(grads[0][:2], grads[1][:2])
+
+
+@pytest.mark.parametrize("mode,code", [("damp", Status.DAMPED), ("zero", Status.ZEROED), ("min_norm", Status.MIN_NORM)])
+def test_singular_item_all_weight_on_two_points(mode, code):
+    W, b, p, R, t = make_problem(B=2, n=8, seed=7)
+    W[1] = 0
+    W[1, 0, 0] = W[1, 1, 1] = 0.5
+    R0, t0 = perturb(R, t, 10.0, 0.2)
+    Wg = W.clone().requires_grad_(True)
+    node = PnPRefine(singular=mode)
+    out = node(Wg, b, p, R0, t0)
+    assert out.status.tolist() == [Status.OK, Status.DEGENERATE]
+    assert torch.isfinite(out.R).all() and torch.isfinite(out.t).all()
+    (g,) = torch.autograd.grad(out.R.sum() + out.t.sum(), Wg)
+    assert torch.isfinite(g).all()
+    assert node.last_backward_status.tolist() == [Status.OK, code]
+
+
+def test_masks_and_nonfinite_item():
+    W, b, p, R, t = make_problem(B=2, n=8, seed=8)
+    R0, t0 = perturb(R, t, 10.0, 0.2)
+    mask3d = torch.ones(2, 8, dtype=torch.bool)
+    mask3d[0, -1] = False
+    p_bad = p.clone()
+    p_bad[1, 0, 0] = float("nan")
+    p_bad[0, -1] = 1e9  # garbage in a masked (padded) point changes nothing
+    out = PnPRefine()(W, b, p_bad, R0, t0, mask3d=mask3d)
+    assert out.status.tolist() == [Status.OK, Status.NONFINITE]
+    assert rotation_error(out.R[:1], R[:1]) < 1e-6
+    torch.testing.assert_close(out.R[1], R0[1])
+
+
+def test_float32_converges():
+    W, b, p, R, t = make_problem(B=4, n=30, seed=9, dtype=torch.float32, noise=1e-3)
+    R0, t0 = perturb(R, t, 20.0, 0.3)
+    out = PnPRefine()(W, b, p, R0, t0)
+    assert (out.status == Status.OK).all()
+    assert rotation_error(out.R.double(), R.double()).max() < 5e-3
+
+
+def test_bad_shapes():
+    W, b, p, R, t = make_problem(B=2, n=8)
+    with pytest.raises(ValueError, match="bearings must have shape"):
+        PnPRefine()(W, b[:, :5], p, R, t)
+    with pytest.raises(ValueError, match="robust kernel"):
+        PnPRefine(robust="cauchy")
