@@ -80,8 +80,8 @@ def uniform_marginals(
         col_mask: (B, n) bool, True for real columns.
 
     Returns:
-        ``(r (B, m), c (B, n))``, each summing to 1 per item (0 for an all-padding item), exactly
-        0 at padding.
+        ``(r (B, m), c (B, n))``, each summing to 1 per item, exactly 0 at padding; both are
+        all zero for an item with no real point on either side (its plan is all zero).
 
     Example:
         >>> r, c = uniform_marginals(torch.tensor([[True, True, False]]), torch.tensor([[True, True]]))
@@ -92,7 +92,9 @@ def uniform_marginals(
         raise ValueError(
             f"masks must have shapes (B, m) and (B, n), got {tuple(row_mask.shape)} and {tuple(col_mask.shape)}"
         )
-    rm, cm = row_mask.to(dtype), col_mask.to(dtype)
+    # An item with no real point on one side has nothing to transport: all-zero marginals.
+    both = (row_mask.any(1) & col_mask.any(1))[:, None]
+    rm, cm = (row_mask & both).to(dtype), (col_mask & both).to(dtype)
     r = rm / rm.sum(1, keepdim=True).clamp_min(1)
     c = cm / cm.sum(1, keepdim=True).clamp_min(1)
     return r, c
@@ -163,6 +165,8 @@ def _sinkhorn_iterations(M, r, c, lam, max_iter, tol):
     P = torch.where(real & finite_item[:, None, None], P, torch.zeros_like(P))
     converged = ~active
     status = torch.where(converged, int(Status.OK), int(Status.MAX_ITER)).long()
+    empty = ~(row.any(1) & col.any(1))
+    status = torch.where(empty, torch.full_like(status, int(Status.DEGENERATE)), status)
     status = torch.where(finite_item, status, torch.full_like(status, int(Status.NONFINITE)))
     return P, SinkhornInfo(iterations=iterations, converged=converged & finite_item, marginal_error=err, status=status)
 
@@ -227,6 +231,8 @@ def _sinkhorn_scaling(M, r, c, lam, max_iter, tol):
     P = torch.where(keep, P, torch.zeros_like(P))
     converged = ~active
     status = torch.where(converged, int(Status.OK), int(Status.MAX_ITER)).long()
+    empty = ~(row.any(1) & col.any(1))
+    status = torch.where(empty, torch.full_like(status, int(Status.DEGENERATE)), status)
     status = torch.where(finite_item, status, torch.full_like(status, int(Status.NONFINITE)))
     return P, SinkhornInfo(iterations=iterations, converged=converged & finite_item, marginal_error=err, status=status)
 
