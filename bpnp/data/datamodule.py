@@ -1,0 +1,296 @@
+"""``BlindPnPDataModule``: train/val/test loaders of padded blind-PnP batches from one source.
+
+Built from plain arguments, so Hydra can instantiate it from ``configs/data/*.yaml``
+(``_target_: bpnp.data.datamodule.BlindPnPDataModule``). Sources:
+
+- ``synthetic``: :class:`~bpnp.data.datasets.SyntheticDataset` streams with **disjoint seeds**:
+  train ``seed``, val ``seed + 1``, test ``seed + 2`` unless ``train_seed``/``val_seed``/
+  ``test_seed`` are given (they must differ). ``synthetic`` holds the
+  :class:`~bpnp.data.synthetic.SyntheticConfig` fields; ``val_synthetic``/``test_synthetic``
+  override some of them for one split (e.g. more outliers at test time).
+- ``scenes``: directories of ``.npz`` scene files; ``path`` is the test set (what
+  ``evaluate.py data=scenes data.path=DIR`` sets), ``train_path``/``val_path`` the others.
+- ``colmap``: COLMAP models, split **by scene**: ``train_scenes``/``val_scenes``/``test_scenes``
+  are folder names under ``root`` (or paths); a model may appear in one split only.
+- ``pickles``: BPnPNet pickles under ``root`` for ``dataset``; val is a seeded ``val_fraction``
+  of the train split (the original validated on its test split), test is the test split.
+
+``batch_size`` is **per device** (under DDP each rank loads ``batch_size`` items; Lightning adds
+the distributed sampler). ``add_outlier_frac_2d/3d`` add uniform outliers to the splits named in
+``add_outlier_splits`` (outlier sweeps). With ``resample_each_epoch`` (synthetic, colmap) the
+training items change every epoch; set the trainer's ``reload_dataloaders_every_n_epochs=1`` so
+that :meth:`train_dataloader` sees the new epoch (workers copy the dataset when created).
+A split with no data configured gives an empty loader list (Lightning then skips that loop).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from bpnp.data.bpnpnet_pickles import load_bpnpnet_split, split_dir
+from bpnp.data.collate import collate_scenes
+from bpnp.data.colmap import find_model_files
+from bpnp.data.datasets import (ColmapDataset, OutlierAugmented, PickleDataset, SceneDataset,
+                                SyntheticDataset)
+from bpnp.data.synthetic import SyntheticConfig
+
+__all__ = ["BlindPnPDataModule", "SOURCES"]
+
+SOURCES = ("synthetic", "scenes", "colmap", "pickles")
+SPLITS = ("train", "val", "test")
+
+
+def _seq(v: Any) -> list:
+    if v is None:
+        return []
+    if isinstance(v, (str, Path)):
+        return [v]
+    return list(v)
+
+
+class BlindPnPDataModule(pl.LightningDataModule):
+    """Loaders of collated batches (see :mod:`bpnp.data.collate`) for one data source.
+
+    Raises (at construction, before any data is read): ``ValueError`` for an unknown source or
+    inconsistent settings (equal synthetic seeds, a COLMAP scene in two splits), and
+    ``FileNotFoundError`` naming the argument for a missing path.
+    """
+
+    def __init__(
+        self,
+        source: str = "synthetic",
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 0,
+        pad_multiple: int = 1,
+        pin_memory: bool = False,
+        persistent_workers: bool = False,
+        shuffle_train: bool = True,
+        drop_last_train: bool = True,
+        seed: int = 0,
+        train_seed: int | None = None,
+        val_seed: int | None = None,
+        test_seed: int | None = None,
+        # synthetic
+        synthetic: Mapping[str, Any] | SyntheticConfig | None = None,
+        val_synthetic: Mapping[str, Any] | None = None,
+        test_synthetic: Mapping[str, Any] | None = None,
+        train_length: int = 10000,
+        val_length: int = 200,
+        test_length: int = 500,
+        resample_each_epoch: bool = False,
+        # scenes
+        path: str | None = None,
+        train_path: str | None = None,
+        val_path: str | None = None,
+        test_path: str | None = None,
+        # colmap and pickles
+        root: str | None = None,
+        train_scenes: Sequence[str] | None = None,
+        val_scenes: Sequence[str] | None = None,
+        test_scenes: Sequence[str] | None = None,
+        max_points_2d: int | None = None,
+        max_points_3d: int | None = None,
+        outlier_frac_3d: float = 0.5,
+        dataset: str | None = None,
+        val_fraction: float = 0.1,
+        w_gt_per: str | None = None,
+        # outlier augmentation
+        add_outlier_frac_2d: float = 0.0,
+        add_outlier_frac_3d: float = 0.0,
+        add_outlier_splits: Sequence[str] = ("test",),
+    ):
+        super().__init__()
+        if source not in SOURCES:
+            raise ValueError(f"BlindPnPDataModule: unknown source {source!r} (known: {', '.join(SOURCES)})")
+        if int(batch_size) < 1 or int(num_workers) < 0 or int(pad_multiple) < 1:
+            raise ValueError("BlindPnPDataModule: need batch_size >= 1, num_workers >= 0, pad_multiple >= 1")
+        self.source = source
+        self.batch_size = int(batch_size)
+        self.eval_batch_size = int(eval_batch_size or batch_size)
+        self.num_workers = int(num_workers)
+        self.pad_multiple = int(pad_multiple)
+        self.pin_memory = bool(pin_memory)
+        self.persistent_workers = bool(persistent_workers) and self.num_workers > 0
+        self.shuffle_train = bool(shuffle_train)
+        self.drop_last_train = bool(drop_last_train)
+        self.seeds = {
+            "train": int(seed if train_seed is None else train_seed),
+            "val": int(seed + 1 if val_seed is None else val_seed),
+            "test": int(seed + 2 if test_seed is None else test_seed),
+        }
+        self.resample_each_epoch = bool(resample_each_epoch)
+        self.add_outliers = (float(add_outlier_frac_2d), float(add_outlier_frac_3d))
+        bad = set(_seq(add_outlier_splits)) - set(SPLITS)
+        if bad:
+            raise ValueError(f"BlindPnPDataModule: add_outlier_splits has unknown splits {sorted(bad)}")
+        self.add_outlier_splits = tuple(_seq(add_outlier_splits))
+        for name, f in zip(("add_outlier_frac_2d", "add_outlier_frac_3d"), self.add_outliers):
+            if not 0.0 <= f < 1.0:
+                raise ValueError(f"BlindPnPDataModule: {name} must lie in [0, 1), got {f}")
+        self._builders: dict[str, Any] = {}
+        # Each source validates its own arguments now, so a bad config fails before any data is read.
+        getattr(self, f"_configure_{source}")(locals())
+        self._datasets: dict[str, Dataset | None] = {}
+
+    # -- configuration per source (validation only; nothing is read yet) ------------------------
+
+    def _configure_synthetic(self, a: dict) -> None:
+        if len(set(self.seeds.values())) != 3:
+            raise ValueError(f"BlindPnPDataModule: train/val/test seeds must differ, got {self.seeds}")
+        base = SyntheticConfig.from_dict(a["synthetic"])
+        cfgs = {"train": base}
+        for split in ("val", "test"):
+            override = a[f"{split}_synthetic"]
+            cfgs[split] = SyntheticConfig.from_dict({**base.to_dict(), **dict(override or {})})
+        lengths = {"train": a["train_length"], "val": a["val_length"], "test": a["test_length"]}
+        for split in SPLITS:
+            if int(lengths[split]) < 0:
+                raise ValueError(f"BlindPnPDataModule: {split}_length must be >= 0")
+            self._builders[split] = (
+                None if int(lengths[split]) == 0 else partial(
+                    SyntheticDataset, cfgs[split], self.seeds[split], int(lengths[split]),
+                    resample_each_epoch=self.resample_each_epoch and split == "train")
+            )
+
+    def _configure_scenes(self, a: dict) -> None:
+        paths = {"train": a["train_path"], "val": a["val_path"], "test": a["test_path"] or a["path"]}
+        if not any(paths.values()):
+            raise ValueError("BlindPnPDataModule(source='scenes'): set path (test set) and/or "
+                             "train_path, val_path, test_path")
+        for split, p in paths.items():
+            if p is not None and not Path(p).is_dir():
+                arg = "path" if split == "test" and a["test_path"] is None else f"{split}_path"
+                raise FileNotFoundError(f"BlindPnPDataModule: {arg}={p}: scene directory does not exist")
+            self._builders[split] = None if p is None else partial(SceneDataset, p)
+
+    def _configure_colmap(self, a: dict) -> None:
+        root = Path(a["root"]) if a["root"] else None
+        if root is not None and not root.is_dir():
+            raise FileNotFoundError(f"BlindPnPDataModule: root={root}: directory does not exist")
+        resolved: dict[str, list[Path]] = {}
+        owner: dict[Path, str] = {}
+        for split in SPLITS:
+            dirs = [root / s if root is not None and not Path(s).is_absolute() else Path(s)
+                    for s in _seq(a[f"{split}_scenes"])]
+            for d in dirs:
+                if not d.is_dir():
+                    raise FileNotFoundError(f"BlindPnPDataModule: {split}_scenes: COLMAP model "
+                                            f"folder {d} does not exist")
+                find_model_files(d)  # raises ColmapFormatError (a ValueError) naming the folder
+                key = d.resolve()
+                if key in owner:
+                    raise ValueError(f"BlindPnPDataModule: COLMAP scene {d} is in both the "
+                                     f"{owner[key]} and {split} splits (splits must be by scene)")
+                owner[key] = split
+            resolved[split] = dirs
+        if not owner:
+            raise ValueError("BlindPnPDataModule(source='colmap'): set train_scenes, val_scenes "
+                             "and/or test_scenes (model folders under root)")
+        for split in SPLITS:
+            self._builders[split] = None if not resolved[split] else partial(
+                ColmapDataset, resolved[split], max_points_2d=a["max_points_2d"],
+                max_points_3d=a["max_points_3d"], outlier_frac_3d=a["outlier_frac_3d"],
+                seed=self.seeds[split],
+                resample_each_epoch=self.resample_each_epoch and split == "train")
+
+    def _configure_pickles(self, a: dict) -> None:
+        if not a["root"] or not a["dataset"]:
+            raise ValueError("BlindPnPDataModule(source='pickles'): set root and dataset "
+                             "(e.g. dataset=modelnet40)")
+        frac = float(a["val_fraction"])
+        if not 0.0 <= frac < 1.0:
+            raise ValueError(f"BlindPnPDataModule: val_fraction must lie in [0, 1), got {frac}")
+        root, name, w = a["root"], a["dataset"], a["w_gt_per"]
+        have = {s: split_dir(root, name, s).is_dir() for s in ("train", "test")}
+        if not any(have.values()):
+            raise FileNotFoundError(
+                f"BlindPnPDataModule: neither {split_dir(root, name, 'train')} nor "
+                f"{split_dir(root, name, 'test')} exists")
+        seed = self.seeds["train"]
+
+        def split_indices(part: str) -> list[int]:
+            total = len(load_bpnpnet_split(root, name, "train")["t_gt"])
+            perm = np.random.default_rng([seed, 0x5EED]).permutation(total)
+            n_val = int(round(frac * total))
+            return sorted(perm[:n_val].tolist() if part == "val" else perm[n_val:].tolist())
+
+        def build(part: str) -> PickleDataset:
+            return PickleDataset(root, name, "train", w_gt_per=w, indices=split_indices(part))
+
+        self._builders["train"] = partial(build, "train") if have["train"] else None
+        self._builders["val"] = partial(build, "val") if have["train"] and frac > 0 else None
+        self._builders["test"] = partial(PickleDataset, root, name, "test", w_gt_per=w) if have["test"] else None
+
+    # -- Lightning hooks -------------------------------------------------------------------------
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",),
+                  "predict": ("test",), None: SPLITS}.get(stage, SPLITS)
+        for split in wanted:
+            self.dataset(split)
+
+    def dataset(self, split: str) -> Dataset | None:
+        """The (cached) dataset of a split, or None when none is configured."""
+        if split not in SPLITS:
+            raise ValueError(f"unknown split {split!r} (known: {SPLITS})")
+        if split not in self._datasets:
+            build = self._builders.get(split)
+            ds = None if build is None else build()
+            if ds is not None and split in self.add_outlier_splits and any(self.add_outliers):
+                ds = OutlierAugmented(ds, *self.add_outliers, seed=self.seeds[split] + 7_000_003)
+            self._datasets[split] = ds
+        return self._datasets[split]
+
+    def _loader(self, split: str, shuffle: bool, epoch: int = 0):
+        ds = self.dataset(split)
+        if ds is None:
+            return []
+        train = split == "train"
+        generator = None
+        if shuffle:
+            # Own generator: the order depends on the seed (and epoch), not on global RNG state.
+            generator = torch.Generator().manual_seed(self.seeds[split] * 1_000_003 + epoch)
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size if train else self.eval_batch_size,
+            shuffle=shuffle,
+            generator=generator,
+            num_workers=self.num_workers,
+            collate_fn=partial(collate_scenes, pad_multiple=self.pad_multiple),
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            drop_last=train and self.drop_last_train and len(ds) >= self.batch_size,
+        )
+
+    def _current_epoch(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        return int(trainer.current_epoch) if trainer is not None else 0
+
+    def train_dataloader(self):
+        ds = self.dataset("train")
+        epoch = self._current_epoch()
+        if ds is not None and hasattr(ds, "set_epoch"):
+            ds.set_epoch(epoch)
+        return self._loader("train", shuffle=self.shuffle_train, epoch=epoch)
+
+    def val_dataloader(self):
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self):
+        return self._loader("test", shuffle=False)
+
+    def predict_dataloader(self):
+        return self._loader("test", shuffle=False)
+
+    def names(self, split: str) -> list[str]:
+        """Per-item names of a split (index with ``batch["index"]``) for per-instance reports."""
+        ds = self.dataset(split)
+        return [] if ds is None else list(getattr(ds, "names", [str(i) for i in range(len(ds))]))

@@ -1,0 +1,240 @@
+"""Map-style datasets of scene dicts, one per data source, plus an outlier-augmentation wrapper.
+
+Every item is a scene dict (DESIGN.md keys, numpy arrays) with an extra ``"index"`` (int), the
+item's position in its dataset, which :func:`bpnp.data.collate.collate_scenes` turns into
+``batch["index"]``. Each dataset has ``names``: a human-readable name per item for reports.
+
+All randomness is keyed by ``(seed, item, [epoch])`` through ``numpy.random.default_rng``, never
+global state, so items are identical across DDP ranks, dataloader workers and reruns.
+"""
+
+from __future__ import annotations
+
+import zlib
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from torch.utils.data import Dataset
+
+from bpnp.data.bpnpnet_pickles import bpnpnet_to_scene, default_w_gt_per, load_bpnpnet_split, split_dir
+from bpnp.data.colmap import read_model
+from bpnp.data.instances import instance_from_image
+from bpnp.data.scenes import SceneDirectory
+from bpnp.data.synthetic import SyntheticConfig, make_instance
+
+__all__ = [
+    "add_outliers",
+    "SyntheticDataset",
+    "SceneDataset",
+    "ColmapDataset",
+    "PickleDataset",
+    "OutlierAugmented",
+]
+
+
+def _permute(p2d, p3d, match, rng):
+    """Shuffle both sets and remap ``match`` so positions leak nothing about outliers."""
+    perm3 = rng.permutation(len(p3d))
+    inv3 = np.empty_like(perm3)
+    inv3[perm3] = np.arange(len(perm3))
+    perm2 = rng.permutation(len(p2d))
+    match = match[perm2]
+    match = np.where(match >= 0, inv3[np.maximum(match, 0)], -1).astype(np.int64)
+    return p2d[perm2], p3d[perm3], match
+
+
+def add_outliers(
+    scene: Mapping[str, Any], frac_2d: float, frac_3d: float, rng: np.random.Generator | int
+) -> dict[str, Any]:
+    """Add uniform outliers to a scene (used for outlier sweeps and augmentation).
+
+    ``round(f / (1 - f) * size)`` points are added to each set, so the *added* points make up a
+    fraction ``f`` of the result (BPnPNet's ``--frac_outliers r`` adds ``r * size`` points, i.e.
+    ``f = r / (1 + r)``). 2D outliers are uniform in the bounding box of the inlier 2D points,
+    3D outliers uniform in the bounding box of the matched 3D points (all points when there are
+    no inliers). Both sets are then shuffled.
+
+    Args:
+        scene: scene dict (numpy arrays); not modified.
+        frac_2d, frac_3d: fractions in [0, 1).
+        rng: generator or seed; the result is a deterministic function of it.
+
+    Returns:
+        A new scene dict (other keys such as ``K``, ``index`` are carried over).
+    """
+    for name, f in (("frac_2d", frac_2d), ("frac_3d", frac_3d)):
+        if not 0.0 <= f < 1.0:
+            raise ValueError(f"add_outliers: {name} must lie in [0, 1), got {f}")
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    p2d = np.asarray(scene["p2d"], dtype=np.float64)
+    p3d = np.asarray(scene["p3d"], dtype=np.float64)
+    match = np.asarray(scene["match"], dtype=np.int64)
+    inl = match >= 0
+    ref2 = p2d[inl] if inl.any() else p2d
+    ref3 = p3d[np.unique(match[inl])] if inl.any() else p3d
+    n2 = int(round(frac_2d / (1.0 - frac_2d) * len(p2d)))
+    n3 = int(round(frac_3d / (1.0 - frac_3d) * len(p3d)))
+    new2 = rng.uniform(ref2.min(0), ref2.max(0), size=(n2, 2))
+    new3 = rng.uniform(ref3.min(0), ref3.max(0), size=(n3, 3))
+    p2d, p3d, match = _permute(
+        np.concatenate([p2d, new2]), np.concatenate([p3d, new3]),
+        np.concatenate([match, np.full(n2, -1, dtype=np.int64)]), rng,
+    )
+    out = dict(scene)
+    out.update(p2d=p2d, p3d=p3d, match=match)
+    return out
+
+
+class SyntheticDataset(Dataset):
+    """Item ``i`` = :func:`~bpnp.data.synthetic.make_instance` ``(cfg, seed, i)``.
+
+    With ``resample_each_epoch``, item ``i`` at epoch ``e`` is instance ``e * length + i`` of the
+    same stream (fresh data every epoch; call :meth:`set_epoch`).
+    """
+
+    def __init__(self, cfg: SyntheticConfig | Mapping | None, seed: int, length: int,
+                 resample_each_epoch: bool = False):
+        if int(length) <= 0:
+            raise ValueError(f"SyntheticDataset: length must be > 0, got {length}")
+        if int(seed) < 0:
+            raise ValueError(f"SyntheticDataset: seed must be >= 0, got {seed}")
+        self.cfg = SyntheticConfig.from_dict(cfg)
+        self.seed, self.length = int(seed), int(length)
+        self.resample_each_epoch = bool(resample_each_epoch)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    @property
+    def names(self) -> list[str]:
+        return [f"synthetic_s{self.seed}_{i:06d}" for i in range(self.length)]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        offset = self.epoch * self.length if self.resample_each_epoch else 0
+        scene = make_instance(self.cfg, self.seed, offset + int(index))
+        scene["index"] = int(index)
+        return scene
+
+
+class SceneDataset(SceneDirectory):
+    """A directory of scene files (see :class:`bpnp.data.scenes.SceneDirectory`)."""
+
+
+class ColmapDataset(Dataset):
+    """One instance per registered image of one or more COLMAP models.
+
+    Models are read once here (``ColmapFormatError`` on a bad file). Item randomness (subsampling,
+    3D outliers) uses ``default_rng([seed, crc32(folder name), image_id])``, plus the epoch when
+    ``resample_each_epoch`` (call :meth:`set_epoch`), so an item does not depend on the order of
+    ``model_dirs``.
+
+    Args:
+        model_dirs: folders of COLMAP sparse models.
+        max_points_2d, max_points_3d, outlier_frac_3d: see
+            :func:`bpnp.data.instances.instance_from_image`.
+        seed: base seed.
+        resample_each_epoch: draw a new subsample every epoch.
+        min_inliers: images with fewer matched keypoints are skipped.
+    """
+
+    def __init__(self, model_dirs: Sequence[str | Path], max_points_2d: int | None = None,
+                 max_points_3d: int | None = None, outlier_frac_3d: float = 0.5, seed: int = 0,
+                 resample_each_epoch: bool = False, min_inliers: int = 4):
+        if isinstance(model_dirs, (str, Path)):
+            model_dirs = [model_dirs]
+        if not model_dirs:
+            raise ValueError("ColmapDataset: model_dirs is empty")
+        self.model_dirs = [Path(d) for d in model_dirs]
+        self.models = [read_model(d) for d in self.model_dirs]
+        self.kw = dict(max_points_2d=max_points_2d, max_points_3d=max_points_3d,
+                       outlier_frac_3d=outlier_frac_3d)
+        self.seed, self.resample_each_epoch, self.epoch = int(seed), bool(resample_each_epoch), 0
+        self.items: list[tuple[int, int]] = []
+        for mi, model in enumerate(self.models):
+            for image_id in model.image_ids:
+                if int(np.sum(model.images[image_id].point3D_ids >= 0)) >= max(min_inliers, 4):
+                    self.items.append((mi, image_id))
+        if not self.items:
+            raise ValueError(f"ColmapDataset: no usable image in {[str(d) for d in self.model_dirs]}")
+        self._keys = [zlib.crc32(d.resolve().name.encode()) for d in self.model_dirs]
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    @property
+    def names(self) -> list[str]:
+        return [f"{self.model_dirs[mi].name}/{self.models[mi].images[i].name}" for mi, i in self.items]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        mi, image_id = self.items[index]
+        key = [self.seed, self._keys[mi], image_id] + ([self.epoch] if self.resample_each_epoch else [])
+        scene = instance_from_image(self.models[mi], image_id, rng=np.random.default_rng(key), **self.kw)
+        scene["index"] = int(index)
+        return scene
+
+
+class PickleDataset(Dataset):
+    """BPnPNet pickles of ``<root>/<dataset>_<split>/preprocessed`` (see
+    :mod:`bpnp.data.bpnpnet_pickles`), optionally restricted to ``indices`` of the split."""
+
+    def __init__(self, root: str | Path, dataset: str, split: str, w_gt_per: str | None = None,
+                 indices: Sequence[int] | None = None):
+        self.folder = split_dir(root, dataset, split)
+        self.data = load_bpnpnet_split(root, dataset, split)
+        self.w_gt_per = w_gt_per or default_w_gt_per(dataset)
+        total = len(self.data["t_gt"])
+        self.indices = list(range(total)) if indices is None else [int(i) for i in indices]
+        if any(not 0 <= i < total for i in self.indices):
+            raise IndexError(f"PickleDataset: indices out of range [0, {total}) for {self.folder}")
+
+    @property
+    def names(self) -> list[str]:
+        return [f"{self.folder.parent.name}_{i:06d}" for i in self.indices]
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        j = self.indices[index]
+        sample = {k: v[j] for k, v in self.data.items()}
+        scene = bpnpnet_to_scene(sample, f"{self.folder} sample {j}", self.w_gt_per)
+        scene["index"] = int(index)
+        return scene
+
+
+class OutlierAugmented(Dataset):
+    """Wraps a dataset: item ``i`` = :func:`add_outliers` ``(base[i], frac_2d, frac_3d,
+    default_rng([seed, i]))``."""
+
+    def __init__(self, base: Dataset, frac_2d: float = 0.0, frac_3d: float = 0.0, seed: int = 0):
+        for name, f in (("frac_2d", frac_2d), ("frac_3d", frac_3d)):
+            if not 0.0 <= f < 1.0:
+                raise ValueError(f"OutlierAugmented: {name} must lie in [0, 1), got {f}")
+        self.base, self.frac_2d, self.frac_3d, self.seed = base, float(frac_2d), float(frac_3d), int(seed)
+
+    @property
+    def names(self) -> list[str]:
+        return list(getattr(self.base, "names", [str(i) for i in range(len(self))]))
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.base, "set_epoch"):
+            self.base.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        scene = self.base[index]
+        if self.frac_2d == 0.0 and self.frac_3d == 0.0:
+            return scene
+        return add_outliers(scene, self.frac_2d, self.frac_3d, np.random.default_rng([self.seed, int(index)]))
