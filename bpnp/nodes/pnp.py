@@ -92,21 +92,39 @@ def _unit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def pnp_objective(
     W: torch.Tensor, bearings: torch.Tensor, points: torch.Tensor, R: torch.Tensor, t: torch.Tensor, kernel: RobustKernel
 ) -> torch.Tensor:
-    """``F = sum_ij W_ij rho(1 - b_i . N(R p_j + t))`` per item, (B,). O(mn) via one matmul."""
+    """``F = sum_ij W_ij rho(1 - b_i . N(R p_j + t))`` per item, (B,). O(mn) via one matmul.
+
+    For ``rho`` = identity it is evaluated as ``sum W - sum_j a_j . u_j`` with ``a = W^T B``, whose
+    derivative to ``W`` is the outer product ``-B u^T`` (one matmul, no (m, n) error matrix).
+    """
     u, _ = _unit(_camera_points(R, t, points))
-    E = 1 - bearings @ u.transpose(1, 2)
+    if kernel.is_identity:
+        return W.sum((1, 2)) - ((W.transpose(1, 2) @ bearings) * u).sum((1, 2))
+    E = torch.baddbmm(torch.ones_like(W), bearings, u.transpose(1, 2), alpha=-1)
     return (W * kernel.rho(E)).sum((1, 2))
 
 
-def _derivatives(W, bearings, x, kernel):
+def _derivatives(W, bearings, x, kernel, linear=None):
     """Objective, gradient (B,6), exact Hessian (B,6,6) and Gauss-Newton Hessian (B,6,6) of F in
-    the local chart xi = (omega, v) at xi = 0, for camera-frame points x (B,n,3)."""
+    the local chart xi = (omega, v) at xi = 0, for camera-frame points x (B,n,3).
+
+    ``linear = (a (B,n,3), wsum (B,n), mass (B,))`` precomputed from ``W`` when ``rho`` is the
+    identity: then this costs O(n), no (m, n) matrix is touched.
+    """
     u, r = _unit(x)
-    E = 1 - bearings @ u.transpose(1, 2)  # (B, m, n)
-    F = (W * kernel.rho(E)).sum((1, 2))
-    Wt = W if kernel.is_identity else W * kernel.d1(E)
-    a = Wt.transpose(1, 2) @ bearings  # (B, n, 3): a_j = sum_i Wt_ij b_i
-    wsum = Wt.sum(1)  # (B, n)
+    if linear is not None:
+        a, wsum, mass = linear
+        F = mass - (a * u).sum((1, 2))
+        C = None
+    else:
+        E = torch.baddbmm(torch.ones_like(W), bearings, u.transpose(1, 2), alpha=-1)  # 1 - B U^T
+        rho, d1, d2 = kernel.all(E)
+        F = (W * rho).sum((1, 2))
+        Wt = W * d1
+        a = Wt.transpose(1, 2) @ bearings  # (B, n, 3): a_j = sum_i Wt_ij b_i
+        wsum = Wt.sum(1)  # (B, n)
+        bb = (bearings[..., :, None] * bearings[..., None, :]).flatten(2)  # (B, m, 9)
+        C = ((W * d2).transpose(1, 2) @ bb).reshape(*a.shape[:2], 3, 3)
     au = (a * u).sum(-1, keepdim=True)
     q = (a - au * u) / r  # gradient of a_j . u_j w.r.t. x_j
     gx = -q  # dF/dx_j
@@ -116,10 +134,9 @@ def _derivatives(W, bearings, x, kernel):
     Hau = (-(a[..., :, None] * u[..., None, :] + u[..., :, None] * a[..., None, :]) - au[..., None] * eye + 3 * au[..., None] * uu) / r2
     proj = eye - uu
     K = -Hau  # d2F/dx_j^2 from the first-order kernel term
-    if not kernel.is_identity:
-        # Second-order kernel term: sum_i W rho'' (grad e)(grad e)^T, grad_x e_ij = -proj b_i / r.
-        bb = (bearings[..., :, None] * bearings[..., None, :]).flatten(2)  # (B, m, 9)
-        C = ((W * kernel.d2(E)).transpose(1, 2) @ bb).reshape(*a.shape[:2], 3, 3)
+    if C is not None:
+        # Second-order kernel term: sum_i W rho'' (grad e)(grad e)^T, grad_x e_ij = -proj b_i / r,
+        # with C_j = sum_i W_ij rho''_ij b_i b_i^T.
         K = K + proj @ C @ proj / r2
     X = skew(x)
     # Second-order term of Exp(omega) x contracted with dF/dx: 1/2 (g x^T + x g^T) (g . x = 0).
@@ -241,7 +258,9 @@ class PnPRefine(nn.Module):
         active = finite & (mass > 0)
         iterations = torch.zeros(B, dtype=torch.long, device=W.device)
         eye6 = torch.eye(6, dtype=dtype, device=W.device)
-        F, g, H, Hgn = _derivatives(Wc, bc, _camera_points(R, t, pc), self.kernel)
+        # rho = identity: a = W^T B once, then every iteration is O(n).
+        linear = (Wc.transpose(1, 2) @ bc, Wc.sum(1), mass) if self.kernel.is_identity else None
+        F, g, H, Hgn = _derivatives(Wc, bc, _camera_points(R, t, pc), self.kernel, linear)
         for _ in range(self.max_iter):
             if not bool(active.any()):
                 break
@@ -259,7 +278,7 @@ class PnPRefine(nn.Module):
             delta = -torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1)
             delta = torch.where((active & ~bad)[:, None] & torch.isfinite(delta), delta, torch.zeros_like(delta))
             R_new, t_new = _retract(R, t, delta)
-            F_new, g_new, H_new, Hgn_new = _derivatives(Wc, bc, _camera_points(R_new, t_new, pc), self.kernel)
+            F_new, g_new, H_new, Hgn_new = _derivatives(Wc, bc, _camera_points(R_new, t_new, pc), self.kernel, linear)
             # Near the optimum F changes by less than its rounding error (F ~ sum of m*n terms),
             # so comparing F alone would stall at sqrt(eps) accuracy; there a step is accepted
             # when it reduces the gradient instead.
