@@ -1,0 +1,119 @@
+"""Time of one BlindPnPNet training step (forward + backward, pose loss on), split by stage.
+
+    python bench/train_step.py                 # b = 8, m = n = 256 (3 repeats) and 1000 (1 repeat)
+    python bench/train_step.py --sizes 256     # the quick case only
+    python bench/train_step.py --robust geman_mcclure   # with the configs' robust kernel
+
+Setting as in docs/REFERENCE_BPNPNET.md "Measured": random weights at the original's widths
+(feature 128, depth 12, STN), training mode, correspondence + pose loss (refinement on),
+synthetic inputs, torch threads = 2. Stages:
+
+- forward: encoders (incl. STN and cost), OT (Sinkhorn), RANSAC, refinement (LM);
+- backward: refinement (IFT, until the gradient reaches P), OT (until it reaches M), the rest
+  (encoders), timed with tensor hooks on P and M.
+
+The refinement objective defaults to the original's (``--robust none``, plain P-weighted angular
+error) so the comparison is like for like. Measured on this CPU (2026-11, one run each at 1000
+points): none 0.38 s / 2.9 s per step at 256 / 1000 points; geman_mcclure (configs default)
+0.65 s / 15.0 s, nearly all of the difference in the refinement node (forward 6.1 s, backward
+6.0 s at 1000 points vs 0.19 s / 0.07 s with none): a robust kernel loses the node's O(n)
+``a = W^T B`` structure (reported to the lead).
+
+"Geometric layers" = OT + RANSAC + refinement, forward and backward, the quantity the reference
+reports as 60-90 % of its step. The reference numbers are printed beside ours with the ratios.
+Times are medians of ``--repeats`` steps after one warm-up step (the 1000-point case runs once,
+after a warm-up at 256 points, since one step there takes seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bpnp.data.collate import collate_scenes  # noqa: E402
+from bpnp.data.synthetic import SyntheticConfig, make_instance  # noqa: E402
+from bpnp.models import BlindPnPNet  # noqa: E402
+from bpnp.training.losses import BlindPnPLoss  # noqa: E402
+
+#: docs/REFERENCE_BPNPNET.md, b = 8, full model, training step (s), and its geometric layers.
+REFERENCE = {256: {"step": 1.95, "geometric": 1.3}, 1000: {"step": 14.3, "geometric": 12.9}}
+STAGES = ("encoders", "ot_fwd", "ransac", "refine_fwd", "refine_bwd", "ot_bwd", "encoders_bwd")
+
+
+def make_batch(b: int, n: int, seed: int = 0) -> dict:
+    cfg = SyntheticConfig(num_points_2d=n, outlier_frac_2d=0.0, outlier_frac_3d=0.0)
+    return collate_scenes([make_instance(cfg, seed, i) for i in range(b)])
+
+
+def one_step(net: BlindPnPNet, loss_fn: BlindPnPLoss, opt: torch.optim.Optimizer, batch: dict) -> dict[str, float]:
+    opt.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    out = net(batch, refine=True)
+    fwd = dict(net.last_timings)
+    loss = loss_fn(out, batch, epoch=0).loss
+    marks: dict[str, float] = {}
+
+    def mark(name):
+        def hook(grad):
+            marks.setdefault(name, time.perf_counter())
+        return hook
+
+    out.P.register_hook(mark("P"))
+    out.M.register_hook(mark("M"))
+    t1 = time.perf_counter()
+    loss.backward()
+    t2 = time.perf_counter()
+    opt.step()
+    return {
+        "encoders": fwd["encoders"], "ot_fwd": fwd["sinkhorn"], "ransac": fwd["ransac"], "refine_fwd": fwd["refinement"],
+        "refine_bwd": marks.get("P", t1) - t1, "ot_bwd": marks.get("M", t1) - marks.get("P", t1),
+        "encoders_bwd": t2 - marks.get("M", t1), "forward": t1 - t0, "backward": t2 - t1, "step": t2 - t0,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[256, 1000])
+    ap.add_argument("--repeats", type=int, default=3, help="repeats at sizes < 1000 (1000+ runs once)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--robust", default="none",
+                    help="refinement kernel: none = the original's objective (default, like for like); "
+                         "geman_mcclure = configs/model/bpnp.yaml's default")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    net = BlindPnPNet(feature_dim=128, depth=12, use_stn=True, robust=args.robust)  # the original's widths
+    net.train()
+    net.profile = True
+    loss_fn = BlindPnPLoss(corr_weight=1.0, pose_weight=1.0, pose_start_epoch=0)
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-3)
+    n_params = sum(p.numel() for p in net.parameters())
+    print(f"BlindPnPNet: {n_params / 1e6:.2f} M parameters, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"batch {args.batch}, training mode, pose loss on, refinement kernel {args.robust}")
+    one_step(net, loss_fn, opt, make_batch(args.batch, min(args.sizes), seed=99))  # warm-up
+    for n in args.sizes:
+        batch = make_batch(args.batch, n)
+        reps = 1 if n >= 1000 else args.repeats
+        runs = [one_step(net, loss_fn, opt, batch) for _ in range(reps)]
+        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        geo = med["ot_fwd"] + med["ransac"] + med["refine_fwd"] + med["refine_bwd"] + med["ot_bwd"]
+        print(f"\nb = {args.batch}, m = n = {n}  (median of {reps})")
+        print("  " + "  ".join(f"{k} {med[k]:.3f}s" for k in STAGES))
+        print(f"  forward {med['forward']:.3f}s  backward {med['backward']:.3f}s  step {med['step']:.3f}s  "
+              f"geometric layers {geo:.3f}s ({100 * geo / med['step']:.0f}% of the step)")
+        ref = REFERENCE.get(n)
+        if ref and args.batch == 8:
+            print(f"  original BPnPNet (REFERENCE_BPNPNET.md): step {ref['step']:.2f}s, geometric layers ~{ref['geometric']:.1f}s")
+            print(f"  ratio original/ours: step {ref['step'] / med['step']:.1f}x, geometric layers {ref['geometric'] / geo:.1f}x")
+
+
+if __name__ == "__main__":
+    main()

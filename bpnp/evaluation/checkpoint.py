@@ -1,0 +1,153 @@
+"""Load the network of a checkpoint for evaluation, on one device.
+
+Two formats are accepted:
+
+- a **Lightning checkpoint** (``.ckpt``) of :class:`bpnp.training.module.BlindPnPModule`:
+  ``hyper_parameters["net"]`` holds the network's keyword arguments (optionally with a
+  ``_target_``) and ``state_dict`` the module's weights, the network's under the ``net.`` prefix;
+- a **weights-only file** ``{"state_dict": ..., "config": ...}`` where ``config`` is the network's
+  keyword arguments (or a mapping with a ``net`` entry holding them) and ``state_dict`` the
+  network's weights (with or without the ``net.`` prefix). :func:`save_weights_only` writes one.
+
+Only the network is rebuilt (not the LightningModule, its loss or optimizer), with
+:func:`bpnp.training.module.build_net`, exactly as training builds it. Every problem raises
+:class:`CheckpointError` with one line naming the file and the problem.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+__all__ = ["CheckpointError", "load_checkpoint_dict", "network_config", "load_network", "save_weights_only"]
+
+#: Prefix of the network's parameters in the LightningModule's state dict (``self.net``).
+NET_PREFIX = "net."
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, unreadable, or does not fit the network it describes."""
+
+
+def load_checkpoint_dict(path: str | Path) -> dict[str, Any]:
+    """Read a checkpoint file into a dict on the CPU.
+
+    Tries ``torch.load(weights_only=True)`` first (no code execution); Lightning checkpoints
+    written by this project hold only plain containers, so that normally suffices. Older or
+    foreign checkpoints that pickle other objects are loaded with ``weights_only=False``, which,
+    like Lightning's own loader, trusts the file: only evaluate checkpoints you trust.
+
+    Raises:
+        CheckpointError: no such file, or not a torch checkpoint holding a dict.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+
+    def unreadable(exc: BaseException) -> CheckpointError:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        return CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {first})")
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "weights only load failed" not in str(exc).lower():
+            raise unreadable(exc) from exc
+        try:  # a valid pickle that holds more than tensors and containers
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc2:
+            raise unreadable(exc2) from exc2
+    except Exception as exc:  # a corrupt file fails in many ways (zip, EOF, unpickler internals)
+        raise unreadable(exc) from exc
+    if not isinstance(ckpt, Mapping):
+        raise CheckpointError(f"{path}: expected a checkpoint dict, got {type(ckpt).__name__}")
+    return dict(ckpt)
+
+
+def network_config(ckpt: Mapping[str, Any], name: str = "<checkpoint>") -> dict[str, Any]:
+    """The network's keyword arguments stored in a checkpoint dict (either format).
+
+    Raises:
+        CheckpointError: when neither ``hyper_parameters["net"]`` nor ``config`` is present.
+    """
+    hp = ckpt.get("hyper_parameters")
+    if isinstance(hp, Mapping) and isinstance(hp.get("net"), Mapping):
+        return dict(hp["net"])
+    cfg = ckpt.get("config")
+    if isinstance(cfg, Mapping):
+        return dict(cfg["net"]) if isinstance(cfg.get("net"), Mapping) else dict(cfg)
+    raise CheckpointError(
+        f"{name}: incompatible checkpoint: no network config (expected hyper_parameters['net'] of a "
+        "BlindPnPModule checkpoint or a 'config' entry of a weights-only file)"
+    )
+
+
+def _network_state(ckpt: Mapping[str, Any], name: str) -> dict[str, torch.Tensor]:
+    state = ckpt.get("state_dict")
+    if not isinstance(state, Mapping) or not state:
+        raise CheckpointError(f"{name}: incompatible checkpoint: no 'state_dict' with weights")
+    if any(k.startswith(NET_PREFIX) for k in state):
+        # LightningModule layout: keep the network's entries, drop metrics and the like.
+        return {k[len(NET_PREFIX):]: v for k, v in state.items() if k.startswith(NET_PREFIX)}
+    return dict(state)
+
+
+def _summarise_keys(keys: list[str], limit: int = 3) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def load_network(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+    """Rebuild the network of a checkpoint, load its weights strictly, and put it in eval mode.
+
+    Args:
+        path: Lightning ``.ckpt`` or weights-only file (see the module docstring).
+        device: where to put the network.
+
+    Returns:
+        The network (``BlindPnPNet`` unless the config names another ``_target_``), in
+        ``eval()`` mode, on ``device``.
+
+    Raises:
+        CheckpointError: missing or unreadable file, no network config, a config the network
+            class rejects, or weights that do not fit it (missing/unexpected keys, shapes).
+    """
+    from bpnp.training.module import build_net  # the same builder training uses
+
+    name = str(path)
+    ckpt = load_checkpoint_dict(path)
+    cfg = network_config(ckpt, name)
+    state = _network_state(ckpt, name)
+    try:
+        net = build_net(cfg)
+    except (TypeError, ValueError, ImportError, AttributeError) as exc:
+        raise CheckpointError(f"{name}: incompatible checkpoint: cannot build the network from its config ({exc})") from exc
+    result = None
+    try:
+        result = net.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # shape mismatches
+        first = str(exc).strip().splitlines()
+        detail = next((ln.strip() for ln in first if "size mismatch" in ln), first[-1] if first else str(exc))
+        raise CheckpointError(f"{name}: incompatible checkpoint: {detail}") from exc
+    if result.missing_keys or result.unexpected_keys:
+        parts = []
+        if result.missing_keys:
+            parts.append(f"missing weights {_summarise_keys(list(result.missing_keys))}")
+        if result.unexpected_keys:
+            parts.append(f"unexpected weights {_summarise_keys(list(result.unexpected_keys))}")
+        raise CheckpointError(f"{name}: incompatible checkpoint: " + "; ".join(parts))
+    return net.to(device).eval()
+
+
+def save_weights_only(path: str | Path, net: nn.Module, config: Mapping[str, Any]) -> Path:
+    """Write ``{"state_dict": net.state_dict(), "config": dict(config)}`` (loadable by
+    :func:`load_network` with ``weights_only=True``). Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
+                "config": dict(config)}, path)
+    return path

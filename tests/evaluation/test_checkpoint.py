@@ -1,0 +1,74 @@
+"""Checkpoint loading: Lightning .ckpt, weights-only files, and clear errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bpnp.evaluation.checkpoint import CheckpointError, load_network, save_weights_only
+from bpnp.models.network import BlindPnPNet
+
+from tests.evaluation.conftest import TINY_NET
+
+
+def _same_weights(a, b):
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_lightning_checkpoint(lightning_ckpt):
+    from bpnp.training.module import BlindPnPModule
+
+    net = load_network(lightning_ckpt)
+    assert isinstance(net, BlindPnPNet) and not net.training
+    assert _same_weights(net, BlindPnPModule.load_from_checkpoint(lightning_ckpt, map_location="cpu").net)
+
+
+def test_weights_only_round_trip(tmp_path):
+    net = BlindPnPNet(**TINY_NET)
+    path = save_weights_only(tmp_path / "w.pt", net, TINY_NET)
+    assert _same_weights(load_network(path), net)
+    # Also accepted: the LightningModule's prefixed keys and a {"net": ...} config.
+    torch.save({"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}, "config": {"net": TINY_NET}},
+               tmp_path / "w2.pt")
+    assert _same_weights(load_network(tmp_path / "w2.pt"), net)
+
+
+def _one_line(exc_info):
+    msg = str(exc_info.value)
+    assert "\n" not in msg
+    return msg
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(CheckpointError) as e:
+        load_network(tmp_path / "nope.ckpt")
+    assert "checkpoint not found" in _one_line(e) and "nope.ckpt" in str(e.value)
+
+
+def test_not_a_checkpoint(tmp_path):
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(CheckpointError) as e:
+        load_network(bad)
+    assert "not a readable PyTorch checkpoint" in _one_line(e)
+
+
+def test_incompatible_weights(tmp_path):
+    net = BlindPnPNet(**TINY_NET)
+    path = save_weights_only(tmp_path / "w.pt", net, {**TINY_NET, "feature_dim": 16})
+    with pytest.raises(CheckpointError) as e:
+        load_network(path)
+    assert "incompatible checkpoint" in _one_line(e) and "size mismatch" in str(e.value)
+    path = save_weights_only(tmp_path / "w3.pt", net, {**TINY_NET, "use_stn": False})
+    with pytest.raises(CheckpointError, match="unexpected weights stn"):
+        load_network(path)
+
+
+def test_bad_config(tmp_path):
+    net = BlindPnPNet(**TINY_NET)
+    with pytest.raises(CheckpointError, match="cannot build the network"):
+        load_network(save_weights_only(tmp_path / "w.pt", net, {**TINY_NET, "no_such_knob": 1}))
+    torch.save({"state_dict": net.state_dict()}, tmp_path / "noconf.pt")
+    with pytest.raises(CheckpointError, match="no network config"):
+        load_network(tmp_path / "noconf.pt")

@@ -1,0 +1,57 @@
+"""Encoders and STN: shapes, unit features, parameter counts, permutation and padding."""
+
+from __future__ import annotations
+
+import torch
+
+from bpnp.models import BlindPnPNet, PointEncoder, STN3d
+
+
+def _n_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_parameter_count_matches_original():
+    net = BlindPnPNet()
+    # Original: about 2.0 M (two encoders of 12 blocks at width 128, STN 3-64-128-1024 / 512-256-9).
+    assert 1.95e6 < _n_params(net) < 2.05e6
+    assert 590_000 < _n_params(net.encoder2d) < 600_000
+    assert 800_000 < _n_params(net.stn) < 810_000
+    small = BlindPnPNet(feature_dim=32, depth=2, use_stn=False)
+    assert small.stn is None and _n_params(small) < 20_000
+
+
+def test_encoder_unit_features_permutation_and_padding():
+    torch.manual_seed(0)
+    enc = PointEncoder(3, width=16, depth=3)
+    x = torch.randn(2, 3, 20)
+    f = enc(x)
+    assert f.shape == (2, 16, 20)
+    assert torch.allclose(f.norm(dim=1), torch.ones(2, 20), atol=1e-5)
+    perm = torch.randperm(20)
+    assert torch.allclose(enc(x[:, :, perm]), f[:, :, perm], atol=1e-5)
+    xp = torch.cat([x, torch.full((2, 3, 7), 1e5)], dim=2)
+    xp[1, :, -1] = float("nan")
+    mask = torch.zeros(2, 27, dtype=torch.bool)
+    mask[:, :20] = True
+    fp = enc(xp, mask)
+    assert torch.allclose(fp[:, :, :20], f, atol=1e-5)
+    assert torch.all(fp[:, :, 20:] == 0)
+
+
+def test_stn_identity_at_init_and_masked_pooling():
+    torch.manual_seed(0)
+    stn = STN3d()
+    x = torch.randn(3, 3, 30)
+    T = stn(x)
+    assert torch.allclose(T, torch.eye(3).expand(3, 3, 3))
+    with torch.no_grad():
+        stn.out.weight.normal_(0, 0.1)
+    mask = torch.ones(3, 40, dtype=torch.bool)
+    mask[:, 30:] = False
+    xp = torch.cat([x, torch.full((3, 3, 10), 50.0)], dim=2)  # huge padded values would win a max-pool
+    stn.train()
+    T1 = stn(x)
+    T2 = stn(xp, mask)
+    assert torch.allclose(T1, T2, atol=1e-5)
+    assert not torch.allclose(T1, torch.eye(3).expand(3, 3, 3))

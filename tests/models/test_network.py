@@ -1,0 +1,182 @@
+"""BlindPnPNet end to end: geometric layers recover the pose from true-match costs, padding
+never changes a result, permutations permute P and keep the pose, gradients reach the encoders."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from bpnp.data.collate import collate_scenes
+from bpnp.data.synthetic import SyntheticConfig, make_instance
+from bpnp.geometry.metrics import pose_errors
+from bpnp.models import NOT_RUN, BlindPnPNet
+from bpnp.training.losses import BlindPnPLoss
+
+
+def _batch(b=3, m=(40, 60), outliers_2d=0.0, outliers_3d=0.0, seed=0):
+    cfg = SyntheticConfig(num_points_2d=m, outlier_frac_2d=outliers_2d, outlier_frac_3d=outliers_3d, noise_px=1.0)
+    return collate_scenes([make_instance(cfg, seed, i) for i in range(b)])
+
+
+def _small_net(**kw):
+    torch.manual_seed(0)
+    args = dict(feature_dim=16, depth=2, ransac_hypotheses=128)
+    args.update(kw)
+    return BlindPnPNet(**args)
+
+
+def _true_cost(batch):
+    """M = 0 on true pairs, 2 elsewhere (and on every pair of a 2D outlier)."""
+    B, m = batch["match"].shape
+    n = batch["p3d"].shape[1]
+    M = torch.full((B, m, n), 2.0)
+    valid = batch["match"] >= 0
+    b_idx, i_idx = valid.nonzero(as_tuple=True)
+    M[b_idx, i_idx, batch["match"][b_idx, i_idx]] = 0.0
+    return M
+
+
+def _pad_garbage(batch, extra2d=7, extra3d=11, seed=5):
+    """Append masked garbage points to every item (huge values, NaN in p2d)."""
+    g = torch.Generator().manual_seed(seed)
+    B = batch["p2d"].shape[0]
+    out = dict(batch)
+    out["p2d"] = torch.cat([batch["p2d"], 1e3 * torch.randn(B, extra2d, 2, generator=g)], 1)
+    out["p2d"][:, -1] = float("nan")
+    out["p3d"] = torch.cat([batch["p3d"], 1e3 * torch.randn(B, extra3d, 3, generator=g)], 1)
+    out["mask2d"] = torch.cat([batch["mask2d"], torch.zeros(B, extra2d, dtype=torch.bool)], 1)
+    out["mask3d"] = torch.cat([batch["mask3d"], torch.zeros(B, extra3d, dtype=torch.bool)], 1)
+    out["match"] = torch.cat([batch["match"], torch.full((B, extra2d), -1)], 1)
+    return out
+
+
+def _same_pose(a, b, rtol=1e-4):
+    """Same pose up to float32 solver noise: rotations to rtol, translations relative to |t|."""
+    dt = (a.t - b.t).norm(dim=-1) / b.t.norm(dim=-1).clamp_min(1e-6)
+    return bool(torch.allclose(a.R, b.R, atol=rtol)) and bool(torch.all(dt < rtol))
+
+
+def _gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def test_true_match_costs_recover_the_pose():
+    batch = _batch(b=4, m=(50, 80), outliers_2d=0.2, outliers_3d=0.3)
+    net = _small_net().eval()
+    out = net(batch, cost_override=_true_cost(batch), generator=_gen())
+    assert out.refined
+    assert torch.all(out.ransac_status == 0)
+    errs = pose_errors(out.R, out.t, batch["R"], batch["t"], batch["p3d"], batch["match"], batch["mask2d"], batch["mask3d"])
+    assert torch.all(errs["rot_err_deg"] < 1.0), errs["rot_err_deg"]
+    assert torch.all(errs["success"])
+    # Refinement on the P-weighted angular error is at least as good as RANSAC's pose (noise 1 px).
+    e0 = pose_errors(out.R0, out.t0, batch["R"], batch["t"], batch["p3d"], batch["match"], batch["mask2d"], batch["mask3d"])
+    assert errs["rot_err_deg"].mean() <= e0["rot_err_deg"].mean() + 0.05
+    # The original's unweighted-robust refinement (rho = identity) is biased by the mass P must
+    # put on wrong pairs when there are outliers; without outliers it is as accurate.
+    plain = _small_net(robust="none").eval()(batch, cost_override=_true_cost(batch), generator=_gen())
+    e_plain = pose_errors(plain.R, plain.t, batch["R"], batch["t"], batch["p3d"], batch["match"], batch["mask2d"], batch["mask3d"])
+    assert e_plain["rot_err_deg"].mean() > 3 * errs["rot_err_deg"].mean()
+    clean = _batch(b=2, m=(50, 60))
+    out = _small_net(robust="none").eval()(clean, cost_override=_true_cost(clean), generator=_gen())
+    e_clean = pose_errors(out.R, out.t, clean["R"], clean["t"], clean["p3d"], clean["match"], clean["mask2d"], clean["mask3d"])
+    assert torch.all(e_clean["rot_err_deg"] < 0.5)
+    # A wrong cost (true pairs made expensive) must not "recover" it: the test can fail.
+    bad = net(batch, cost_override=2.0 - _true_cost(batch), generator=_gen())
+    e_bad = pose_errors(bad.R, bad.t, batch["R"], batch["t"], batch["p3d"], batch["match"], batch["mask2d"], batch["mask3d"])
+    assert not torch.all(e_bad["success"])
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_padding_never_changes_a_result(training):
+    batch = _batch(b=3)
+    net = _small_net(use_stn=True).train(training)
+    ref = net(batch, refine=True, generator=_gen())
+    pad = net(_pad_garbage(batch), refine=True, generator=_gen())
+    m, n = batch["p2d"].shape[1], batch["p3d"].shape[1]
+    assert torch.allclose(pad.P[:, :m, :n], ref.P, atol=1e-6)
+    assert torch.all(pad.P[:, m:, :] == 0) and torch.all(pad.P[:, :, n:] == 0)
+    assert torch.allclose(pad.M[:, :m, :n], ref.M, atol=1e-6)
+    assert torch.allclose(pad.R0, ref.R0, atol=1e-5) and torch.allclose(pad.t0, ref.t0, atol=1e-5)
+    assert _same_pose(pad, ref)
+    assert torch.all(torch.isfinite(pad.P))
+    # With the true-match cost as well (pose well determined)
+    M = _true_cost(batch)
+    Mp = torch.full(pad.P.shape, 7.0)
+    Mp[:, :m, :n] = M
+    a = net(batch, cost_override=M, generator=_gen())
+    b = net(_pad_garbage(batch), cost_override=Mp, generator=_gen())
+    assert _same_pose(a, b, rtol=1e-5)
+
+
+def test_permuting_points_permutes_P_and_keeps_the_pose():
+    batch = _batch(b=2, m=(40, 40))
+    net = _small_net().eval()
+    ref = net(batch, generator=_gen())
+    m, n = batch["p2d"].shape[1], batch["p3d"].shape[1]
+    g = torch.Generator().manual_seed(3)
+    p2, p3 = torch.randperm(m, generator=g), torch.randperm(n, generator=g)
+    inv3 = torch.argsort(p3)
+    perm = dict(batch)
+    perm["p2d"], perm["mask2d"] = batch["p2d"][:, p2], batch["mask2d"][:, p2]
+    perm["match"] = torch.where(batch["match"][:, p2] >= 0, inv3[batch["match"][:, p2].clamp(min=0)], -1)
+    perm["p3d"], perm["mask3d"] = batch["p3d"][:, p3], batch["mask3d"][:, p3]
+    out = net(perm, generator=_gen())
+    assert torch.allclose(out.P, ref.P[:, p2][:, :, p3], atol=1e-6)
+    assert _same_pose(out, ref)
+    # Not trivially true: a different RANSAC draw gives a (slightly) different pose.
+    other = net(batch, generator=_gen(1))
+    assert not torch.equal(other.R0, ref.R0)
+
+
+def test_refinement_switch_and_gradients_reach_the_encoders():
+    batch = _batch(b=2)
+    net = _small_net().train()
+    out = net(batch)  # training, refine_in_training=False: RANSAC pose only
+    assert not out.refined and torch.equal(out.R, out.R0)
+    assert torch.all(out.pnp_status == NOT_RUN)
+    net_r = _small_net(refine_in_training=True).train()
+    out = net_r(batch)
+    assert out.refined and out.R.requires_grad
+    loss = BlindPnPLoss(pose_start_epoch=0)(out, batch, epoch=0)
+    loss.loss.backward()
+    grads = [p.grad for p in net_r.encoder2d.parameters()] + [p.grad for p in net_r.encoder3d.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    # The pose term alone reaches the network through the refinement node and the OT node.
+    net_r.zero_grad()
+    out = net_r(batch)
+    from bpnp.training.losses import pose_loss
+
+    pose_loss(out.R, out.t, batch["R"], batch["t"]).mean().backward()
+    g = net_r.encoder3d.conv_in.weight.grad
+    assert g is not None and torch.isfinite(g).all() and float(g.abs().sum()) > 0
+
+
+@pytest.mark.parametrize("kw", [dict(backward="unrolled"), dict(robust="huber", robust_scale=0.02), dict(use_stn=False, normalize_3d=False),
+                                dict(lam=20.0, sinkhorn_max_iter=5, sinkhorn_tol=1e-3, ransac_top_k=30, ransac_threshold=0.02)])
+def test_config_switches(kw):
+    batch = _batch(b=2, m=(20, 30))
+    net = _small_net(refine_in_training=True, **kw).train()
+    out = net(batch, generator=_gen())
+    assert torch.allclose(out.P.sum((1, 2)), torch.ones(2), atol=1e-4)
+    assert torch.isfinite(out.R).all() and torch.isfinite(out.t).all()
+    (out.P.sum() + out.R.sum() + out.t.sum()).backward()
+    assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
+    if "sinkhorn_max_iter" in kw:
+        assert int(out.sinkhorn_iterations.max()) <= 5
+
+
+def test_keyword_inputs_and_validation():
+    batch = _batch(b=1, m=(10, 10))
+    net = _small_net().eval()
+    a = net(batch, generator=_gen())
+    b = net(p2d=batch["p2d"], p3d=batch["p3d"], generator=_gen())  # masks default to all-real
+    assert torch.allclose(a.P, b.P)
+    with pytest.raises(ValueError, match="p2d"):
+        net(p2d=batch["p3d"], p3d=batch["p3d"])
+    with pytest.raises(ValueError, match="cost_override"):
+        net(batch, cost_override=torch.zeros(1, 3, 3))
+    assert math.isclose(float(a.P.detach().sum()), 1.0, rel_tol=1e-4)
