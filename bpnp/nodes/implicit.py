@@ -95,6 +95,7 @@ def implicit_vjp(
     cg_tol: float = 1e-10,
     cg_max_iter: int = 500,
     force_fallback: torch.Tensor | None = None,
+    hessian: torch.Tensor | None = None,
 ) -> tuple[tuple[torch.Tensor | None, ...], torch.Tensor]:
     """Vector-Jacobian product of ``y*(xs)`` by the implicit function theorem.
 
@@ -108,6 +109,9 @@ def implicit_vjp(
         singular: per-item fallback ``"damp"``, ``"min_norm"`` or ``"zero"``.
         force_fallback: optional (B,) bool, items that take the fallback regardless (dense,
             unconstrained solves only), e.g. those a forward solver found degenerate.
+        hessian: optional (B, d, d) exact Hessian of the objective in ``y`` at the solution,
+            when the problem has it in closed form (unconstrained, dense solves only); it
+            replaces the ``torch.func`` Hessian, the most expensive part for large inputs.
 
     Returns:
         ``(grads, status)``: one gradient (or None) per input, and (B,) int64 status codes.
@@ -155,7 +159,10 @@ def implicit_vjp(
 
         use_dense = solver == "dense" or (solver == "auto" and d <= dense_max_dim)
         if use_dense:
-            H = dense_hessian(lambda z: lagrangian(xs_const, z), y_flat)
+            if hessian is not None and constraints is None:
+                H = hessian.detach().reshape(b, d, d).to(y.dtype)
+            else:
+                H = dense_hessian(lambda z: lagrangian(xs_const, z), y_flat)
             H = 0.5 * (H + H.transpose(1, 2))
             if A is None:
                 w, status = solve_spd(H, v, mode=singular, force_fallback=force_fallback)

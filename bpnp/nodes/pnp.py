@@ -121,10 +121,12 @@ def _derivatives(W, bearings, x, kernel, linear=None):
         rho, d1, d2 = kernel.all(E)
         F = (W * rho).sum((1, 2))
         Wt = W * d1
-        a = Wt.transpose(1, 2) @ bearings  # (B, n, 3): a_j = sum_i Wt_ij b_i
+        # (3, m) @ (m, n) and (9, m) @ (m, n): contiguous operands, about 5x faster on a CPU than
+        # the transposed (n, m) @ (m, 9) product.
+        a = (bearings.transpose(1, 2) @ Wt).transpose(1, 2)  # (B, n, 3): a_j = sum_i Wt_ij b_i
         wsum = Wt.sum(1)  # (B, n)
         bb = (bearings[..., :, None] * bearings[..., None, :]).flatten(2)  # (B, m, 9)
-        C = ((W * d2).transpose(1, 2) @ bb).reshape(*a.shape[:2], 3, 3)
+        C = (bb.transpose(1, 2) @ (W * d2)).transpose(1, 2).reshape(*a.shape[:2], 3, 3)
     au = (a * u).sum(-1, keepdim=True)
     q = (a - au * u) / r  # gradient of a_j . u_j w.r.t. x_j
     gx = -q  # dF/dx_j
@@ -278,7 +280,7 @@ class PnPRefine(nn.Module):
             delta = -torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1)
             delta = torch.where((active & ~bad)[:, None] & torch.isfinite(delta), delta, torch.zeros_like(delta))
             R_new, t_new = _retract(R, t, delta)
-            F_new, g_new, H_new, Hgn_new = _derivatives(Wc, bc, _camera_points(R_new, t_new, pc), self.kernel, linear)
+            F_new, g_new, H_new, Hgn_new = self._candidate(Wc, bc, pc, R_new, t_new, linear, active, (F, g, H, Hgn))
             # Near the optimum F changes by less than its rounding error (F ~ sum of m*n terms),
             # so comparing F alone would stall at sqrt(eps) accuracy; there a step is accepted
             # when it reduces the gradient instead.
@@ -309,6 +311,18 @@ class PnPRefine(nn.Module):
         status = torch.where(degenerate, torch.full_like(status, int(Status.DEGENERATE)), status)
         status = torch.where(finite, status, torch.full_like(status, int(Status.NONFINITE)))
         return R, t, status, iterations, F
+
+    def _candidate(self, W, bearings, points, R, t, linear, active, current):
+        """Derivatives at the candidate poses of the items still iterating only: the O(mn) work
+        of converged items is skipped instead of being computed and discarded."""
+        if bool(active.all()):
+            return _derivatives(W, bearings, _camera_points(R, t, points), self.kernel, linear)
+        sub = active.nonzero().squeeze(1)
+        lin = None if linear is None else tuple(x.index_select(0, sub) for x in linear)
+        x = _camera_points(R.index_select(0, sub), t.index_select(0, sub), points.index_select(0, sub))
+        new = _derivatives(W.index_select(0, sub), bearings.index_select(0, sub), x, self.kernel, lin)
+        # Out-of-place index_copy keeps the unrolled mode differentiable.
+        return tuple(cur.index_copy(0, sub, val) for cur, val in zip(current, new))
 
     # --- layer ------------------------------------------------------------------------------
     def forward(
@@ -364,8 +378,13 @@ class _PnPFunction(torch.autograd.Function):
 
         # A degenerate forward item has no unique pose, so it always takes the selected fallback.
         degenerate = status == int(Status.DEGENERATE)
+        # The forward's analytic Hessian (exact, O(mn) once) replaces a torch.func Hessian of the
+        # O(mn) objective in six directions.
+        linear = (W.transpose(1, 2) @ bearings, W.sum(1), W.sum((1, 2))) if kernel.is_identity else None
+        _, _, H, _ = _derivatives(W, bearings, _camera_points(R, t, points), kernel, linear)
         grads, bstatus = implicit_vjp(
-            local_objective, xs, torch.zeros_like(v), v, solver="dense", singular=node.singular, force_fallback=degenerate
+            local_objective, xs, torch.zeros_like(v), v, solver="dense", singular=node.singular,
+            force_fallback=degenerate, hessian=H,
         )
         nonfinite = status == int(Status.NONFINITE)
         grads = tuple(
