@@ -72,3 +72,21 @@ def test_bad_config(tmp_path):
     torch.save({"state_dict": net.state_dict()}, tmp_path / "noconf.pt")
     with pytest.raises(CheckpointError, match="no network config"):
         load_network(tmp_path / "noconf.pt")
+
+
+def test_export_weights_cli_roundtrip(tmp_path):
+    """export_weights turns a checkpoint into a weights-only file that loads to the same network."""
+    import torch
+
+    from bpnp.evaluation.checkpoint import load_network, save_weights_only
+    from bpnp.evaluation.export_weights import main
+    from bpnp.training.module import build_net
+
+    cfg = {"feature_dim": 16, "depth": 1}
+    net = build_net(cfg)
+    src = save_weights_only(tmp_path / "src.pt", net, cfg)
+    assert main([str(src), str(tmp_path / "out.pt")]) == 0
+    loaded = load_network(tmp_path / "out.pt")
+    for (k, a), (_, b) in zip(net.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert main([str(tmp_path / "missing.pt"), str(tmp_path / "x.pt")]) == 2
