@@ -8,8 +8,9 @@
 Composes ``configs/evaluate.yaml`` and hands it to :func:`bpnp.evaluation.app.run_evaluation`,
 which writes ``metrics.json``, ``instances.csv``, ``sweep_instances.csv`` and ``plots/`` to the
 run directory (``logs/eval/runs/<time>``, printed). Bad inputs (a missing file, a scene file
-missing a key, a truncated COLMAP model, an incompatible checkpoint) print one line
-``error: <message>`` to stderr and exit with code 2.
+missing a key, a truncated COLMAP model, an incompatible checkpoint, an override of a config key
+that does not exist) print one line ``error: <message>`` to stderr and exit with code 2; an I/O
+failure while running (a full disk, an unwritable run directory) prints one line and exits with 1.
 """
 
 from __future__ import annotations
@@ -38,6 +39,10 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> int:
         message = " ".join(str(exc).split("\n")).strip() or type(exc).__name__
         print(f"error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except OSError as exc:  # disk full or a failed write of the results: one line, exit code 1
+        detail = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc)
+        print(f"error: I/O error: {detail}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -49,5 +54,22 @@ def main(cfg: DictConfig) -> None:
         sys.exit(code)
 
 
-if __name__ == "__main__":
+def check_command_line(argv: list[str]) -> str | None:
+    """One-line message if the overrides do not compose with configs/evaluate.yaml, else None."""
+    from bpnp.training.utils import config_error
+
+    return config_error(ROOT / "configs", "evaluate", list(argv))
+
+
+def cli(argv: list[str] | None = None) -> None:
+    """``python evaluate.py ...``: an override of a key that does not exist (or any override that
+    does not compose) is one ``error:`` line and exit code 2, like every other bad input."""
+    message = check_command_line(sys.argv[1:] if argv is None else argv)
+    if message:
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
     main()
+
+
+if __name__ == "__main__":
+    cli()

@@ -13,11 +13,9 @@ synthetic inputs, torch threads = 2. Stages:
   (encoders), timed with tensor hooks on P and M.
 
 The refinement objective defaults to the original's (``--robust none``, plain P-weighted angular
-error) so the comparison is like for like. Measured on this CPU (2026-11, one run each at 1000
-points): none 0.38 s / 2.9 s per step at 256 / 1000 points; geman_mcclure (configs default)
-0.65 s / 15.0 s, nearly all of the difference in the refinement node (forward 6.1 s, backward
-6.0 s at 1000 points vs 0.19 s / 0.07 s with none): a robust kernel loses the node's O(n)
-``a = W^T B`` structure (reported to the lead).
+error) so the comparison is like for like. Measured numbers, with this command, are in README.md
+("Training step"); a robust kernel costs O(mn) per refinement iteration (no ``a = W^T B``
+shortcut), so run ``--robust geman_mcclure`` to see the configs' default.
 
 "Geometric layers" = OT + RANSAC + refinement, forward and backward, the quantity the reference
 reports as 60-90 % of its step. The reference numbers are printed beside ours with the ratios.
@@ -87,8 +85,13 @@ def main() -> None:
     ap.add_argument("--robust", default="none",
                     help="refinement kernel: none = the original's objective (default, like for like); "
                          "geman_mcclure = configs/model/bpnp.yaml's default")
+    ap.add_argument("--keep-denormals", action="store_true", help="do not flush denormal floats to zero")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    # As train.py does (configs/train.yaml flush_denormal): gradients reaching the encoders are
+    # scaled by P ~ 1/(m n) and go denormal at 1000 points, which makes the encoder backward
+    # ~20x slower on x86 CPUs (measured: 11.8 s vs 0.6 s); --keep-denormals shows that.
+    torch.set_flush_denormal(not args.keep_denormals)
     torch.manual_seed(0)
     net = BlindPnPNet(feature_dim=128, depth=12, use_stn=True, robust=args.robust)  # the original's widths
     net.train()

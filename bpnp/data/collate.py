@@ -39,6 +39,36 @@ def _round_up(x: int, multiple: int) -> int:
     return -(-x // multiple) * multiple
 
 
+_SHAPES = {"p2d": ("m", 2), "p3d": ("n", 3), "R": (3, 3), "t": (3,)}
+
+
+def _check_sample(i: int, s: Mapping[str, Any]) -> None:
+    """One clear ``ValueError`` naming the item and key for a malformed scene dict (a scene read
+    with :func:`bpnp.data.scenes.load_scene` always passes; this guards hand-built dicts)."""
+    if not isinstance(s, Mapping):
+        raise ValueError(f"collate_scenes: item {i} must be a scene dict, got {type(s).__name__}")
+    for key in ("p2d", "p3d", "R", "t", "match"):
+        if key not in s:
+            raise ValueError(f"collate_scenes: item {i} has no key '{key}'")
+    for key, shape in _SHAPES.items():
+        a = _np(s[key])
+        ok = a.ndim == len(shape) and all(not isinstance(d, int) or d == a.shape[k] for k, d in enumerate(shape))
+        if not ok:
+            want = "(" + ", ".join(map(str, shape)) + ("," if len(shape) == 1 else "") + ")"
+            raise ValueError(f"collate_scenes: item {i}: '{key}' must have shape {want}, got {a.shape}")
+        if a.dtype.kind not in "fiu":
+            raise ValueError(f"collate_scenes: item {i}: '{key}' must be numeric, got dtype {a.dtype}")
+        if not np.all(np.isfinite(a)):
+            raise ValueError(f"collate_scenes: item {i}: '{key}' has {int(np.sum(~np.isfinite(a)))} NaN/Inf values")
+    match = _np(s["match"])
+    if match.dtype.kind not in "iu" or match.ndim != 1:
+        raise ValueError(f"collate_scenes: item {i}: 'match' must be a 1-D integer array, got {match.dtype} "
+                         f"of shape {match.shape}")
+    n = len(_np(s["p3d"]))
+    if len(match) and (match.min() < -1 or match.max() >= n):
+        raise ValueError(f"collate_scenes: item {i}: 'match' has entries outside [-1, {n}) (p3d has {n} points)")
+
+
 def collate_scenes(samples: Sequence[Mapping[str, Any]], pad_multiple: int = 1) -> dict[str, torch.Tensor]:
     """Stack scene dicts (numpy arrays or tensors) into one padded batch.
 
@@ -56,6 +86,8 @@ def collate_scenes(samples: Sequence[Mapping[str, Any]], pad_multiple: int = 1) 
     if int(pad_multiple) < 1:
         raise ValueError(f"collate_scenes: pad_multiple must be >= 1, got {pad_multiple}")
     b = len(samples)
+    for i, s in enumerate(samples):
+        _check_sample(i, s)
     p2ds = [_np(s["p2d"]).reshape(-1, 2) for s in samples]
     p3ds = [_np(s["p3d"]).reshape(-1, 3) for s in samples]
     m = _round_up(max(len(p) for p in p2ds), int(pad_multiple))

@@ -9,7 +9,9 @@ Built from plain arguments, so Hydra can instantiate it from ``configs/data/*.ya
   :class:`~bpnp.data.synthetic.SyntheticConfig` fields; ``val_synthetic``/``test_synthetic``
   override some of them for one split (e.g. more outliers at test time).
 - ``scenes``: directories of ``.npz`` scene files; ``path`` is the test set (what
-  ``evaluate.py data=scenes data.path=DIR`` sets), ``train_path``/``val_path`` the others.
+  ``evaluate.py data=scenes data.path=DIR`` sets), ``train_path``/``val_path`` the others. With
+  ``validate_files`` (default) :meth:`setup` reads every file of the splits it sets up once, so
+  a bad file raises ``SceneFileError`` naming it before training starts.
 - ``colmap``: COLMAP models, split **by scene**: ``train_scenes``/``val_scenes``/``test_scenes``
   are folder names under ``root`` (or paths); a model may appear in one split only.
 - ``pickles``: BPnPNet pickles under ``root`` for ``dataset``; val is a seeded ``val_fraction``
@@ -32,7 +34,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from bpnp.data.bpnpnet_pickles import load_bpnpnet_split, split_dir
 from bpnp.data.collate import collate_scenes
@@ -45,6 +47,44 @@ __all__ = ["BlindPnPDataModule", "SOURCES"]
 
 SOURCES = ("synthetic", "scenes", "colmap", "pickles")
 SPLITS = ("train", "val", "test")
+
+
+class EpochSampler(DistributedSampler):
+    """The training order: a shuffle that is a pure function of ``(seed, epoch)``, sharded over
+    ``num_replicas`` ranks (a ``DistributedSampler``, so Lightning keeps it under DDP), and able to
+    skip the batches a resumed run has already trained.
+
+    Lightning calls :meth:`set_epoch` at the start of every epoch, so the order of epoch ``e`` is
+    the same whether the loader was created at epoch 0 or at epoch ``e`` of a resumed run
+    (``DataLoader(shuffle=True, generator=g)`` draws each epoch's order from ``g``'s state, which a
+    checkpoint does not hold). :meth:`skip_next` drops the first ``k`` indices of the next
+    iteration only; ``len()`` stays the full per-rank length (Lightning counts the skipped batches
+    as done).
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, shuffle: bool = True, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=int(seed))
+        self._skip = 0
+
+    def skip_next(self, count: int) -> None:
+        self._skip = max(0, int(count))
+
+    def __iter__(self):
+        skip, self._skip = self._skip, 0
+        return iter(list(super().__iter__())[skip:])
+
+
+class ResumableDataLoader(DataLoader):
+    """A ``DataLoader`` that tells Lightning it can resume mid-epoch (Lightning otherwise warns
+    that a mid-epoch resume "can cause unreliable results"). The state itself lives in the
+    datamodule (:meth:`BlindPnPDataModule.state_dict`), which knows how many batches were trained;
+    the loader cannot, since Lightning prefetches."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass
 
 
 def _seq(v: Any) -> list:
@@ -91,6 +131,7 @@ class BlindPnPDataModule(pl.LightningDataModule):
         train_path: str | None = None,
         val_path: str | None = None,
         test_path: str | None = None,
+        validate_files: bool = True,
         # colmap and pickles
         root: str | None = None,
         train_scenes: Sequence[str] | None = None,
@@ -110,6 +151,11 @@ class BlindPnPDataModule(pl.LightningDataModule):
         super().__init__()
         if source not in SOURCES:
             raise ValueError(f"BlindPnPDataModule: unknown source {source!r} (known: {', '.join(SOURCES)})")
+        for name, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size), ("num_workers", num_workers),
+                            ("pad_multiple", pad_multiple), ("seed", seed), ("train_length", train_length),
+                            ("val_length", val_length), ("test_length", test_length)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
+                raise ValueError(f"BlindPnPDataModule: {name} must be an integer, got {value!r}")
         if int(batch_size) < 1 or int(num_workers) < 0 or int(pad_multiple) < 1:
             raise ValueError("BlindPnPDataModule: need batch_size >= 1, num_workers >= 0, pad_multiple >= 1")
         self.source = source
@@ -139,6 +185,9 @@ class BlindPnPDataModule(pl.LightningDataModule):
         # Each source validates its own arguments now, so a bad config fails before any data is read.
         getattr(self, f"_configure_{source}")(locals())
         self._datasets: dict[str, Dataset | None] = {}
+        self._resume: dict[str, Any] | None = None
+        self.validate_files = bool(validate_files)
+        self._validated: set[str] = set()
 
     # -- configuration per source (validation only; nothing is read yet) ------------------------
 
@@ -235,7 +284,13 @@ class BlindPnPDataModule(pl.LightningDataModule):
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",),
                   "predict": ("test",), None: SPLITS}.get(stage, SPLITS)
         for split in wanted:
-            self.dataset(split)
+            ds = self.dataset(split)
+            if self.source == "scenes" and self.validate_files and ds is not None and split not in self._validated:
+                # Read every scene file once now: a bad file fails here, naming it, not hours
+                # into training when its batch comes up.
+                for i in range(len(ds)):
+                    ds[i]
+                self._validated.add(split)
 
     def dataset(self, split: str) -> Dataset | None:
         """The (cached) dataset of a split, or None when none is configured."""
@@ -249,20 +304,28 @@ class BlindPnPDataModule(pl.LightningDataModule):
             self._datasets[split] = ds
         return self._datasets[split]
 
-    def _loader(self, split: str, shuffle: bool, epoch: int = 0):
+    def _loader(self, split: str, shuffle: bool, epoch: int = 0, skip_batches: int = 0):
         ds = self.dataset(split)
         if ds is None:
             return []
         train = split == "train"
-        generator = None
+        batch_size = self.batch_size if train else self.eval_batch_size
+        loader_cls, sampler = DataLoader, None
         if shuffle:
-            # Own generator: the order depends on the seed (and epoch), not on global RNG state.
-            generator = torch.Generator().manual_seed(self.seeds[split] * 1_000_003 + epoch)
-        return DataLoader(
+            # The order is a function of (seed, epoch), never of RNG state (exact resume); sharded
+            # here under DDP (Lightning keeps a DistributedSampler as it is).
+            trainer = getattr(self, "trainer", None)
+            world = int(getattr(trainer, "world_size", 1) or 1)
+            rank = int(getattr(trainer, "global_rank", 0) or 0)
+            sampler = EpochSampler(ds, self.seeds[split], shuffle=True, num_replicas=world, rank=rank)
+            sampler.set_epoch(epoch)
+            sampler.skip_next(skip_batches * batch_size)
+            loader_cls = ResumableDataLoader
+        return loader_cls(
             ds,
-            batch_size=self.batch_size if train else self.eval_batch_size,
-            shuffle=shuffle,
-            generator=generator,
+            batch_size=batch_size,
+            shuffle=False,
+            sampler=sampler,
             num_workers=self.num_workers,
             collate_fn=partial(collate_scenes, pad_multiple=self.pad_multiple),
             pin_memory=self.pin_memory,
@@ -279,7 +342,29 @@ class BlindPnPDataModule(pl.LightningDataModule):
         epoch = self._current_epoch()
         if ds is not None and hasattr(ds, "set_epoch"):
             ds.set_epoch(epoch)
-        return self._loader("train", shuffle=self.shuffle_train, epoch=epoch)
+        skip = 0
+        resume, self._resume = self._resume, None
+        if resume is not None and int(resume.get("epoch", -1)) == epoch:
+            skip = int(resume.get("train_batches", 0))  # mid-epoch checkpoint: continue after them
+        return self._loader("train", shuffle=self.shuffle_train, epoch=epoch, skip_batches=skip)
+
+    # -- checkpoint state (exact mid-epoch resume) ----------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint: the epoch and how many of its training batches were
+        trained when the checkpoint was written (Lightning's batch progress)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {}
+        try:
+            done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        except AttributeError:  # pragma: no cover - other Lightning layouts
+            return {}
+        return {"epoch": int(trainer.current_epoch), "train_batches": done}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """On resume: the next :meth:`train_dataloader` of the same epoch skips the batches that
+        were already trained (the order of an epoch is a function of the seed and the epoch)."""
+        self._resume = dict(state_dict) if state_dict else None
 
     def val_dataloader(self):
         return self._loader("val", shuffle=False)

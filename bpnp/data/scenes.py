@@ -89,7 +89,8 @@ def validate_scene(scene: Mapping[str, Any], name: str = "<scene>") -> dict[str,
 
     Raises:
         SceneFileError: missing key, wrong shape or dtype, NaN/Inf, no points, ``match`` out of
-            range [-1, n), ``R`` not a rotation (|R^T R - I| > 1e-4 or det < 0), image size <= 0.
+            range [-1, n), ``R`` not a rotation (|R^T R - I| > 1e-4 or det < 0), more than half of
+            the matched 3D points behind the true camera (a camera-to-world pose), image size <= 0.
     """
     for key in REQUIRED_KEYS:
         if key not in scene:
@@ -122,6 +123,16 @@ def validate_scene(scene: Mapping[str, Any], name: str = "<scene>") -> dict[str,
     R = out["R"]
     if np.max(np.abs(R.T @ R - np.eye(3))) > 1e-4 or np.linalg.det(R) < 0:
         raise SceneFileError(f"{name}: key 'R' is not a rotation matrix (R^T R != I or det < 0)")
+    matched = match[match >= 0]
+    if len(matched):
+        depth = out["p3d"][matched] @ R[2] + out["t"][2]
+        behind = int(np.sum(depth <= 0))
+        if 2 * behind > len(matched):
+            # A camera sees nothing behind it: the usual cause is a camera-to-world pose.
+            raise SceneFileError(
+                f"{name}: keys 'R', 't' put {behind} of the {len(matched)} matched 3D points behind the camera "
+                "(depth <= 0); the contract's pose is world-to-camera, x_cam = R X + t (was a camera-to-world "
+                "pose stored? then store R^T and -R^T t)")
     if "K" in scene and scene["K"] is not None:
         out["K"] = _float_array(scene, "K", (3, 3), name)
     if "image_size" in scene and scene["image_size"] is not None:

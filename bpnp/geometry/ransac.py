@@ -302,6 +302,9 @@ def ransac_pnp(
         raise ValueError(f"mask3d must be a bool tensor of shape ({b}, {n}), got {tuple(mask3d.shape)} {mask3d.dtype}")
     for name, x in (("P", P), ("bearings", bearings), ("points", points)):
         _check_float(x, name)
+    for name, x in (("bearings", bearings), ("points", points), ("mask2d", mask2d), ("mask3d", mask3d)):
+        if x.device != P.device:
+            raise ValueError(f"{name} is on {x.device} but P is on {P.device}; all inputs must share one device")
     if not isinstance(num_hypotheses, int) or num_hypotheses < 1:
         raise ValueError(f"num_hypotheses must be a positive int, got {num_hypotheses!r}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):

@@ -191,6 +191,59 @@ class BlindPnPNet(nn.Module):
         real = mask2d[:, :, None] & mask3d[:, None, :]
         return torch.where(real, M, torch.zeros((), dtype=M.dtype, device=M.device))
 
+    # -- input validation -------------------------------------------------------------------------
+    def _check_inputs(self, p2d, p3d, mask2d, mask3d) -> tuple[int, int, int]:
+        """Reject malformed input with one message naming the key and the problem, before any
+        compute (otherwise it surfaces as a shape/dtype error deep inside a conv layer).
+
+        Legitimate hard instances (too few, collinear, coplanar or duplicated points, points behind
+        the camera, all-padding items) are not errors: they get a finite pose and a per-item status.
+        """
+        ref = next(self.parameters(), None)
+        for key, x in (("p2d", p2d), ("p3d", p3d), ("mask2d", mask2d), ("mask3d", mask3d)):
+            if x is not None and not isinstance(x, torch.Tensor):
+                raise TypeError(f"BlindPnPNet: {key} must be a torch.Tensor, got {type(x).__name__}")
+        for key, x, d in (("p2d", p2d, 2), ("p3d", p3d, 3)):
+            if x.ndim != 3 or x.shape[-1] != d:
+                raise ValueError(f"BlindPnPNet: {key} must have shape (B, {'m' if d == 2 else 'n'}, {d}), "
+                                 f"got {tuple(x.shape)}")
+            if not x.is_floating_point():
+                raise TypeError(f"BlindPnPNet: {key} must be a floating-point tensor, got dtype {x.dtype}")
+            if ref is not None and x.dtype != ref.dtype:
+                raise TypeError(f"BlindPnPNet: {key} has dtype {x.dtype} but the network's weights are {ref.dtype}; "
+                                f"cast the batch (e.g. .to({ref.dtype})) or the network (e.g. net.to({x.dtype}))")
+            if ref is not None and x.device != ref.device:
+                raise ValueError(f"BlindPnPNet: {key} is on {x.device} but the network is on {ref.device}; "
+                                 f"move the batch with .to({str(ref.device)!r})")
+        B, m, n = p2d.shape[0], p2d.shape[1], p3d.shape[1]
+        if p3d.shape[0] != B:
+            raise ValueError(f"BlindPnPNet: p2d and p3d must have the same batch size, got {tuple(p2d.shape)} "
+                             f"and {tuple(p3d.shape)}")
+        if B == 0:
+            raise ValueError("BlindPnPNet: empty batch (B = 0)")
+        for key, x, k in (("p2d", p2d, "m"), ("p3d", p3d, "n")):
+            if x.shape[1] == 0:
+                raise ValueError(f"BlindPnPNet: {key} holds no points ({k} = 0, shape {tuple(x.shape)}); every batch "
+                                 f"needs at least one point per side (an item may be all padding: mask False)")
+        for key, mask, x, size in (("mask2d", mask2d, p2d, m), ("mask3d", mask3d, p3d, n)):
+            if mask is None:
+                continue
+            if mask.dtype != torch.bool or tuple(mask.shape) != (B, size):
+                raise ValueError(f"BlindPnPNet: {key} must be a bool tensor of shape {(B, size)}, "
+                                 f"got {mask.dtype} of shape {tuple(mask.shape)}")
+            if mask.device != x.device:
+                raise ValueError(f"BlindPnPNet: {key} is on {mask.device} but the points are on {x.device}")
+        for key, x, mask in (("p2d", p2d, mask2d), ("p3d", p3d, mask3d)):
+            bad = ~torch.isfinite(x).all(-1)
+            if mask is not None:
+                bad = bad & mask  # padding may hold anything
+            if bool(bad.any()):
+                items = bad.any(1).nonzero()[:, 0].tolist()
+                shown = ", ".join(map(str, items[:5])) + (", ..." if len(items) > 5 else "")
+                raise ValueError(f"BlindPnPNet: {key} has {int(bad.sum())} real (unmasked) point(s) with NaN/Inf "
+                                 f"coordinates, in item(s) {shown}")
+        return B, m, n
+
     # -- forward ----------------------------------------------------------------------------------
     def forward(
         self,
@@ -205,15 +258,18 @@ class BlindPnPNet(nn.Module):
         cost_override: torch.Tensor | None = None,
     ) -> BlindPnPOutput:
         if batch is not None:
-            p2d = batch["p2d"] if p2d is None else p2d
-            p3d = batch["p3d"] if p3d is None else p3d
+            if not isinstance(batch, Mapping):
+                raise TypeError(f"BlindPnPNet: batch must be a dict of tensors (bpnp.data.collate_scenes), "
+                                f"got {type(batch).__name__}")
+            p2d = batch.get("p2d") if p2d is None else p2d
+            p3d = batch.get("p3d") if p3d is None else p3d
             mask2d = batch.get("mask2d") if mask2d is None else mask2d
             mask3d = batch.get("mask3d") if mask3d is None else mask3d
         if p2d is None or p3d is None:
-            raise ValueError("BlindPnPNet needs p2d and p3d (a batch dict or keyword tensors)")
-        if p2d.ndim != 3 or p2d.shape[-1] != 2 or p3d.ndim != 3 or p3d.shape[-1] != 3 or p2d.shape[0] != p3d.shape[0]:
-            raise ValueError(f"p2d must be (B, m, 2) and p3d (B, n, 3), got {tuple(p2d.shape)} and {tuple(p3d.shape)}")
-        B, m, n = p2d.shape[0], p2d.shape[1], p3d.shape[1]
+            missing = [k for k, v in (("p2d", p2d), ("p3d", p3d)) if v is None]
+            raise ValueError(f"BlindPnPNet: the batch has no {' and no '.join(repr(k) for k in missing)} "
+                             "(pass a collated batch dict or p2d=..., p3d=... tensors)")
+        B, m, n = self._check_inputs(p2d, p3d, mask2d, mask3d)
         if mask2d is None:
             mask2d = torch.ones(B, m, dtype=torch.bool, device=p2d.device)
         if mask3d is None:

@@ -196,7 +196,8 @@ class PnPRefine(nn.Module):
         gtol: stop when ``|grad F| <= gtol * sum(W)``; default like ``xtol``.
         damping: initial LM damping, relative to the Hessian diagonal.
         degenerate_rcond: an item whose scaled Gauss-Newton Hessian has an eigenvalue ratio
-            below this is reported ``DEGENERATE`` (pose not determined by the weighted points).
+            below this (and never below ``100 eps`` of the working dtype, ~1.2e-5 in float32) is
+            reported ``DEGENERATE`` (pose not determined by the weighted points, e.g. collinear).
         backward: ``"implicit"`` or ``"unrolled"`` (autograd through the LM iterations).
         singular: backward fallback for degenerate items, ``"damp"``, ``"min_norm"`` or ``"zero"``.
 
@@ -307,7 +308,10 @@ class PnPRefine(nn.Module):
         # Degenerate: the weighted points do not determine all six pose parameters.
         s = torch.diagonal(Hgn, dim1=1, dim2=2).detach().clamp_min(torch.finfo(dtype).tiny).rsqrt()
         ev = torch.linalg.eigvalsh(s[:, :, None] * Hgn.detach() * s[:, None, :])
-        degenerate = (ev[:, 0] <= self.degenerate_rcond * ev[:, -1].clamp_min(torch.finfo(dtype).tiny)) | (mass <= 0)
+        # An exactly singular Hessian evaluated in float32 has an eigenvalue ratio of ~eps, not 0
+        # (collinear points: ~1e-7), so the threshold is never below 100 eps of the working dtype.
+        rcond = max(float(self.degenerate_rcond), 100 * torch.finfo(dtype).eps)
+        degenerate = (ev[:, 0] <= rcond * ev[:, -1].clamp_min(torch.finfo(dtype).tiny)) | (mass <= 0)
         status = torch.where(degenerate, torch.full_like(status, int(Status.DEGENERATE)), status)
         status = torch.where(finite, status, torch.full_like(status, int(Status.NONFINITE)))
         return R, t, status, iterations, F
@@ -336,6 +340,12 @@ class PnPRefine(nn.Module):
         mask3d: torch.Tensor | None = None,
     ) -> PnPResult:
         _validate(W, bearings, points, R0, t0)
+        B, m, n = W.shape
+        for name, mask, size in (("mask2d", mask2d, m), ("mask3d", mask3d, n)):
+            if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool
+                                     or tuple(mask.shape) != (B, size) or mask.device != W.device):
+                got = f"{mask.dtype} of shape {tuple(mask.shape)} on {mask.device}" if isinstance(mask, torch.Tensor) else type(mask).__name__
+                raise ValueError(f"{name} must be a bool tensor of shape {(B, size)} on {W.device}, got {got}")
         if mask2d is not None:
             W = W * mask2d[:, :, None].to(W.dtype)
         if mask3d is not None:

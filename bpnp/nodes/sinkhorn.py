@@ -106,6 +106,9 @@ def _validate(M: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> None:
     if M.ndim != 3:
         raise ValueError(f"M must have shape (B, m, n), got {tuple(M.shape)}")
     B, m, n = M.shape
+    for name, x in (("r", r), ("c", c)):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"marginal {name} must be a floating-point tensor, got {getattr(x, 'dtype', type(x).__name__)}")
     if r.shape != (B, m) or c.shape != (B, n):
         raise ValueError(f"r and c must have shapes {(B, m)} and {(B, n)}, got {tuple(r.shape)} and {tuple(c.shape)}")
     if r.device != M.device or c.device != M.device:

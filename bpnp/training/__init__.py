@@ -3,7 +3,9 @@
 =====================================  ==========================================================
 ``bpnp.training.losses``               correspondence loss, pose loss, ``BlindPnPLoss``
 ``bpnp.training.module``               ``BlindPnPModule`` (metrics, non-finite guard, optimizers)
-``bpnp.training.callbacks``            ``PoseVisualisation`` (plots + W&B images), ``BPnPProgressBar``
+``bpnp.training.callbacks``            ``PoseVisualisation`` (plots + W&B images), ``BPnPProgressBar``,
+                                       ``LastCheckpoint`` (last.ckpt every N steps and every epoch)
+``bpnp.training.checkpoint_io``        ``AtomicCheckpointIO`` (crash-safe checkpoint writes)
 ``bpnp.training.utils``                run dirs, resume, ``ResumableCSVLogger``, config groups
 =====================================  ==========================================================
 
@@ -21,6 +23,8 @@ _EXPORTS = {
     "BlindPnPModule": "module",
     "PoseVisualisation": "callbacks",
     "BPnPProgressBar": "callbacks",
+    "LastCheckpoint": "callbacks",
+    "AtomicCheckpointIO": "checkpoint_io",
     "ResumableCSVLogger": "utils",
 }
 

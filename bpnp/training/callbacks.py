@@ -14,12 +14,12 @@ from typing import Any, Mapping
 import numpy as np
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import TQDMProgressBar
+from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 from pytorch_lightning.loggers import WandbLogger
 
 from bpnp.geometry.bearings import project, transform
 
-__all__ = ["PoseVisualisation", "BPnPProgressBar", "draw_correspondences", "draw_P", "draw_error_cdfs"]
+__all__ = ["PoseVisualisation", "BPnPProgressBar", "LastCheckpoint", "draw_correspondences", "draw_P", "draw_error_cdfs"]
 
 
 def _figure(w: float, h: float):
@@ -218,3 +218,31 @@ class BPnPProgressBar(TQDMProgressBar):
         for k, v in items.items():
             out[self.RENAME.get(k, k)] = v
         return out
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """Keeps ``<dirpath>/last.ckpt`` current: written every ``every_n_train_steps`` optimizer steps
+    (mid-epoch, so a killed run loses at most that many steps; the resume is exact, see
+    :class:`bpnp.data.datamodule.EpochSampler`) and at the end of every training epoch, after its
+    validation.
+
+    Lightning's ``ModelCheckpoint(monitor=..., save_last=True)`` alone is not enough: since
+    Lightning 2.6 it refreshes ``last.ckpt`` only in a step where it also saved a top-k
+    checkpoint, i.e. only when the monitored metric improved, so after a run of epochs without
+    improvement ``last.ckpt`` is stale and a resume silently repeats them. Writes go through the
+    trainer's checkpoint IO (:class:`bpnp.training.checkpoint_io.AtomicCheckpointIO`: atomic).
+    """
+
+    def __init__(self, dirpath: str, every_n_train_steps: int | None = 50) -> None:
+        steps = int(every_n_train_steps) if every_n_train_steps else None
+        if steps is not None and steps < 1:
+            raise ValueError(f"LastCheckpoint: every_n_train_steps must be >= 1 or null, got {every_n_train_steps}")
+        super().__init__(dirpath=dirpath, monitor=None, save_top_k=0, save_last=True, every_n_train_steps=steps,
+                         every_n_epochs=None if steps else 1, enable_version_counter=False)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_epoch_end(trainer, pl_module)
+        # Also when this step was saved already: that save came before the epoch's validation,
+        # whose results (best scores of the other checkpoint callback) belong in last.ckpt.
+        if not (trainer.fast_dev_run or trainer.sanity_checking or trainer.state.fn != "fit"):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))

@@ -90,6 +90,10 @@ class BlindPnPModule(pl.LightningModule):
             that evaluating a checkpoint twice gives the same numbers.
         num_viz: validation samples drawn by the plotting callback (returned by the first
             validation batch).
+        train_seed: seed of the RANSAC random numbers in training; step ``(epoch, batch_idx)``
+            on rank ``r`` draws from a generator seeded by ``(train_seed, epoch, batch_idx, r)``
+            (never the global RNG), so a run resumed from a checkpoint draws exactly what the
+            uninterrupted run would have (``configs/model/bpnp.yaml`` sets it to ``${seed}``).
     """
 
     def __init__(
@@ -100,13 +104,14 @@ class BlindPnPModule(pl.LightningModule):
         scheduler: Mapping[str, Any] | None = None,
         eval_seed: int = 0,
         num_viz: int = 4,
+        train_seed: int = 0,
     ) -> None:
         super().__init__()
         net, loss = _plain(net) or {}, _plain(loss) or {}
         optimizer = _plain(optimizer) or {"_target_": "torch.optim.Adam", "lr": 1e-3, "weight_decay": 1e-3}
         scheduler = _plain(scheduler)
         self.save_hyperparameters({"net": net, "loss": loss, "optimizer": optimizer, "scheduler": scheduler,
-                                   "eval_seed": eval_seed, "num_viz": num_viz})
+                                   "eval_seed": eval_seed, "num_viz": num_viz, "train_seed": train_seed})
         self.net = build_net(net)
         self.criterion = BlindPnPLoss(**loss)
         self.means = nn.ModuleDict({f"{s}_{k}": MeanMetric(nan_strategy="ignore") for s in STAGES for k in (*METRICS, *_EXTRA_MEANS)})
@@ -121,6 +126,16 @@ class BlindPnPModule(pl.LightningModule):
 
     def _refine_in_training(self) -> bool:
         return bool(getattr(self.net, "refine_in_training", False)) or self.criterion.pose_active(self.current_epoch)
+
+    def _train_generator(self, batch_idx: int) -> torch.Generator:
+        rank = int(self.trainer.global_rank) if self._trainer is not None else 0
+        key = (int(self.hparams.get("train_seed", 0)), int(self.current_epoch), int(batch_idx), rank)
+        seed = 0
+        for k in key:  # a fixed mix of the key (Python's hash() of ints is not a good mixer)
+            seed = (seed * 6364136223846793005 + k + 1442695040888963407) % (1 << 63)
+        g = torch.Generator(device=self.device)
+        g.manual_seed(seed)
+        return g
 
     def _eval_generator(self, batch_idx: int) -> torch.Generator:
         g = torch.Generator(device=self.device)
@@ -172,7 +187,7 @@ class BlindPnPModule(pl.LightningModule):
 
     # -- training ---------------------------------------------------------------------------------
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int):
-        out = self.net(batch, refine=self._refine_in_training())
+        out = self.net(batch, refine=self._refine_in_training(), generator=self._train_generator(batch_idx))
         terms = self.criterion(out, batch, self.current_epoch)
         bad = ~torch.isfinite(terms.loss.detach())
         if self.trainer is not None and self.trainer.world_size > 1:

@@ -14,7 +14,11 @@ Run directory layout (``hydra.run.dir``)::
 
 Resume: ``ckpt_path=<run>/checkpoints/last.ckpt`` reopens ``<run>`` as the run directory (the
 ``bpnp_run_dir`` resolver below), Lightning restores epoch, step, optimizer and scheduler, the CSV
-logger appends to the same ``metrics.csv`` and W&B resumes the same run id.
+logger appends to the same ``metrics.csv`` and W&B resumes the same run id. ``last.ckpt`` is
+rewritten every N steps and at every epoch end (``LastCheckpoint``), atomically
+(``AtomicCheckpointIO``), and a resume continues exactly where the checkpoint was taken, also
+mid-epoch (data order and training RANSAC are functions of seed, epoch and batch; the datamodule
+skips the batches already trained): ``tests/reliability/test_resume.py``.
 ``ckpt_path=last`` picks the most recent run of ``task_name`` that has a ``last.ckpt``.
 """
 
@@ -28,10 +32,106 @@ from omegaconf import DictConfig, OmegaConf
 
 __all__ = [
     "register_resolvers", "find_last_checkpoint", "resolve_ckpt_path", "run_dir_for", "instantiate_group",
-    "WANDB_ID_FILE",
+    "WANDB_ID_FILE", "TrainConfigError", "config_error", "one_line", "check_writable_dir", "state_dict_mismatch",
 ]
 
 WANDB_ID_FILE = "wandb_run_id"
+
+
+class TrainConfigError(ValueError):
+    """A training setting cannot be used as given (bad value, unwritable directory, a checkpoint
+    that does not fit the model); ``train.py`` prints it as one ``error:`` line, exit code 2."""
+
+
+_NOISE = ("full_key:", "object_type=", "reference_type=", "Config search path", "provider=",
+          "Set the environment variable HYDRA_FULL_ERROR")
+
+
+def one_line(exc: BaseException | str) -> str:
+    """A (possibly multi-line, Hydra/OmegaConf style) error message as one line: Hydra's hints
+    about HYDRA_FULL_ERROR, search paths and OmegaConf's ``full_key``/``object_type`` lines are
+    dropped, a listing after a ``...:`` line is joined with commas."""
+    keep = [ln.strip() for ln in str(exc).splitlines()]
+    keep = [ln for ln in keep if ln and not ln.startswith(_NOISE)]
+    if not keep:
+        return type(exc).__name__ if isinstance(exc, BaseException) else "error"
+    out, listing = keep[0], keep[0].endswith(":")
+    for ln in keep[1:]:
+        if listing and " " not in ln:
+            out += (" " if out.endswith(":") else ", ") + ln
+            continue
+        listing = ln.endswith(":")
+        out += (" " if out[-1] in ".:;," else "; ") + ln
+    return out
+
+
+def config_error(config_dir: str | Path, config_name: str, argv: list[str]) -> str | None:
+    """Compose ``config_name`` with the command-line overrides ``argv`` (Hydra's compose API, no
+    side effects) and return a one-line message if they do not compose (an unknown key such as
+    ``foo.bar=1``, an unknown group option such as ``data=synthtic``, a malformed override), else
+    None. Command lines with Hydra flags (``--multirun``, ``--cfg``, ``-h``...) are left to Hydra.
+    """
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    if any(a.startswith("-") for a in argv):
+        return None
+    try:
+        with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
+            compose(config_name, overrides=list(argv), return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        import re
+
+        message = one_line(exc)
+        detail = one_line(exc.__cause__) if exc.__cause__ is not None else ""
+        m = re.match(r"Could not override '(.+?)'\. To append to your config use (\S+)", message)
+        k = re.match(r"Key '(.+?)' is not in struct", detail)
+        if m and k:  # the common typo: a key that does not exist
+            return (f"could not override '{m.group(1)}': key '{k.group(1)}' does not exist in the config "
+                    f"(to add a new key on purpose, use {m.group(2)})")
+        if detail and detail not in message:
+            message = f"{message}; {detail}"
+        return message
+    return None
+
+
+def check_writable_dir(path: str | Path, what: str) -> Path:
+    """Create ``path`` if needed and write-test it; :class:`TrainConfigError` naming ``what``
+    otherwise (checked before training, so a bad logger or checkpoint directory fails at once
+    instead of losing logs: W&B silently falls back to the system temp directory)."""
+    import tempfile
+
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=p, prefix=".write_test_"):
+            pass
+    except OSError as exc:
+        raise TrainConfigError(f"{what}={p}: not a writable directory ({exc.strerror or exc})") from exc
+    return p
+
+
+def state_dict_mismatch(model_state: dict, ckpt_state: dict, limit: int = 3) -> str | None:
+    """None if ``ckpt_state`` fits ``model_state`` exactly (same keys and shapes), else a short
+    description of the first differences."""
+    missing = [k for k in model_state if k not in ckpt_state]
+    unexpected = [k for k in ckpt_state if k not in model_state]
+    shapes = [f"{k} {tuple(ckpt_state[k].shape)} vs {tuple(model_state[k].shape)}"
+              for k in model_state if k in ckpt_state and hasattr(ckpt_state[k], "shape")
+              and tuple(ckpt_state[k].shape) != tuple(model_state[k].shape)]
+
+    def few(xs: list[str]) -> str:
+        return ", ".join(xs[:limit]) + (f", ... ({len(xs)} in all)" if len(xs) > limit else "")
+
+    parts = []
+    if shapes:
+        parts.append(f"shape mismatch (checkpoint vs model) {few(shapes)}")
+    if missing:
+        parts.append(f"missing weights {few(missing)}")
+    if unexpected:
+        parts.append(f"unexpected weights {few(unexpected)}")
+    return "; ".join(parts) or None
 
 
 def find_last_checkpoint(runs_dir: str | Path) -> Path | None:

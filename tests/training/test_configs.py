@@ -103,7 +103,7 @@ def test_model_callbacks_loggers_and_cpu_trainers_instantiate(compose_cfg):
     assert model.net.encoder2d.width == 128 and model.net.encoder2d.depth == 12 and model.net.stn is not None
     callbacks = instantiate_group(cfg.callbacks)
     kinds = {type(c).__name__ for c in callbacks}
-    assert kinds == {"ModelCheckpoint", "LearningRateMonitor", "BPnPProgressBar", "PoseVisualisation"}
+    assert kinds == {"ModelCheckpoint", "LastCheckpoint", "LearningRateMonitor", "BPnPProgressBar", "PoseVisualisation"}
     ckpt = next(c for c in callbacks if type(c).__name__ == "ModelCheckpoint")
     assert ckpt.save_last and ckpt.monitor == "val/rot_err_deg_median"
     assert _options("logger") == ["csv", "many", "none", "wandb"]
