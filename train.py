@@ -110,6 +110,7 @@ def _check_directories(cfg: DictConfig) -> None:
 
 def run(cfg: DictConfig) -> dict:
     import pytorch_lightning as pl
+    import torch
     from pytorch_lightning.callbacks import LearningRateMonitor
     from pytorch_lightning.utilities import rank_zero_info
 
@@ -120,6 +121,9 @@ def run(cfg: DictConfig) -> dict:
     _check_directories(cfg)
     utils.write_text_rank_zero(out_dir / ".hydra" / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
     pl.seed_everything(cfg.seed, workers=True)
+    # Gradients reaching the encoders are scaled by P ~ 1/(m n) and go denormal at ~1000 points;
+    # denormal arithmetic makes the CPU backward ~20x slower (bench/train_step.py --keep-denormals).
+    torch.set_flush_denormal(bool(cfg.get("flush_denormal", True)))
 
     datamodule = _instantiate(cfg.data, "data")
     model = _instantiate(cfg.model, "model")
