@@ -128,6 +128,17 @@ def _validate(M: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> None:
         )
 
 
+def _info(active, row, col, finite_item, iterations, err) -> SinkhornInfo:
+    """Per-item diagnostics shared by both forward algorithms: items still active at the end hit
+    max_iter; items with no real row or column are degenerate; non-finite costs win over both."""
+    converged = ~active
+    status = torch.where(converged, int(Status.OK), int(Status.MAX_ITER)).long()
+    empty = ~(row.any(1) & col.any(1))
+    status = torch.where(empty, torch.full_like(status, int(Status.DEGENERATE)), status)
+    status = torch.where(finite_item, status, torch.full_like(status, int(Status.NONFINITE)))
+    return SinkhornInfo(iterations=iterations, converged=converged & finite_item, marginal_error=err, status=status)
+
+
 def _sinkhorn_iterations(M, r, c, lam, max_iter, tol):
     """Log-domain Sinkhorn with per-item stopping; differentiable torch ops throughout."""
     B, m, n = M.shape
@@ -166,12 +177,7 @@ def _sinkhorn_iterations(M, r, c, lam, max_iter, tol):
         iterations = iterations + active.long()
     P = torch.exp(logK + alpha[:, :, None] + beta[:, None, :])
     P = torch.where(real & finite_item[:, None, None], P, torch.zeros_like(P))
-    converged = ~active
-    status = torch.where(converged, int(Status.OK), int(Status.MAX_ITER)).long()
-    empty = ~(row.any(1) & col.any(1))
-    status = torch.where(empty, torch.full_like(status, int(Status.DEGENERATE)), status)
-    status = torch.where(finite_item, status, torch.full_like(status, int(Status.NONFINITE)))
-    return P, SinkhornInfo(iterations=iterations, converged=converged & finite_item, marginal_error=err, status=status)
+    return P, _info(active, row, col, finite_item, iterations, err)
 
 
 def _sinkhorn_scaling(M, r, c, lam, max_iter, tol):
@@ -232,12 +238,7 @@ def _sinkhorn_scaling(M, r, c, lam, max_iter, tol):
             u, v = row.to(dtype), col.to(dtype)
     P = u[:, :, None] * Kt * v[:, None, :]
     P = torch.where(keep, P, torch.zeros_like(P))
-    converged = ~active
-    status = torch.where(converged, int(Status.OK), int(Status.MAX_ITER)).long()
-    empty = ~(row.any(1) & col.any(1))
-    status = torch.where(empty, torch.full_like(status, int(Status.DEGENERATE)), status)
-    status = torch.where(finite_item, status, torch.full_like(status, int(Status.NONFINITE)))
-    return P, SinkhornInfo(iterations=iterations, converged=converged & finite_item, marginal_error=err, status=status)
+    return P, _info(active, row, col, finite_item, iterations, err)
 
 
 def _ot_backward(P, G, row, col, lam, need_marginals, singular):
