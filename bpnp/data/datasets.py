@@ -21,6 +21,7 @@ from bpnp.data.bpnpnet_pickles import bpnpnet_to_scene, default_w_gt_per, load_b
 from bpnp.data.colmap import read_model
 from bpnp.data.instances import instance_from_image
 from bpnp.data.scenes import SceneDirectory
+from bpnp.data.shuffle import shuffle_sets
 from bpnp.data.synthetic import SyntheticConfig, make_instance
 
 __all__ = [
@@ -31,17 +32,6 @@ __all__ = [
     "PickleDataset",
     "OutlierAugmented",
 ]
-
-
-def _permute(p2d, p3d, match, rng):
-    """Shuffle both sets and remap ``match`` so positions leak nothing about outliers."""
-    perm3 = rng.permutation(len(p3d))
-    inv3 = np.empty_like(perm3)
-    inv3[perm3] = np.arange(len(perm3))
-    perm2 = rng.permutation(len(p2d))
-    match = match[perm2]
-    match = np.where(match >= 0, inv3[np.maximum(match, 0)], -1).astype(np.int64)
-    return p2d[perm2], p3d[perm3], match
 
 
 def add_outliers(
@@ -77,7 +67,7 @@ def add_outliers(
     n3 = int(round(frac_3d / (1.0 - frac_3d) * len(p3d)))
     new2 = rng.uniform(ref2.min(0), ref2.max(0), size=(n2, 2))
     new3 = rng.uniform(ref3.min(0), ref3.max(0), size=(n3, 3))
-    p2d, p3d, match = _permute(
+    p2d, p3d, match = shuffle_sets(
         np.concatenate([p2d, new2]), np.concatenate([p3d, new3]),
         np.concatenate([match, np.full(n2, -1, dtype=np.int64)]), rng,
     )

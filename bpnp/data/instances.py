@@ -22,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from bpnp.data.colmap import ColmapModel
+from bpnp.data.shuffle import shuffle_sets
 
 __all__ = ["instance_from_image", "instances_from_model"]
 
@@ -109,15 +110,10 @@ def instance_from_image(
     p2d = np.concatenate([xy[keep_in], xy[keep_out]])
     match = np.concatenate([inverse.reshape(-1), np.full(len(keep_out), -1)]).astype(np.int64)
 
-    perm3 = rng.permutation(len(p3d))
-    inv3 = np.empty_like(perm3)
-    inv3[perm3] = np.arange(len(perm3))
-    perm2 = rng.permutation(len(p2d))
-    match = match[perm2]
-    match = np.where(match >= 0, inv3[np.maximum(match, 0)], -1).astype(np.int64)
+    p2d, p3d, match = shuffle_sets(p2d, p3d, match, rng)
     return {
-        "p2d": p2d[perm2],
-        "p3d": p3d[perm3],
+        "p2d": p2d,
+        "p3d": p3d,
         "R": image.R,
         "t": np.asarray(image.tvec, dtype=np.float64),
         "match": match,

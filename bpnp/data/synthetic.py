@@ -40,6 +40,8 @@ from typing import Any, Mapping
 import numpy as np
 from scipy.spatial.transform import Rotation
 
+from bpnp.data.shuffle import shuffle_sets
+
 __all__ = ["SyntheticConfig", "make_instance", "FAMILIES"]
 
 FAMILIES = ("sphere", "box", "cylinder", "torus", "union", "scene")
@@ -494,17 +496,11 @@ def make_instance(cfg: SyntheticConfig, seed: int, index: int) -> dict[str, np.n
     p2d = np.concatenate([p2d_in, p2d_out])
     match = np.concatenate([np.arange(k), np.full(m_out, -1)]).astype(np.int64)
 
-    # Shuffle both sets: new_p3d = p3d[perm3], so old index j now sits at inv3[j].
-    perm3 = rng.permutation(len(p3d))
-    inv3 = np.empty_like(perm3)
-    inv3[perm3] = np.arange(len(perm3))
-    perm2 = rng.permutation(len(p2d))
-    match = match[perm2]
-    match = np.where(match >= 0, inv3[np.maximum(match, 0)], -1).astype(np.int64)
+    p2d, p3d, match = shuffle_sets(p2d, p3d, match, rng)
     w, h = cfg.image_size
     return {
-        "p2d": p2d[perm2],
-        "p3d": p3d[perm3],
+        "p2d": p2d,
+        "p3d": p3d,
         "R": R,
         "t": t,
         "match": match,
