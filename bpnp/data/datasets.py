@@ -227,4 +227,8 @@ class OutlierAugmented(Dataset):
         scene = self.base[index]
         if self.frac_2d == 0.0 and self.frac_3d == 0.0:
             return scene
-        return add_outliers(scene, self.frac_2d, self.frac_3d, np.random.default_rng([self.seed, int(index)]))
+        return add_outliers(scene, self.frac_2d, self.frac_3d, self.rng(index))
+
+    def rng(self, index: int) -> np.random.Generator:
+        """The generator of item ``index``'s outliers (a function of the seed and the index)."""
+        return np.random.default_rng([self.seed, int(index)])

@@ -14,7 +14,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from bpnp.data.datasets import add_outliers
+from bpnp.data.datasets import OutlierAugmented
 from bpnp.evaluation.report import summarize_methods
 from bpnp.evaluation.runner import EvalSettings, evaluate_instances
 
@@ -37,21 +37,15 @@ def parse_fractions(fractions: Sequence[Any]) -> list[tuple[float, float]]:
     return out
 
 
-class OutlierDataset:
-    """``base`` with outliers added per item (see the module docstring); indexable like it."""
+class OutlierDataset(OutlierAugmented):
+    """``base`` with outliers added per item (see the module docstring); indexable like it.
 
-    def __init__(self, base: Any, frac_2d: float, frac_3d: float, seed: int):
-        self.base, self.frac_2d, self.frac_3d, self.seed = base, float(frac_2d), float(frac_3d), int(seed)
+    The data layer's wrapper, with the fractions in the seed key so that each sweep level draws
+    its own outliers."""
 
-    def __len__(self) -> int:
-        return len(self.base)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        scene = self.base[index]
-        if self.frac_2d == 0.0 and self.frac_3d == 0.0:
-            return scene
+    def rng(self, index: int) -> np.random.Generator:
         key = [self.seed, int(index), int(round(1e6 * self.frac_2d)), int(round(1e6 * self.frac_3d))]
-        return add_outliers(scene, self.frac_2d, self.frac_3d, np.random.default_rng(key))
+        return np.random.default_rng(key)
 
 
 def run_sweep(
