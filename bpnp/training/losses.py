@@ -1,8 +1,17 @@
 r"""Training losses of BlindPnPNet.
 
-- Correspondence loss :math:`L_c = \sum_{ij} (1 - 2 C_{ij}) P_{ij} = 1 - 2 \sum_{ij} C_{ij} P_{ij}`
-  per item (P sums to 1), in ``[-1, 1]``, with ``C`` the ground-truth correspondence matrix
-  (``C[i, match[i]] = 1`` for real 2D inliers).
+- Correspondence loss, two kinds (``corr_kind``):
+
+  * ``linear`` (the original's): :math:`L_c = \sum_{ij} (1 - 2 C_{ij}) P_{ij} = 1 - 2 \sum_{ij}
+    C_{ij} P_{ij}` per item (P sums to 1), in ``[-1, 1]``, with ``C`` the ground-truth
+    correspondence matrix (``C[i, match[i]] = 1`` for real 2D inliers).
+  * ``nll``: the mean over true pairs of :math:`-\log(\sqrt{m' n'} P_{ij})` (m', n' the real set
+    sizes), i.e. the average of the row and column negative log-likelihoods of the true match
+    under the transport plan's conditionals ``m' P[i, :]`` and ``n' P[:, j]``. Its gradient does
+    not shrink with the mass on the true pairs: with the linear loss, a network whose plan puts
+    ~1 % of each row on the true match gets a ~100x weaker signal from those rows, and on this
+    CPU's training budget the linear loss moved the true mass only from 3 % to 10 % (see
+    configs/experiment/bpnp_synthetic.yaml for the measured comparison).
 - Pose loss :math:`\min(\angle(R, R_{gt}), \text{rot\_cap}) + \min(\|t - t_{gt}\|, \text{t\_cap})`
   with the caps ``pi/2`` and 1 of the original. The angle is computed as
   ``2 asin(||R - R_gt||_F / sqrt(8))``, whose gradient stays finite at a zero error (``acos`` of
@@ -19,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["correspondence_matrix", "correspondence_loss", "rotation_angle", "pose_loss", "BlindPnPLoss", "LossTerms"]
+__all__ = ["correspondence_matrix", "correspondence_loss", "match_accuracy", "CORR_KINDS", "rotation_angle", "pose_loss", "BlindPnPLoss", "LossTerms"]
 
 
 def correspondence_matrix(match: torch.Tensor, n: int, mask2d: torch.Tensor | None = None, mask3d: torch.Tensor | None = None,
@@ -32,30 +41,65 @@ def correspondence_matrix(match: torch.Tensor, n: int, mask2d: torch.Tensor | No
     if match.ndim != 2:
         raise ValueError(f"match must have shape (B, m), got {tuple(match.shape)}")
     B, m = match.shape
-    valid = match >= 0
-    if mask2d is not None:
-        valid = valid & mask2d
-    idx = match.clamp(0, max(n - 1, 0))
-    if mask3d is not None:
-        valid = valid & torch.gather(mask3d, 1, idx)
+    idx, valid = _true_pairs(match, n, mask2d, mask3d)
     C = torch.zeros(B, m, n, dtype=dtype, device=match.device)
     C.scatter_(2, idx[..., None], valid[..., None].to(dtype))
     return C
 
 
-def correspondence_loss(P: torch.Tensor, match: torch.Tensor, mask2d: torch.Tensor | None = None,
-                        mask3d: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-item ``sum((1 - 2C) * P)``, shape (B,). Computed as ``sum(P) - 2 sum(C * P)`` by a
-    gather (O(m), no dense C)."""
-    B, m, n = P.shape
+CORR_KINDS = ("linear", "nll")
+
+#: Floor of P inside the log of the NLL loss: far below any plan entry that carries signal, above
+#: float32's denormal range (so the backward's 1/P stays finite and normal).
+_NLL_P_FLOOR = 1e-30
+
+
+def _true_pairs(match: torch.Tensor, n: int, mask2d: torch.Tensor | None,
+                mask3d: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(idx, valid), both (B, m): the matched 3D index of each 2D point (clamped into range) and
+    whether (i, match[i]) is a true pair of two real points."""
     valid = match >= 0
     if mask2d is not None:
         valid = valid & mask2d
     idx = match.clamp(0, max(n - 1, 0))
     if mask3d is not None:
         valid = valid & torch.gather(mask3d, 1, idx)
-    true_mass = torch.gather(P, 2, idx[..., None])[..., 0] * valid.to(P.dtype)
-    return P.sum((1, 2)) - 2.0 * true_mass.sum(1)
+    return idx, valid
+
+
+def correspondence_loss(P: torch.Tensor, match: torch.Tensor, mask2d: torch.Tensor | None = None,
+                        mask3d: torch.Tensor | None = None, kind: str = "linear") -> torch.Tensor:
+    """Per-item correspondence loss, shape (B,), by a gather on the true pairs (O(m), no dense C).
+
+    ``linear``: ``sum((1 - 2C) * P)`` computed as ``sum(P) - 2 sum(C * P)``.
+    ``nll``: mean over true pairs of ``-log(sqrt(m' n') P_ij)`` (0 for an item without true pairs).
+    """
+    B, m, n = P.shape
+    idx, valid = _true_pairs(match, n, mask2d, mask3d)
+    p_true = torch.gather(P, 2, idx[..., None])[..., 0]
+    w = valid.to(P.dtype)
+    if kind == "linear":
+        return P.sum((1, 2)) - 2.0 * (p_true * w).sum(1)
+    if kind != "nll":
+        raise ValueError(f"correspondence_loss: kind must be one of {CORR_KINDS}, got {kind!r}")
+    m_real = mask2d.sum(1).to(P.dtype) if mask2d is not None else P.new_full((B,), float(m))
+    n_real = mask3d.sum(1).to(P.dtype) if mask3d is not None else P.new_full((B,), float(n))
+    log_scale = 0.5 * torch.log((m_real * n_real).clamp_min(1.0))
+    nll = -(torch.log(p_true.clamp_min(_NLL_P_FLOOR)) + log_scale[:, None])
+    return (nll * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+
+def match_accuracy(P: torch.Tensor, match: torch.Tensor, mask2d: torch.Tensor | None = None,
+                   mask3d: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-item fraction of true pairs (i, match[i]) whose 3D point is the row maximum of P,
+    shape (B,) (NaN for an item without true pairs). Padded 3D columns never win the argmax."""
+    B, m, n = P.shape
+    idx, valid = _true_pairs(match, n, mask2d, mask3d)
+    scores = P.detach()
+    if mask3d is not None:
+        scores = scores.masked_fill(~mask3d[:, None, :], -1.0)
+    hit = (scores.argmax(2) == idx) & valid
+    return hit.sum(1).to(P.dtype) / valid.sum(1).to(P.dtype)
 
 
 def rotation_angle(R: torch.Tensor, R_gt: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -89,13 +133,17 @@ class BlindPnPLoss:
 
     Args:
         corr_weight, pose_weight: weights.
+        corr_kind: ``linear`` (the original's) or ``nll`` (see the module docstring).
         pose_start_epoch: first epoch (0-based) with the pose term, or None to disable it.
         rot_cap: cap of the rotation term, radians (pi/2).
         t_cap: cap of the translation term, scene units (1).
     """
 
     def __init__(self, corr_weight: float = 1.0, pose_weight: float = 1.0, pose_start_epoch: int | None = None,
-                 rot_cap: float = math.pi / 2, t_cap: float = 1.0) -> None:
+                 rot_cap: float = math.pi / 2, t_cap: float = 1.0, corr_kind: str = "linear") -> None:
+        if corr_kind not in CORR_KINDS:
+            raise ValueError(f"BlindPnPLoss: corr_kind must be one of {CORR_KINDS}, got {corr_kind!r}")
+        self.corr_kind = corr_kind
         self.corr_weight, self.pose_weight = float(corr_weight), float(pose_weight)
         self.pose_start_epoch = None if pose_start_epoch is None else int(pose_start_epoch)
         self.rot_cap, self.t_cap = float(rot_cap), float(t_cap)
@@ -104,7 +152,7 @@ class BlindPnPLoss:
         return self.pose_weight > 0 and self.pose_start_epoch is not None and epoch >= self.pose_start_epoch
 
     def __call__(self, out, batch, epoch: int) -> LossTerms:
-        corr = correspondence_loss(out.P, batch["match"], batch.get("mask2d"), batch.get("mask3d")).mean()
+        corr = correspondence_loss(out.P, batch["match"], batch.get("mask2d"), batch.get("mask3d"), self.corr_kind).mean()
         loss = self.corr_weight * corr
         pose = None
         if self.pose_active(epoch):

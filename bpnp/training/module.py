@@ -14,8 +14,9 @@ Metrics (names are the DESIGN.md contract): ``{stage}/rot_err_deg``, ``t_err``,
 ``center_err_rel``, ``success`` (means over the epoch, torchmetrics ``MeanMetric``, synchronised
 under DDP) and ``{stage}/{name}_median`` (torchmetrics ``CatMetric``, gathered from every rank
 before the median), for ``stage`` in train / val / test; the RANSAC pose's ``ransac_success`` and
-``ransac_rot_err_deg_median`` show what the refinement adds. Losses: ``{stage}/loss``,
-``loss_corr``, ``loss_pose``.
+``ransac_rot_err_deg_median`` show what the refinement adds; ``match_acc`` is the fraction of
+true pairs that are their row's maximum of P. Losses: ``{stage}/loss``, ``loss_corr``,
+``loss_pose``.
 
 Non-finite guard: a training step whose loss is not finite (on any rank) returns ``None``
 (Lightning skips backward; the optimizer sees no gradient), and a step whose gradients are not
@@ -38,13 +39,13 @@ from torchmetrics import CatMetric, MeanMetric
 from bpnp.geometry.metrics import pose_errors
 from bpnp.models.network import BlindPnPNet, BlindPnPOutput
 from bpnp.nodes import Status
-from bpnp.training.losses import BlindPnPLoss
+from bpnp.training.losses import BlindPnPLoss, match_accuracy
 
 __all__ = ["BlindPnPModule", "METRICS", "MEDIAN_METRICS"]
 
 METRICS = ("rot_err_deg", "t_err", "center_err_rel", "success")
 MEDIAN_METRICS = ("rot_err_deg", "t_err", "center_err_rel")
-_EXTRA_MEANS = ("loss", "loss_corr", "loss_pose", "ransac_success", "pnp_ok", "sinkhorn_iterations")
+_EXTRA_MEANS = ("loss", "loss_corr", "loss_pose", "match_acc", "ransac_success", "pnp_ok", "sinkhorn_iterations")
 STAGES = ("train", "val", "test")
 
 
@@ -160,6 +161,7 @@ class BlindPnPModule(pl.LightningModule):
         if out.refined:
             self.means[f"{stage}_pnp_ok"].update((out.pnp_status == int(Status.OK)).float())
         self.means[f"{stage}_sinkhorn_iterations"].update(out.sinkhorn_iterations.float())
+        self.means[f"{stage}_match_acc"].update(match_accuracy(out.P, batch["match"], batch.get("mask2d"), batch.get("mask3d")).float())
         self.means[f"{stage}_loss"].update(terms.loss.detach(), weight=B)
         self.means[f"{stage}_loss_corr"].update(terms.corr.detach(), weight=B)
         if terms.pose is not None:
@@ -223,7 +225,7 @@ class BlindPnPModule(pl.LightningModule):
             self._count_skip()
 
     def on_train_epoch_end(self) -> None:
-        for k in ("ransac_success", "pnp_ok", "sinkhorn_iterations", "loss", "loss_corr", "loss_pose", *METRICS):
+        for k in ("match_acc", "ransac_success", "pnp_ok", "sinkhorn_iterations", "loss", "loss_corr", "loss_pose", *METRICS):
             metric = self.means[f"train_{k}"]
             if metric.update_called:
                 self.log(f"train/{k}_epoch", metric.compute(), on_step=False, on_epoch=True, sync_dist=False)

@@ -7,7 +7,11 @@ import math
 import torch
 
 from bpnp.geometry.rotations import so3_exp
-from bpnp.training.losses import BlindPnPLoss, correspondence_loss, correspondence_matrix, pose_loss, rotation_angle
+import pytest
+
+from bpnp.nodes.sinkhorn import sinkhorn, uniform_marginals
+from bpnp.training.losses import (BlindPnPLoss, correspondence_loss, correspondence_matrix, match_accuracy, pose_loss,
+                                  rotation_angle)
 
 
 def test_correspondence_loss_equals_dense_formula():
@@ -38,6 +42,66 @@ def test_correspondence_loss_range():
     assert torch.allclose(correspondence_loss(uniform, match), torch.tensor([1.0 - 2.0 / n]))
     wrong = torch.roll(torch.eye(n), 1, 1)[None] / n
     assert torch.allclose(correspondence_loss(wrong, match), torch.tensor([1.0]))
+
+
+def test_nll_correspondence_loss_dense_formula_and_values():
+    torch.manual_seed(1)
+    B, m, n = 3, 6, 8
+    P = torch.rand(B, m, n, dtype=torch.float64)
+    match = torch.randint(-1, n, (B, m))
+    match[0, 0] = 3  # every item has at least one true pair
+    match[1, 0] = 2
+    match[2, 0] = 1
+    mask2d = torch.ones(B, m, dtype=torch.bool)
+    mask2d[1, 4:] = False
+    mask3d = torch.ones(B, n, dtype=torch.bool)
+    mask3d[2, 6:] = False
+    P = P * mask2d[:, :, None] * mask3d[:, None, :]
+    P = P / P.sum((1, 2), keepdim=True)
+    C = correspondence_matrix(match, n, mask2d, mask3d, dtype=P.dtype)
+    scale = (mask2d.sum(1) * mask3d.sum(1)).double().sqrt()[:, None, None]
+    dense = -(C * torch.log(scale * P.clamp_min(1e-300))).sum((1, 2)) / C.sum((1, 2))
+    torch.testing.assert_close(correspondence_loss(P, match, mask2d, mask3d, kind="nll"), dense)
+    # Uniform plan: log sqrt(m n); the plan of a permutation: -log sqrt(m n) + log n = 0 for m = n.
+    k = 5
+    eye = torch.eye(k)[None] / k
+    assert torch.allclose(correspondence_loss(torch.full((1, k, k), 1.0 / k**2), torch.arange(k)[None], kind="nll"),
+                          torch.tensor([math.log(k)]))
+    assert torch.allclose(correspondence_loss(eye, torch.arange(k)[None], kind="nll"), torch.tensor([0.0]), atol=1e-6)
+    # No true pair: 0, not NaN.
+    assert correspondence_loss(eye, torch.full((1, k), -1), kind="nll").item() == 0.0
+    with pytest.raises(ValueError, match="kind"):
+        correspondence_loss(eye, torch.arange(k)[None], kind="cross_entropy")
+
+
+def test_nll_gradient_through_sinkhorn_is_finite_with_vanishing_entries():
+    """The loss takes log P: a true pair whose plan entry is ~1e-17 (17 orders below the row's
+    mass) must still give a finite gradient through the OT node, of the right sign."""
+    torch.manual_seed(2)
+    m = n = 40
+    M = torch.rand(1, m, n) * 2.0
+    M[0, 0, :] = 2.0
+    M[0, 0, 5] = 0.0  # row 0 matches column 5; its true match is column 0 (P ~ exp(-20 * 2) / mn)
+    M.requires_grad_(True)
+    r, c = uniform_marginals(torch.ones(1, m, dtype=torch.bool), torch.ones(1, n, dtype=torch.bool), M.dtype)
+    P, _ = sinkhorn(M, r, c, lam=20.0, max_iter=100, backward="implicit")
+    loss = correspondence_loss(P, torch.arange(m)[None], kind="nll").sum()
+    (g,) = torch.autograd.grad(loss, M)
+    assert torch.isfinite(g).all()
+    assert g[0, 0, 0] > 0  # raising the true pair's cost raises the loss
+
+
+def test_match_accuracy_counts_row_argmax_on_true_pairs():
+    P = torch.tensor([[[0.5, 0.1, 0.0], [0.2, 0.1, 0.3], [0.0, 0.4, 0.9]]])
+    match = torch.tensor([[0, 1, -1]])
+    assert match_accuracy(P, match).item() == 0.5  # row 0 right, row 1 wrong, row 2 unmatched
+    mask3d = torch.tensor([[True, True, False]])
+    assert match_accuracy(P, match, mask3d=mask3d).item() == 0.5  # padded column 2 never wins
+    mask3d_b = torch.tensor([[True, True, False]])
+    P2 = P.clone()
+    P2[0, 1, 2] = 5.0  # padding holds garbage: row 1 now picks column 0 (0.2) over 1 (0.1)
+    assert match_accuracy(P2, match, mask3d=mask3d_b).item() == 0.5
+    assert torch.isnan(match_accuracy(P, torch.full((1, 3), -1))).all()
 
 
 def test_pose_loss_caps_and_gradients():
