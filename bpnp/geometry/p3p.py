@@ -121,18 +121,23 @@ def _refine_depths(lam: torch.Tensor, cos: torch.Tensor, a: torch.Tensor, steps:
     for _ in range(steps):
         r = _distance_residuals(lam, cos, a)
         l0, l1, l2 = lam.unbind(-1)
-        z = torch.zeros_like(l0)
-        J = 2.0 * torch.stack(
+        # J = 2 [[a_, b_, 0], [c_, 0, d_], [0, e_, f_]]: solved by Cramer's rule in closed form
+        # (float64), a few elementwise ops instead of a batched LU of thousands of 3x3 systems.
+        # A singular J gives inf/NaN, rejected below.
+        a_, b_ = l0 - c01 * l1, l1 - c01 * l0
+        c_, d_ = l0 - c02 * l2, l2 - c02 * l0
+        e_, f_ = l1 - c12 * l2, l2 - c12 * l1
+        y0, y1, y2 = (-0.5 * r).unbind(-1)
+        det = -(a_ * d_ * e_ + b_ * c_ * f_)
+        delta = torch.stack(
             [
-                torch.stack([l0 - c01 * l1, l1 - c01 * l0, z], -1),
-                torch.stack([l0 - c02 * l2, z, l2 - c02 * l0], -1),
-                torch.stack([z, l1 - c12 * l2, l2 - c12 * l1], -1),
+                -d_ * e_ * y0 - b_ * f_ * y1 + b_ * d_ * y2,
+                -c_ * f_ * y0 + a_ * f_ * y1 - a_ * d_ * y2,
+                c_ * e_ * y0 - a_ * e_ * y1 - b_ * c_ * y2,
             ],
-            dim=-2,
-        )
-        # solve_ex: no error check, hence no host sync; singular systems give inf/NaN, rejected below.
-        delta, _ = torch.linalg.solve_ex(J, -r.unsqueeze(-1))
-        new = lam + delta.squeeze(-1)
+            dim=-1,
+        ) / det.unsqueeze(-1)
+        new = lam + delta
         better = _distance_residuals(new, cos, a).abs().sum(-1) < r.abs().sum(-1)
         ok = torch.isfinite(new).all(-1) & better
         lam = torch.where(ok.unsqueeze(-1), new, lam)

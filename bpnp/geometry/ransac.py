@@ -157,23 +157,34 @@ def _angular_scores(
     wc: torch.Tensor,
     cos_thr: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted inlier score and count of poses (b, H) over candidates (b, K)."""
-    b, H = R.shape[:2]
-    K = pc.shape[1]
-    # x = R p + t as one (b, 3H, 3) x (b, 3, K) matmul laid out (b, H, 3, K): contiguous passes,
-    # no (b, H, K, 3, 3) temporary.
-    x = torch.baddbmm(t.reshape(b, 3 * H, 1), R.reshape(b, 3 * H, 3), pc.transpose(1, 2)).view(b, H, 3, K)
-    nrm2 = (x * x).sum(2)  # (b, H, K)
-    # b . (R p + t) = vec(R) . vec(b p^T) + t . b: one (b, H, 12) x (b, 12, K) matmul instead of
-    # three more passes over x. Same rounding as forming x (the large terms cancel either way).
-    G = torch.cat([R.reshape(b, H, 9), t], -1)
-    Fk = torch.cat([(bc.unsqueeze(-1) * pc.unsqueeze(-2)).reshape(b, K, 9), bc], -1)
+    """Weighted inlier score and count of poses (b, H) over candidates (b, K).
+
+    Pair k is an inlier of hypothesis h iff ``d |d| > cos_thr^2 |x|^2`` with ``x = R_h p_k + t_h``
+    and ``d = b_k . x`` (|b| = 1), i.e. ``d > 0`` (in front of the camera) and
+    ``cos(angle) > cos_thr``: no sqrt, no (b, H, 3, K) tensor of transformed points.
+    """
+    # Points relative to the top candidate's 3D point (padding-invariant): the camera-frame
+    # terms below then have the size of the visible structure and its depth, not of the world
+    # coordinates, so the expanded |x|^2 keeps float32 accuracy near the threshold.
+    origin = pc[:, :1, :]
+    p0 = pc - origin  # (b, K, 3)
+    t0 = t + (R @ origin.transpose(1, 2).unsqueeze(1)).squeeze(-1)  # (b, H, 3): R c + t
+    # cos_thr^2 |R p + t|^2 = c2 |t|^2 + c2 |p|^2 + 2 c2 (R^T t) . p: one (b, H, 5) x (b, 5, K)
+    # matmul of [c2 |t|^2, 1, 2 c2 R^T t] and [1, c2 |p|^2, p].
+    q = (R.transpose(-1, -2) @ t0.unsqueeze(-1)).squeeze(-1)  # (b, H, 3)
+    c2 = cos_thr * cos_thr
+    Gr = torch.cat([c2 * t0.square().sum(-1, keepdim=True), torch.ones_like(q[..., :1]), 2.0 * c2 * q], -1)
+    Fr = torch.cat([torch.ones_like(p0[..., :1]), c2 * p0.square().sum(-1, keepdim=True), p0], -1)
+    rhs = Gr @ Fr.transpose(1, 2)
+    # b . (R p + t) = vec(R) . vec(b p^T) + t . b: one (b, H, 12) x (b, 12, K) matmul.
+    G = torch.cat([R.reshape(*R.shape[:2], 9), t0], -1)
+    Fk = torch.cat([(bc.unsqueeze(-1) * p0.unsqueeze(-2)).reshape(*pc.shape[:2], 9), bc], -1)
     dot = G @ Fk.transpose(1, 2)
-    # cos > cos_thr  <=>  dot > 0 and dot^2 > cos_thr^2 |x|^2 (|b| = 1): no sqrt, and dot > 0
-    # makes points behind the camera outliers (cheirality).
-    inl = (dot > 0) & (dot * dot > (cos_thr * cos_thr) * nrm2) & (wc.unsqueeze(1) > 0)
-    score = (inl.to(wc.dtype) @ wc.unsqueeze(-1)).squeeze(-1)
-    return score, inl.sum(-1)
+    inl = (dot * dot.abs()) > rhs
+    # Score (sum of weights) and count (real candidates) of the inliers in one matmul.
+    wk = torch.stack([wc, (wc > 0).to(wc.dtype)], -1)  # (b, K, 2)
+    sc = inl.to(wc.dtype) @ wk
+    return sc[..., 0], sc[..., 1].round().long()
 
 
 def _refine(

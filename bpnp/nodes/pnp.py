@@ -200,6 +200,8 @@ class PnPRefine(nn.Module):
             reported ``DEGENERATE`` (pose not determined by the weighted points, e.g. collinear).
         backward: ``"implicit"`` or ``"unrolled"`` (autograd through the LM iterations).
         singular: backward fallback for degenerate items, ``"damp"``, ``"min_norm"`` or ``"zero"``.
+        degenerate_check_every: every this many iterations, items found degenerate stop iterating
+            (0 = test only at the end); the final status is the same, the time is not.
 
     Forward: ``(W (B,m,n) >= 0, bearings (B,m,3) unit, points (B,n,3), R0 (B,3,3), t0 (B,3),
     mask2d (B,m) bool = None, mask3d (B,n) bool = None) -> PnPResult``. Masked rows and columns of
@@ -218,6 +220,7 @@ class PnPRefine(nn.Module):
         degenerate_rcond: float = 1e-9,
         backward: str = "implicit",
         singular: str = "damp",
+        degenerate_check_every: int = 5,
     ) -> None:
         super().__init__()
         if backward not in ("implicit", "unrolled"):
@@ -227,6 +230,7 @@ class PnPRefine(nn.Module):
         self.kernel = RobustKernel(robust, robust_scale)
         self.max_iter, self.xtol, self.gtol, self.damping = max_iter, xtol, gtol, damping
         self.degenerate_rcond, self.backward_mode, self.singular = degenerate_rcond, backward, singular
+        self.degenerate_check_every = int(degenerate_check_every)
         self.last_backward_status: torch.Tensor | None = None
 
     def extra_repr(self) -> str:
@@ -264,7 +268,7 @@ class PnPRefine(nn.Module):
         # rho = identity: a = W^T B once, then every iteration is O(n).
         linear = (Wc.transpose(1, 2) @ bc, Wc.sum(1), mass) if self.kernel.is_identity else None
         F, g, H, Hgn = _derivatives(Wc, bc, _camera_points(R, t, pc), self.kernel, linear)
-        for _ in range(self.max_iter):
+        for it in range(1, self.max_iter + 1):
             if not bool(active.any()):
                 break
             depth = _camera_points(R, t, pc).norm(dim=-1).mean(1).clamp_min(torch.finfo(dtype).eps)
@@ -302,19 +306,29 @@ class PnPRefine(nn.Module):
             small_grad = g.detach().norm(dim=1) <= gtol * mass
             stalled = mu > 1e12  # no decrease possible at working precision
             active = active & ~(small_step | small_grad | stalled)
+            if self.degenerate_check_every and it % self.degenerate_check_every == 0:
+                # An item whose weights do not determine the pose (e.g. the near-uniform W of an
+                # untrained network, whose optimum runs off to infinity along the mean bearing)
+                # never meets the step or gradient test; stop it, its status is DEGENERATE anyway.
+                active = active & ~self._degenerate(Hgn, mass)
 
         status = torch.full((B,), int(Status.OK), dtype=torch.long, device=W.device)
         status = torch.where(active, torch.full_like(status, int(Status.MAX_ITER)), status)
-        # Degenerate: the weighted points do not determine all six pose parameters.
+        degenerate = self._degenerate(Hgn, mass)
+        status = torch.where(degenerate, torch.full_like(status, int(Status.DEGENERATE)), status)
+        status = torch.where(finite, status, torch.full_like(status, int(Status.NONFINITE)))
+        return R, t, status, iterations, F
+
+    def _degenerate(self, Hgn: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: the weighted points do not determine all six pose parameters (the
+        diagonally scaled Gauss-Newton Hessian has an eigenvalue ratio <= rcond), or no mass."""
+        dtype = Hgn.dtype
         s = torch.diagonal(Hgn, dim1=1, dim2=2).detach().clamp_min(torch.finfo(dtype).tiny).rsqrt()
         ev = torch.linalg.eigvalsh(s[:, :, None] * Hgn.detach() * s[:, None, :])
         # An exactly singular Hessian evaluated in float32 has an eigenvalue ratio of ~eps, not 0
         # (collinear points: ~1e-7), so the threshold is never below 100 eps of the working dtype.
         rcond = max(float(self.degenerate_rcond), 100 * torch.finfo(dtype).eps)
-        degenerate = (ev[:, 0] <= rcond * ev[:, -1].clamp_min(torch.finfo(dtype).tiny)) | (mass <= 0)
-        status = torch.where(degenerate, torch.full_like(status, int(Status.DEGENERATE)), status)
-        status = torch.where(finite, status, torch.full_like(status, int(Status.NONFINITE)))
-        return R, t, status, iterations, F
+        return (ev[:, 0] <= rcond * ev[:, -1].clamp_min(torch.finfo(dtype).tiny)) | (mass <= 0)
 
     def _candidate(self, W, bearings, points, R, t, linear, active, current):
         """Derivatives at the candidate poses of the items still iterating only: the O(mn) work

@@ -165,3 +165,18 @@ def test_bad_shapes():
         PnPRefine()(W, b[:, :5], p, R, t)
     with pytest.raises(ValueError, match="robust kernel"):
         PnPRefine(robust="cauchy")
+
+
+def test_uniform_weights_stop_early_as_degenerate():
+    """A near-uniform W (an untrained network's plan) has no finite optimum: LM would walk towards
+    infinity for max_iter iterations. The periodic degeneracy test stops such an item early with
+    the status it gets at the end anyway, and leaves a well-posed item of the batch unchanged."""
+    W, b, p, R, t = make_problem(B=2, n=30, seed=10, noise=1e-3, dtype=torch.float32)
+    g = torch.Generator().manual_seed(10)
+    W[1] = (1 + 0.1 * torch.rand(30, 30, generator=g)) / (30 * 30)
+    R0, t0 = perturb(R, t, 10.0, 0.2)
+    late = PnPRefine(max_iter=50, degenerate_check_every=0)(W, b, p, R0, t0)
+    early = PnPRefine(max_iter=50, degenerate_check_every=5)(W, b, p, R0, t0)
+    assert late.status.tolist() == early.status.tolist() == [Status.OK, Status.DEGENERATE]
+    assert late.iterations[1] == 50 and early.iterations[1] <= 10
+    assert torch.equal(late.R[0], early.R[0]) and torch.equal(late.t[0], early.t[0])
