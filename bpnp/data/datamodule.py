@@ -7,7 +7,10 @@ Built from plain arguments, so Hydra can instantiate it from ``configs/data/*.ya
   train ``seed``, val ``seed + 1``, test ``seed + 2`` unless ``train_seed``/``val_seed``/
   ``test_seed`` are given (they must differ). ``synthetic`` holds the
   :class:`~bpnp.data.synthetic.SyntheticConfig` fields; ``val_synthetic``/``test_synthetic``
-  override some of them for one split (e.g. more outliers at test time).
+  override some of them for one split (e.g. more outliers at test time). ``synthetic_schedule``
+  maps a first training epoch to overrides of ``synthetic`` used from then on (a curriculum,
+  e.g. larger point sets in later epochs; each stage overrides the base ``synthetic``, not the
+  previous stage; needs ``reload_dataloaders_every_n_epochs=1``).
 - ``scenes``: directories of ``.npz`` scene files; ``path`` is the test set (what
   ``evaluate.py data=scenes data.path=DIR`` sets), ``train_path``/``val_path`` the others. With
   ``validate_files`` (default) :meth:`setup` reads every file of the splits it sets up once, so
@@ -122,6 +125,7 @@ class BlindPnPDataModule(pl.LightningDataModule):
         synthetic: Mapping[str, Any] | SyntheticConfig | None = None,
         val_synthetic: Mapping[str, Any] | None = None,
         test_synthetic: Mapping[str, Any] | None = None,
+        synthetic_schedule: Mapping[int, Mapping[str, Any]] | None = None,
         train_length: int = 10000,
         val_length: int = 200,
         test_length: int = 500,
@@ -199,6 +203,11 @@ class BlindPnPDataModule(pl.LightningDataModule):
         for split in ("val", "test"):
             override = a[f"{split}_synthetic"]
             cfgs[split] = SyntheticConfig.from_dict({**base.to_dict(), **dict(override or {})})
+        schedule = {}
+        for epoch, override in dict(a["synthetic_schedule"] or {}).items():
+            if not str(epoch).isdigit():
+                raise ValueError(f"BlindPnPDataModule: synthetic_schedule keys are first epochs (ints >= 0), got {epoch!r}")
+            schedule[int(epoch)] = SyntheticConfig.from_dict({**base.to_dict(), **dict(override or {})})
         lengths = {"train": a["train_length"], "val": a["val_length"], "test": a["test_length"]}
         for split in SPLITS:
             if int(lengths[split]) < 0:
@@ -206,7 +215,8 @@ class BlindPnPDataModule(pl.LightningDataModule):
             self._builders[split] = (
                 None if int(lengths[split]) == 0 else partial(
                     SyntheticDataset, cfgs[split], self.seeds[split], int(lengths[split]),
-                    resample_each_epoch=self.resample_each_epoch and split == "train")
+                    resample_each_epoch=self.resample_each_epoch and split == "train",
+                    schedule=schedule if split == "train" else None)
             )
 
     def _configure_scenes(self, a: dict) -> None:

@@ -80,22 +80,30 @@ class SyntheticDataset(Dataset):
     """Item ``i`` = :func:`~bpnp.data.synthetic.make_instance` ``(cfg, seed, i)``.
 
     With ``resample_each_epoch``, item ``i`` at epoch ``e`` is instance ``e * length + i`` of the
-    same stream (fresh data every epoch; call :meth:`set_epoch`).
+    same stream (fresh data every epoch; call :meth:`set_epoch`). ``schedule`` maps a first
+    epoch to the config used from that epoch on (a curriculum, e.g. larger sets later); before
+    its smallest key, ``cfg`` is used.
     """
 
     def __init__(self, cfg: SyntheticConfig | Mapping | None, seed: int, length: int,
-                 resample_each_epoch: bool = False):
+                 resample_each_epoch: bool = False,
+                 schedule: Mapping[int, SyntheticConfig | Mapping] | None = None):
         if int(length) <= 0:
             raise ValueError(f"SyntheticDataset: length must be > 0, got {length}")
         if int(seed) < 0:
             raise ValueError(f"SyntheticDataset: seed must be >= 0, got {seed}")
-        self.cfg = SyntheticConfig.from_dict(cfg)
+        self.base_cfg = self.cfg = SyntheticConfig.from_dict(cfg)
+        self.schedule = {int(e): SyntheticConfig.from_dict(c) for e, c in dict(schedule or {}).items()}
+        if any(e < 0 for e in self.schedule):
+            raise ValueError(f"SyntheticDataset: schedule epochs must be >= 0, got {sorted(self.schedule)}")
         self.seed, self.length = int(seed), int(length)
         self.resample_each_epoch = bool(resample_each_epoch)
-        self.epoch = 0
+        self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+        started = [e for e in self.schedule if e <= self.epoch]
+        self.cfg = self.schedule[max(started)] if started else self.base_cfg
 
     @property
     def names(self) -> list[str]:

@@ -90,6 +90,30 @@ def test_resample_each_epoch():
     np.testing.assert_array_equal(fixed[2]["p3d"], first)
 
 
+def test_synthetic_schedule_switches_training_sizes_by_epoch():
+    dm = _dm(resample_each_epoch=True, synthetic_schedule={2: {"num_points_2d": [60, 60]}, "4": {"outlier_frac_2d": 0.0}})
+    dm.setup("fit")
+    ds = dm.dataset("train")
+    sizes = {}
+    for epoch in range(6):
+        ds.set_epoch(epoch)
+        sizes[epoch] = {len(ds[i]["p2d"]) for i in range(4)}
+    assert all(20 <= s <= 40 for e in (0, 1) for s in sizes[e])
+    assert sizes[2] == sizes[3] == {60}
+    # Each stage overrides the base `synthetic`, not the previous stage: epoch 4 is back to 20-40
+    # points, without outliers.
+    assert all(20 <= s <= 40 for e in (4, 5) for s in sizes[e])
+    ds.set_epoch(4)
+    assert (ds[0]["match"] >= 0).all() and ds.cfg.num_points_2d == (20, 40)
+    assert dm.dataset("val").cfg.num_points_2d == (20, 40)  # the schedule is for training only
+    ds.set_epoch(0)
+    again = _dm(resample_each_epoch=True, synthetic_schedule={2: {"num_points_2d": [60, 60]}})
+    again.setup("fit")
+    np.testing.assert_array_equal(ds[1]["p2d"], again.dataset("train")[1]["p2d"])  # same stream before epoch 2
+    with pytest.raises(ValueError, match="synthetic_schedule"):
+        _dm(synthetic_schedule={"later": {"num_points_2d": 10}})
+
+
 def test_scenes_source(tmp_path):
     for i in range(5):
         save_scene(tmp_path / f"{i:04d}.npz", make_instance(SyntheticConfig.from_dict(TINY), 9, i))
