@@ -68,7 +68,7 @@ def _true_pairs(match: torch.Tensor, n: int, mask2d: torch.Tensor | None,
 
 
 def correspondence_loss(P: torch.Tensor, match: torch.Tensor, mask2d: torch.Tensor | None = None,
-                        mask3d: torch.Tensor | None = None, kind: str = "linear") -> torch.Tensor:
+                        mask3d: torch.Tensor | None = None, kind: str = "nll") -> torch.Tensor:
     """Per-item correspondence loss, shape (B,), by a gather on the true pairs (O(m), no dense C).
 
     ``linear``: ``sum((1 - 2C) * P)`` computed as ``sum(P) - 2 sum(C * P)``.
@@ -133,14 +133,14 @@ class BlindPnPLoss:
 
     Args:
         corr_weight, pose_weight: weights.
-        corr_kind: ``linear`` (the original's) or ``nll`` (see the module docstring).
+        corr_kind: ``nll`` (default) or ``linear`` (the original's); see the module docstring.
         pose_start_epoch: first epoch (0-based) with the pose term, or None to disable it.
         rot_cap: cap of the rotation term, radians (pi/2).
         t_cap: cap of the translation term, scene units (1).
     """
 
     def __init__(self, corr_weight: float = 1.0, pose_weight: float = 1.0, pose_start_epoch: int | None = None,
-                 rot_cap: float = math.pi / 2, t_cap: float = 1.0, corr_kind: str = "linear") -> None:
+                 rot_cap: float = math.pi / 2, t_cap: float = 1.0, corr_kind: str = "nll") -> None:
         if corr_kind not in CORR_KINDS:
             raise ValueError(f"BlindPnPLoss: corr_kind must be one of {CORR_KINDS}, got {corr_kind!r}")
         self.corr_kind = corr_kind

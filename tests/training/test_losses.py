@@ -27,7 +27,7 @@ def test_correspondence_loss_equals_dense_formula():
     P = P * mask2d[:, :, None] * mask3d[:, None, :]
     C = correspondence_matrix(match, n, mask2d, mask3d)
     dense = ((1 - 2 * C) * P).sum((1, 2))
-    assert torch.allclose(correspondence_loss(P, match, mask2d, mask3d), dense, atol=1e-6)
+    assert torch.allclose(correspondence_loss(P, match, mask2d, mask3d, kind="linear"), dense, atol=1e-6)
     # C has one 1 per real matched row, none for -1 / padding / padded 3D targets
     expected = ((match >= 0) & mask2d & torch.gather(mask3d, 1, match.clamp(min=0))).sum(1)
     assert torch.equal(C.sum((1, 2)).long(), expected)
@@ -38,10 +38,10 @@ def test_correspondence_loss_range():
     match = torch.arange(n)[None]
     perfect = torch.eye(n)[None] / n
     uniform = torch.full((1, n, n), 1.0 / n**2)
-    assert torch.allclose(correspondence_loss(perfect, match), torch.tensor([-1.0]))
-    assert torch.allclose(correspondence_loss(uniform, match), torch.tensor([1.0 - 2.0 / n]))
+    assert torch.allclose(correspondence_loss(perfect, match, kind="linear"), torch.tensor([-1.0]))
+    assert torch.allclose(correspondence_loss(uniform, match, kind="linear"), torch.tensor([1.0 - 2.0 / n]))
     wrong = torch.roll(torch.eye(n), 1, 1)[None] / n
-    assert torch.allclose(correspondence_loss(wrong, match), torch.tensor([1.0]))
+    assert torch.allclose(correspondence_loss(wrong, match, kind="linear"), torch.tensor([1.0]))
 
 
 def test_nll_correspondence_loss_dense_formula_and_values():
@@ -132,9 +132,13 @@ def test_pose_term_switches_on_at_epoch():
         t = torch.zeros(1, 3)
 
     batch = {"match": torch.arange(3)[None], "R": so3_exp(torch.tensor([[0.0, 0.0, 0.5]])), "t": torch.tensor([[0.0, 0.0, 0.5]])}
-    loss = BlindPnPLoss(corr_weight=2.0, pose_weight=3.0, pose_start_epoch=2)
+    loss = BlindPnPLoss(corr_weight=2.0, pose_weight=3.0, pose_start_epoch=2, corr_kind="linear")
     early, late = loss(Out(), batch, epoch=1), loss(Out(), batch, epoch=2)
     assert early.pose is None and torch.allclose(early.loss, torch.tensor(-2.0))
     assert torch.allclose(late.pose, torch.tensor(1.0), atol=1e-4)
     assert torch.allclose(late.loss, torch.tensor(-2.0 + 3.0), atol=1e-4)
     assert not BlindPnPLoss(pose_start_epoch=None).pose_active(100)
+    nll = BlindPnPLoss(corr_weight=2.0, pose_start_epoch=None)(Out(), batch, epoch=5)  # the default kind
+    assert torch.allclose(nll.loss, torch.tensor(0.0), atol=1e-6)  # a perfect plan: -log(sqrt(9) / 3) = 0
+    with pytest.raises(ValueError, match="corr_kind"):
+        BlindPnPLoss(corr_kind="hinge")
