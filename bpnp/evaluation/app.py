@@ -203,7 +203,8 @@ def run_evaluation(cfg: DictConfig | Mapping[str, Any], out_dir: str | Path | No
         raise EvaluationConfigError(f"sweep: {exc}" if "sweep" not in str(exc) else str(exc)) from exc
 
     log(f"[evaluate] run dir: {out_dir}")
-    net = load_network(ckpt_path, device)
+    net_overrides = _plain(c.get("net_overrides")) or {}
+    net = load_network(ckpt_path, device, overrides=net_overrides)
     dataset, names = build_dataset(c["data"])
     limit = c.get("max_instances")
     indices = list(range(len(dataset) if limit is None else min(int(limit), len(dataset))))
@@ -237,7 +238,7 @@ def run_evaluation(cfg: DictConfig | Mapping[str, Any], out_dir: str | Path | No
 
     data_plain = _plain(c["data"]) or {}
     metrics["meta"] = {
-        "ckpt_path": str(ckpt_path), "device": str(device),
+        "ckpt_path": str(ckpt_path), "device": str(device), "net_overrides": dict(net_overrides),
         "data": {k: data_plain.get(k) for k in ("source", "path", "test_scenes", "seed") if k in data_plain},
         "num_instances": len(indices), "seed": settings.seed, "baselines": list(settings.baselines),
         "wall_time_s": time.perf_counter() - start,

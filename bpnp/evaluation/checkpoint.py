@@ -101,12 +101,16 @@ def _summarise_keys(keys: list[str], limit: int = 3) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
-def load_network(path: str | Path, device: torch.device | str = "cpu") -> nn.Module:
+def load_network(path: str | Path, device: torch.device | str = "cpu",
+                 overrides: Mapping[str, Any] | None = None) -> nn.Module:
     """Rebuild the network of a checkpoint, load its weights strictly, and put it in eval mode.
 
     Args:
         path: Lightning ``.ckpt`` or weights-only file (see the module docstring).
         device: where to put the network.
+        overrides: network keyword arguments replacing the checkpoint's (inference settings such
+            as ``robust_scale``, ``ransac_hypotheses``; a key that changes weight shapes fails
+            the strict load).
 
     Returns:
         The network (``BlindPnPNet`` unless the config names another ``_target_``), in
@@ -120,12 +124,13 @@ def load_network(path: str | Path, device: torch.device | str = "cpu") -> nn.Mod
 
     name = str(path)
     ckpt = load_checkpoint_dict(path)
-    cfg = network_config(ckpt, name)
+    cfg = {**network_config(ckpt, name), **dict(overrides or {})}
     state = _network_state(ckpt, name)
     try:
         net = build_net(cfg)
     except (TypeError, ValueError, ImportError, AttributeError) as exc:
-        raise CheckpointError(f"{name}: incompatible checkpoint: cannot build the network from its config ({exc})") from exc
+        what = f"its config with the overrides {dict(overrides)}" if overrides else "its config"
+        raise CheckpointError(f"{name}: incompatible checkpoint: cannot build the network from {what} ({exc})") from exc
     result = None
     try:
         result = net.load_state_dict(state, strict=False)

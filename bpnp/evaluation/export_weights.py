@@ -1,6 +1,11 @@
 """Write a weights-only checkpoint (network weights + network config) from a training checkpoint.
 
     python -m bpnp.evaluation.export_weights logs/bpnp_synthetic/runs/<run>/checkpoints/last.ckpt checkpoints/bpnp_synthetic.pt
+    python -m bpnp.evaluation.export_weights <ckpt> <out> --set robust_scale=1e-4   # inference settings
+
+``--set KEY=VALUE`` (repeatable) replaces a network setting in the written config (the value is
+read as an int, a float or else YAML: booleans, strings), e.g. an inference setting chosen on
+validation data.
 
 The result holds no optimizer state (a 2 M-parameter network is about 8 MB in float32) and is
 loaded by ``evaluate.py ckpt_path=...`` with no other file.
@@ -11,18 +16,43 @@ from __future__ import annotations
 import argparse
 import sys
 
+import yaml
+
 from bpnp.evaluation.checkpoint import CheckpointError, load_checkpoint_dict, load_network, network_config, save_weights_only
+
+
+def _parse_value(text: str):
+    """int, then float (YAML 1.1 reads ``1e-4`` as a string), then YAML (booleans, strings)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
+def _parse_overrides(items: list[str]) -> dict:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = _parse_value(value)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("ckpt", help="Lightning .ckpt of train.py (or a weights-only file)")
     ap.add_argument("out", help="output path, e.g. checkpoints/bpnp_synthetic.pt")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="replace a network setting in the written config (repeatable)")
     args = ap.parse_args(argv)
     try:
-        net = load_network(args.ckpt)  # validates that config and weights fit
-        config = network_config(load_checkpoint_dict(args.ckpt), args.ckpt)
-    except CheckpointError as exc:
+        overrides = _parse_overrides(args.overrides)
+        net = load_network(args.ckpt, overrides=overrides)  # validates that config and weights fit
+        config = {**network_config(load_checkpoint_dict(args.ckpt), args.ckpt), **overrides}
+    except (CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     path = save_weights_only(args.out, net, config)

@@ -90,3 +90,25 @@ def test_export_weights_cli_roundtrip(tmp_path):
     for (k, a), (_, b) in zip(net.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), k
     assert main([str(tmp_path / "missing.pt"), str(tmp_path / "x.pt")]) == 2
+
+
+def test_inference_overrides_on_load_and_export(tmp_path, capsys):
+    """Inference settings can replace the checkpoint's (evaluate.py net_overrides, export --set);
+    the weights stay the same, a setting that does not exist is a clear error."""
+    from bpnp.evaluation.checkpoint import load_checkpoint_dict
+    from bpnp.evaluation.export_weights import main
+
+    net = BlindPnPNet(**TINY_NET)
+    path = save_weights_only(tmp_path / "w.pt", net, TINY_NET)
+    tuned = load_network(path, overrides={"robust_scale": 1e-4, "ransac_hypotheses": 64})
+    assert tuned.pnp.kernel.scale == 1e-4 and tuned.ransac_kwargs["num_hypotheses"] == 64
+    assert _same_weights(tuned, net)
+    with pytest.raises(CheckpointError, match="overrides .*no_such_knob"):
+        load_network(path, overrides={"no_such_knob": 1})
+
+    out = tmp_path / "tuned.pt"
+    assert main([str(path), str(out), "--set", "robust_scale=1e-4", "--set", "ransac_hypotheses=64"]) == 0
+    assert load_checkpoint_dict(out)["config"]["robust_scale"] == 1e-4
+    assert load_network(out).ransac_kwargs["num_hypotheses"] == 64
+    assert main([str(path), str(tmp_path / "bad.pt"), "--set", "robust_scale"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
