@@ -20,7 +20,8 @@ from bpnp.geometry.rotations import project_to_so3, random_rotation, rotation_an
 from bpnp.models.network import BlindPnPNet
 from bpnp.training.losses import BlindPnPLoss
 
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: CI draws the same examples on every run (a failure is reproducible, never flaky).
+SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 DTYPES = st.sampled_from([torch.float32, torch.float64])
 TOL = {torch.float32: 2e-5, torch.float64: 1e-10}
 finite = st.floats(-1e3, 1e3, allow_nan=False, allow_infinity=False)
@@ -139,7 +140,7 @@ def test_ransac_on_garbage_returns_finite_poses_and_valid_statuses(args, refine)
     assert bool((out.status[too_few] != RansacStatus.OK).all())
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(seed=st.integers(0, 2**31 - 1), scale=st.sampled_from([1e-3, 1e-1, 1.0, 1e2, 1e4]), dtype=DTYPES,
        m=st.integers(4, 10), outliers=st.sampled_from([0.0, 0.5]), backward=st.sampled_from(["implicit", "unrolled"]))
 def test_gradients_through_the_whole_network_stay_finite(seed, scale, dtype, m, outliers, backward):

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -9,7 +10,8 @@ from hypothesis import strategies as st
 from bpnp.nodes import PnPRefine, Status, sinkhorn, so3_exp, uniform_marginals
 from tests.nodes.pnp_problems import make_problem, perturb, rotation_error
 
-SETTINGS = settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: CI draws the same examples on every run (a failure is reproducible, never flaky).
+SETTINGS = settings(max_examples=20, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 DTYPES = st.sampled_from([torch.float32, torch.float64])
 
 
@@ -82,3 +84,13 @@ def test_pnp_scale_invariant_and_finite(scale, angle, seed, dtype, robust):
     assert float(rotation_error(out.R.double(), R.double()).max()) < math.radians(0.5)
     gW, gp = torch.autograd.grad(out.R.sum() + out.t.sum() / scale, (Wg, pg))
     assert torch.isfinite(gW).all() and torch.isfinite(gp).all()
+
+
+@pytest.mark.xfail(strict=True, reason="known limitation: in float32 with world coordinates ~5e4 and the Huber "
+                   "kernel, LM meets the absolute gradient test |g| <= gtol * sum(W) (|g| = 7e-7) 2.7 deg from "
+                   "the optimum; float64, or the same problem at unit scale, converges (found by hypothesis)")
+def test_pnp_float32_large_coordinates_huber_known_stall():
+    W, b, p, R, t = make_problem(B=2, n=12, seed=35124, dtype=torch.float32, noise=1e-3)
+    R0, t0 = perturb(R, t, 0.0, 0.2, seed=35125)
+    out = PnPRefine(robust="huber", robust_scale=1e-3, max_iter=100)(W, b, p * 1e4, R0, t0 * 1e4)
+    assert float(rotation_error(out.R.double(), R.double()).max()) < math.radians(0.5)
