@@ -31,12 +31,13 @@ image units with OpenCV; near the optical axis a normalised distance ``d`` is an
 radians (``d(angle) = d(x) cos^2(angle_off_axis)``), so the default 0.01 rad matches it at the
 centre and is slightly more permissive in normalised units towards the borders.
 
-Memory: the scoring step peaks at about ``10 * b * H * K`` floats of the working dtype (``H`` =
+Memory: the scoring step peaks at about ``5 * b * H * K`` floats of the working dtype (``H`` =
 ``num_hypotheses``, or ``4 H`` with ``score_all_solutions``; ``K`` = ``top_k``, or
-``min(1000, ceil(1.5 m))`` from the padded ``m``): b = 8, H = 512, K = 1000 is ~160 MB in
+``min(1000, ceil(1.5 m))`` from the padded ``m``): b = 8, H = 512, K = 1000 is ~80 MB in
 float32. Candidate selection needs ~20 bytes per entry of ``P`` (b = 8, m = n = 1000: 160 MB);
-the minimal solver ~3 KB per hypothesis. Time on one CPU thread at b = 8, m = n = 1000,
-H = 512: ~0.3 s (the original's per-sample OpenCV loop: 0.59 s on two).
+the minimal solver ~3 KB per hypothesis. Time at b = 8, m = n = 1000, H = 512 on two CPU
+threads: 0.11-0.13 s in ``python bench/train_step.py`` (the original's per-sample OpenCV loop:
+0.59 s).
 
 Determinism: given the same ``generator`` state, the result of an item is a function of its
 own (unpadded) data, its position in the batch and the batch size only; other items and padding
