@@ -167,3 +167,16 @@ def test_synthetic_and_colmap_sources(cli, tmp_path, lightning_ckpt):  # noqa: F
     assert metrics["n"] == 2 and list(metrics["baselines"]) == ["oracle"]
     with (tmp_path / "colmap" / "instances.csv").open() as f:
         assert {r["scene"].split("/")[0] for r in csv.DictReader(f)} == {"maupertuis"}
+
+
+def test_net_overrides_reach_the_network(cli, capsys, tmp_path, scene_dir, lightning_ckpt):  # noqa: F811
+    """`net_overrides={...}` (the README's form) replaces inference settings; a setting the network
+    does not have is one clear error line, exit 2."""
+    common = (f"ckpt_path={lightning_ckpt}", "data=scenes", f"data.path={scene_dir}", "sweep.enabled=false",
+              "baselines=[]", "plots.enabled=false")
+    code = cli.run(_compose(*common, "net_overrides={robust_scale: 1.0e-4, ransac_hypotheses: 64}"), tmp_path / "run")
+    assert code == 0, capsys.readouterr().err
+    meta = json.loads((tmp_path / "run" / "metrics.json").read_text())["meta"]
+    assert meta["net_overrides"] == {"robust_scale": 1.0e-4, "ransac_hypotheses": 64}
+    err = _run_error(cli, capsys, tmp_path, *common, "net_overrides={no_such_knob: 1}")
+    assert "no_such_knob" in err
