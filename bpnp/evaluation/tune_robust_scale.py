@@ -1,0 +1,81 @@
+"""Choose the refinement's robust scale of a trained network on its run's VALIDATION split.
+
+    python -m bpnp.evaluation.tune_robust_scale logs/bpnp_synthetic/runs/<run>
+    python -m bpnp.evaluation.tune_robust_scale <run> --ckpt <run>/checkpoints/last.ckpt --scales 1e-3 1e-4
+
+Rebuilds the validation split exactly as training did (the run's ``.hydra/config.yaml``: data
+source, seed, ``val_synthetic``, ``val_length``), runs the network in eval mode with each scale
+(RANSAC random numbers seeded per batch as in validation) and prints the success rate of each,
+plus the RANSAC pose's. The test split is never touched, so the chosen value can be written into
+a weights-only checkpoint (``export_weights --set robust_scale=...``) or passed as
+``evaluate.py net_overrides={robust_scale: ...}`` without selecting on test data.
+
+Why a separate step: the scale is an inference setting of the refinement. With a diffuse
+correspondence matrix, wrong pairs within a few degrees bias the refined pose, and the best
+scale at test time can be smaller than the one the pose loss was trained with.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from bpnp.evaluation.checkpoint import CheckpointError, load_network
+
+
+def validation_success(net, loader, scales: list[float], seed: int = 0) -> tuple[dict[float, float], float]:
+    """Success rate (DESIGN.md definition) of ``net`` over ``loader`` for each refinement scale,
+    and of the RANSAC pose; RANSAC draws from ``seed * 1_000_003 + batch_index`` (as validation)."""
+    from bpnp.geometry.metrics import pose_errors
+
+    hits = {s: [] for s in scales}
+    ransac = []
+    for k, batch in enumerate(loader):
+        args = (batch["R"], batch["t"], batch["p3d"], batch["match"], batch["mask2d"], batch.get("mask3d"))
+        for s in scales:
+            net.pnp.kernel.scale = float(s)
+            g = torch.Generator().manual_seed(seed * 1_000_003 + k)
+            with torch.no_grad():
+                out = net(batch, generator=g)
+            hits[s].append(pose_errors(out.R, out.t, *args)["success"].float())
+        ransac.append(pose_errors(out.R0, out.t0, *args)["success"].float())
+    return {s: float(torch.cat(v).mean()) for s, v in hits.items()}, float(torch.cat(ransac).mean())
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", help="a train.py run directory (with .hydra/config.yaml)")
+    ap.add_argument("--ckpt", default=None, help="checkpoint to tune (default <run_dir>/checkpoints/last.ckpt)")
+    ap.add_argument("--scales", type=float, nargs="+", default=[1e-3, 3e-4, 1e-4, 5e-5])
+    args = ap.parse_args(argv)
+    run = Path(args.run_dir)
+    cfg_path = run / ".hydra" / "config.yaml"
+    if not cfg_path.is_file():
+        print(f"error: {cfg_path} not found (pass a train.py run directory)", file=sys.stderr)
+        return 2
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.load(cfg_path)
+    try:
+        net = load_network(args.ckpt or run / "checkpoints" / "last.ckpt")
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    dm = instantiate(cfg.data)
+    dm.setup("validate")
+    loader = dm.val_dataloader()
+    success, ransac = validation_success(net, loader, list(args.scales), seed=int(cfg.model.get("eval_seed", 0)))
+    print(f"validation split: {len(dm.dataset('val'))} instances; RANSAC pose alone: success {ransac:.3f}")
+    for s in args.scales:
+        print(f"robust_scale {s:g}: success {success[s]:.3f}")
+    best = max(args.scales, key=lambda s: (success[s], s))  # ties: the larger scale (wider basin)
+    print(f"best: robust_scale={best:g}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
