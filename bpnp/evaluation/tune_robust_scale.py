@@ -29,6 +29,7 @@ from bpnp.evaluation.checkpoint import CheckpointError, load_network
 def validation_success(net, loader, scales: list[float], seed: int = 0) -> tuple[dict[float, float], float]:
     """Success rate (DESIGN.md definition) of ``net`` over ``loader`` for each refinement scale,
     and of the RANSAC pose; RANSAC draws from ``seed * 1_000_003 + batch_index`` (as validation)."""
+    from bpnp.evaluation.runner import instance_generator
     from bpnp.geometry.metrics import pose_errors
 
     hits = {s: [] for s in scales}
@@ -37,9 +38,8 @@ def validation_success(net, loader, scales: list[float], seed: int = 0) -> tuple
         args = (batch["R"], batch["t"], batch["p3d"], batch["match"], batch["mask2d"], batch.get("mask3d"))
         for s in scales:
             net.pnp.kernel.scale = float(s)
-            g = torch.Generator().manual_seed(seed * 1_000_003 + k)
             with torch.no_grad():
-                out = net(batch, generator=g)
+                out = net(batch, generator=instance_generator(seed, k, "cpu"))
             hits[s].append(pose_errors(out.R, out.t, *args)["success"].float())
         ransac.append(pose_errors(out.R0, out.t0, *args)["success"].float())
     return {s: float(torch.cat(v).mean()) for s, v in hits.items()}, float(torch.cat(ransac).mean())
