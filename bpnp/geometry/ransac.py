@@ -36,7 +36,7 @@ Memory: the scoring step peaks at about ``5 * b * H * K`` floats of the working 
 ``min(1000, ceil(1.5 m))`` from the padded ``m``): b = 8, H = 512, K = 1000 is ~80 MB in
 float32. Candidate selection needs ~20 bytes per entry of ``P`` (b = 8, m = n = 1000: 160 MB);
 the minimal solver ~3 KB per hypothesis. Time at b = 8, m = n = 1000, H = 512 on two CPU
-threads: 0.11-0.13 s in ``python bench/train_step.py`` (the original's per-sample OpenCV loop:
+threads: about 0.1 s in ``python bench/train_step.py`` (the original's per-sample OpenCV loop:
 0.59 s).
 
 Determinism: given the same ``generator`` state, the result of an item is a function of its

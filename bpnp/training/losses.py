@@ -9,9 +9,8 @@ r"""Training losses of BlindPnPNet.
     sizes), i.e. the average of the row and column negative log-likelihoods of the true match
     under the transport plan's conditionals ``m' P[i, :]`` and ``n' P[:, j]``. Its gradient does
     not shrink with the mass on the true pairs: with the linear loss, a network whose plan puts
-    ~1 % of each row on the true match gets a ~100x weaker signal from those rows, and on this
-    CPU's training budget the linear loss moved the true mass only from 3 % to 10 % (see
-    configs/experiment/bpnp_synthetic.yaml for the measured comparison).
+    ~1 % of each row on the true match gets a ~100x weaker signal from those rows (README.md,
+    "The main job", has the measured comparison and its command).
 - Pose loss :math:`\min(\angle(R, R_{gt}), \text{rot\_cap}) + \min(\|t - t_{gt}\|, \text{t\_cap})`
   with the caps ``pi/2`` and 1 of the original. The angle is computed as
   ``2 asin(||R - R_gt||_F / sqrt(8))``, whose gradient stays finite at a zero error (``acos`` of
