@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
+import yaml
 from torch import nn
 
-__all__ = ["CheckpointError", "load_checkpoint_dict", "network_config", "load_network", "save_weights_only"]
+__all__ = ["CheckpointError", "load_checkpoint_dict", "network_config", "load_network", "save_weights_only",
+           "parse_set_overrides"]
 
 #: Prefix of the network's parameters in the LightningModule's state dict (``self.net``).
 NET_PREFIX = "net."
@@ -156,3 +158,25 @@ def save_weights_only(path: str | Path, net: nn.Module, config: Mapping[str, Any
     torch.save({"state_dict": {k: v.detach().cpu() for k, v in net.state_dict().items()},
                 "config": dict(config)}, path)
     return path
+
+
+def _parse_value(text: str):
+    """int, then float (YAML 1.1 reads ``1e-4`` as a string), then YAML (booleans, strings)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
+
+
+def parse_set_overrides(items: list[str]) -> dict[str, Any]:
+    """``["KEY=VALUE", ...]`` (the ``--set`` options of the command-line tools) -> network keyword
+    overrides for :func:`load_network`. Raises ValueError on an item without ``=`` or key."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        out[key.strip()] = _parse_value(value)
+    return out

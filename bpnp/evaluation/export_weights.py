@@ -16,29 +16,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-import yaml
-
-from bpnp.evaluation.checkpoint import CheckpointError, load_checkpoint_dict, load_network, network_config, save_weights_only
-
-
-def _parse_value(text: str):
-    """int, then float (YAML 1.1 reads ``1e-4`` as a string), then YAML (booleans, strings)."""
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return yaml.safe_load(text)
-
-
-def _parse_overrides(items: list[str]) -> dict:
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        out[key.strip()] = _parse_value(value)
-    return out
+from bpnp.evaluation.checkpoint import (
+    CheckpointError, load_checkpoint_dict, load_network, network_config, parse_set_overrides, save_weights_only,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="replace a network setting in the written config (repeatable)")
     args = ap.parse_args(argv)
     try:
-        overrides = _parse_overrides(args.overrides)
+        overrides = parse_set_overrides(args.overrides)
         net = load_network(args.ckpt, overrides=overrides)  # validates that config and weights fit
         config = {**network_config(load_checkpoint_dict(args.ckpt), args.ckpt), **overrides}
     except (CheckpointError, ValueError) as exc:

@@ -2,12 +2,17 @@
 
     python -m bpnp.evaluation.tune_robust_scale logs/bpnp_synthetic/runs/<run>
     python -m bpnp.evaluation.tune_robust_scale <run> --ckpt <run>/checkpoints/last.ckpt --scales 1e-3 1e-4
+    python -m bpnp.evaluation.tune_robust_scale <run> --ckpt <other run>/checkpoints/last.ckpt   # compare runs on one split
+    python -m bpnp.evaluation.tune_robust_scale <run> --set ransac_hypotheses=2048   # other inference settings fixed
 
 Rebuilds the validation split exactly as training did (the run's ``.hydra/config.yaml``: data
 source, seed, ``val_synthetic``, ``val_length``), runs the network in eval mode with each scale
 (RANSAC random numbers seeded per batch as in validation) and prints the success rate of each,
-plus the RANSAC pose's. The test split is never touched, so the chosen value can be written into
-a weights-only checkpoint (``export_weights --set robust_scale=...``) or passed as
+plus the RANSAC pose's and the match accuracy (true pairs that are their row's maximum of P; it
+does not depend on the scale). ``--ckpt`` may come from another run, which puts checkpoints of
+different runs on the same validation split; ``--set`` fixes other inference settings (RANSAC
+hypotheses, ...) for every scale. The test split is never touched, so the chosen values can be
+written into a weights-only checkpoint (``export_weights --set robust_scale=...``) or passed as
 ``evaluate.py net_overrides={robust_scale: ...}`` without selecting on test data.
 
 Why a separate step: the scale is an inference setting of the refinement. With a diffuse
@@ -23,17 +28,19 @@ from pathlib import Path
 
 import torch
 
-from bpnp.evaluation.checkpoint import CheckpointError, load_network
+from bpnp.evaluation.checkpoint import CheckpointError, load_network, parse_set_overrides
 
 
-def validation_success(net, loader, scales: list[float], seed: int = 0) -> tuple[dict[float, float], float]:
+def validation_success(net, loader, scales: list[float], seed: int = 0) -> tuple[dict[float, float], float, float]:
     """Success rate (DESIGN.md definition) of ``net`` over ``loader`` for each refinement scale,
-    and of the RANSAC pose; RANSAC draws from ``seed * 1_000_003 + batch_index`` (as validation)."""
+    of the RANSAC pose, and the mean per-item match accuracy; RANSAC draws from
+    ``seed * 1_000_003 + batch_index`` (as validation)."""
     from bpnp.evaluation.runner import instance_generator
     from bpnp.geometry.metrics import pose_errors
+    from bpnp.training.losses import match_accuracy
 
     hits = {s: [] for s in scales}
-    ransac = []
+    ransac, matched = [], []
     for k, batch in enumerate(loader):
         args = (batch["R"], batch["t"], batch["p3d"], batch["match"], batch["mask2d"], batch.get("mask3d"))
         for s in scales:
@@ -42,7 +49,11 @@ def validation_success(net, loader, scales: list[float], seed: int = 0) -> tuple
                 out = net(batch, generator=instance_generator(seed, k, "cpu"))
             hits[s].append(pose_errors(out.R, out.t, *args)["success"].float())
         ransac.append(pose_errors(out.R0, out.t0, *args)["success"].float())
-    return {s: float(torch.cat(v).mean()) for s, v in hits.items()}, float(torch.cat(ransac).mean())
+        matched.append(match_accuracy(out.P, batch["match"], batch["mask2d"], batch.get("mask3d")))
+    acc = torch.cat(matched)
+    acc = acc[~acc.isnan()]  # items without a true pair
+    match_acc = float(acc.mean()) if acc.numel() else float("nan")
+    return {s: float(torch.cat(v).mean()) for s, v in hits.items()}, float(torch.cat(ransac).mean()), match_acc
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -50,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("run_dir", help="a train.py run directory (with .hydra/config.yaml)")
     ap.add_argument("--ckpt", default=None, help="checkpoint to tune (default <run_dir>/checkpoints/last.ckpt)")
     ap.add_argument("--scales", type=float, nargs="+", default=[1e-3, 3e-4, 1e-4, 5e-5])
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="another network (inference) setting for every scale, e.g. ransac_hypotheses=2048 (repeatable)")
     args = ap.parse_args(argv)
     run = Path(args.run_dir)
     cfg_path = run / ".hydra" / "config.yaml"
@@ -61,15 +74,16 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = OmegaConf.load(cfg_path)
     try:
-        net = load_network(args.ckpt or run / "checkpoints" / "last.ckpt")
-    except CheckpointError as exc:
+        net = load_network(args.ckpt or run / "checkpoints" / "last.ckpt", overrides=parse_set_overrides(args.overrides))
+    except (CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     dm = instantiate(cfg.data)
     dm.setup("validate")
     loader = dm.val_dataloader()
-    success, ransac = validation_success(net, loader, list(args.scales), seed=int(cfg.model.get("eval_seed", 0)))
-    print(f"validation split: {len(dm.dataset('val'))} instances; RANSAC pose alone: success {ransac:.3f}")
+    success, ransac, match_acc = validation_success(net, loader, list(args.scales), seed=int(cfg.model.get("eval_seed", 0)))
+    print(f"validation split: {len(dm.dataset('val'))} instances; match accuracy {match_acc:.4f}; "
+          f"RANSAC pose alone: success {ransac:.3f}")
     for s in args.scales:
         print(f"robust_scale {s:g}: success {success[s]:.3f}")
     best = max(args.scales, key=lambda s: (success[s], s))  # ties: the larger scale (wider basin)

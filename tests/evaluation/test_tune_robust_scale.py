@@ -22,8 +22,9 @@ def test_validation_success_per_scale():
     dm = _dm()
     dm.setup("validate")
     net = GroundTruthCostNet().eval()
-    success, ransac = validation_success(net, dm.val_dataloader(), [1e-3, 1e-4])
+    success, ransac, match_acc = validation_success(net, dm.val_dataloader(), [1e-3, 1e-4])
     assert success == {1e-3: 1.0, 1e-4: 1.0} and ransac == 1.0
+    assert match_acc == 1.0  # the cost of the true matches puts every row's maximum on its match
     assert net.pnp.kernel.scale == 1e-4
 
 
@@ -39,6 +40,10 @@ def test_cli_reads_the_run_config(tmp_path, capsys):
     ckpt = save_weights_only(tmp_path / "w.pt", BlindPnPNet(**TINY_NET), TINY_NET)
     assert main([str(run), "--ckpt", str(ckpt), "--scales", "1e-3", "1e-4"]) == 0
     out = capsys.readouterr().out
-    assert "validation split: 2 instances" in out and "robust_scale 0.0001: success" in out and "best: robust_scale=" in out
+    assert "validation split: 2 instances; match accuracy " in out and "robust_scale 0.0001: success" in out and "best: robust_scale=" in out
+    assert main([str(run), "--ckpt", str(ckpt), "--scales", "1e-4", "--set", "ransac_hypotheses=64"]) == 0
+    assert "robust_scale 0.0001: success" in capsys.readouterr().out
+    assert main([str(run), "--ckpt", str(ckpt), "--set", "ransac_hypotheses"]) == 2
+    assert "--set expects KEY=VALUE" in capsys.readouterr().err
     assert main([str(tmp_path / "nowhere")]) == 2
     assert "config.yaml not found" in capsys.readouterr().err
