@@ -152,6 +152,7 @@ def test_experiments_and_debug_presets(compose_cfg):
             assert trainer.fast_dev_run
         elif name == "limit":
             assert trainer.limit_train_batches == 4 and trainer.max_epochs <= 2
+            assert trainer.check_val_every_n_epoch == 1  # the main job validates every 3rd epoch only
         else:
             assert trainer.overfit_batches == 1
 
