@@ -41,6 +41,7 @@ import torch
 from bpnp.data.collate import collate_scenes
 from bpnp.evaluation.baselines import BaselinePose, hungarian_pose, oracle_pose
 from bpnp.geometry.metrics import pose_errors
+from bpnp.geometry.ransac import seeded_generator
 from bpnp.nodes import PnPRefine
 
 __all__ = ["METHODS", "EvalSettings", "Overlay", "evaluate_instances", "instance_errors", "instance_generator"]
@@ -107,9 +108,7 @@ class Overlay:
 
 def instance_generator(seed: int, index: int, device: torch.device | str) -> torch.Generator:
     """The RANSAC random source of one instance (see the module docstring)."""
-    g = torch.Generator(device=torch.device(device))
-    g.manual_seed(int(seed) * 1_000_003 + int(index))
-    return g
+    return seeded_generator(seed, index, device)
 
 
 def _sync(device: torch.device) -> None:

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from bpnp.geometry.p3p import p3p
 from bpnp.geometry.rotations import _check_float, _check_tensor, skew, so3_exp
 
-__all__ = ["RansacStatus", "RansacResult", "ransac_pnp", "default_top_k"]
+__all__ = ["RansacStatus", "RansacResult", "ransac_pnp", "default_top_k", "seeded_generator"]
 
 
 class RansacStatus(IntEnum):
@@ -88,6 +88,15 @@ class RansacResult(NamedTuple):
     num_valid_hypotheses: torch.Tensor
     """(b,) int64 number of hypotheses that produced a valid pose (diagnostic; with
     ``score_all_solutions`` it counts valid P3P solutions)."""
+
+
+def seeded_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The random source of RANSAC for item or batch ``index`` of a deterministic evaluation:
+    a generator on ``device`` seeded with ``seed * 1_000_003 + index``. Validation/test in
+    training and ``evaluate.py`` both use it, so one index draws the same numbers in both."""
+    g = torch.Generator(device=torch.device(device))
+    g.manual_seed(int(seed) * 1_000_003 + int(index))
+    return g
 
 
 def default_top_k(m_real: torch.Tensor) -> torch.Tensor:

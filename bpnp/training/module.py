@@ -37,6 +37,7 @@ from torch import nn
 from torchmetrics import CatMetric, MeanMetric
 
 from bpnp.geometry.metrics import pose_errors
+from bpnp.geometry.ransac import seeded_generator
 from bpnp.models.network import BlindPnPNet, BlindPnPOutput
 from bpnp.nodes import Status
 from bpnp.training.losses import BlindPnPLoss, match_accuracy
@@ -139,9 +140,7 @@ class BlindPnPModule(pl.LightningModule):
         return g
 
     def _eval_generator(self, batch_idx: int) -> torch.Generator:
-        g = torch.Generator(device=self.device)
-        g.manual_seed(int(self.hparams.eval_seed) * 1_000_003 + int(batch_idx))
-        return g
+        return seeded_generator(int(self.hparams.eval_seed), batch_idx, self.device)
 
     # -- shared step ------------------------------------------------------------------------------
     def _errors(self, out: BlindPnPOutput, batch: Mapping[str, torch.Tensor]) -> tuple[dict, dict]:
