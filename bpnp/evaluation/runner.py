@@ -24,8 +24,8 @@ forward time between the methods that share it.
                forward (when profiled) plus its own compute
 =============  ============================================================================
 
-Randomness: every RANSAC call of instance ``index`` draws from a generator seeded with
-``seed * 1_000_003 + index``, so an instance's numbers do not depend on which other instances
+Randomness: every RANSAC call of instance ``index`` draws from ``seeded_generator(seed, index)``,
+seeded with ``seed * 1_000_003 + index``, so an instance's numbers do not depend on which other instances
 are evaluated, or in what order.
 """
 
@@ -44,7 +44,7 @@ from bpnp.geometry.metrics import pose_errors
 from bpnp.geometry.ransac import seeded_generator
 from bpnp.nodes import PnPRefine
 
-__all__ = ["METHODS", "EvalSettings", "Overlay", "evaluate_instances", "instance_errors", "instance_generator"]
+__all__ = ["METHODS", "EvalSettings", "Overlay", "evaluate_instances", "instance_errors"]
 
 #: Every method the runner knows; ``model`` always runs.
 METHODS = ("model", "ransac", "oracle", "hungarian")
@@ -104,11 +104,6 @@ class Overlay:
     K: np.ndarray | None = None
     image_size: np.ndarray | None = None
     extra: dict[str, Any] = field(default_factory=dict)
-
-
-def instance_generator(seed: int, index: int, device: torch.device | str) -> torch.Generator:
-    """The RANSAC random source of one instance (see the module docstring)."""
-    return seeded_generator(seed, index, device)
 
 
 def _sync(device: torch.device) -> None:
@@ -232,20 +227,20 @@ def evaluate_instances(
             name = str(names[index]) if index < len(names) else str(index)
             if pos == 0:
                 for _ in range(int(settings.warmup)):
-                    _forward(model, scene, device, instance_generator(settings.seed, index, device))
-            out, dt = _forward(model, scene, device, instance_generator(settings.seed, index, device))
+                    _forward(model, scene, device, seeded_generator(settings.seed, index, device))
+            out, dt = _forward(model, scene, device, seeded_generator(settings.seed, index, device))
             timings = dict(getattr(model, "last_timings", None) or {})
             base = _base_record(name, index, scene, frac)
             records.extend(_model_records(out, dt, timings, base, scene, settings))
             if "oracle" in settings.baselines:
-                gen = instance_generator(settings.seed, index, device)
+                gen = seeded_generator(settings.seed, index, device)
                 _sync(device)
                 start = time.perf_counter()
                 pose = oracle_pose(scene, generator=gen, **geo_kwargs)
                 _sync(device)
                 records.append(_baseline_record(base, "oracle", pose, scene, time.perf_counter() - start))
             if "hungarian" in settings.baselines:
-                gen = instance_generator(settings.seed, index, device)
+                gen = seeded_generator(settings.seed, index, device)
                 M = out.M[0].detach().double().cpu().numpy()
                 P = out.P[0].detach().double().cpu().numpy()
                 start = time.perf_counter()

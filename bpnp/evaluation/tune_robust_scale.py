@@ -35,8 +35,8 @@ def validation_success(net, loader, scales: list[float], seed: int = 0) -> tuple
     """Success rate (DESIGN.md definition) of ``net`` over ``loader`` for each refinement scale,
     of the RANSAC pose, and the mean per-item match accuracy; RANSAC draws from
     ``seed * 1_000_003 + batch_index`` (as validation)."""
-    from bpnp.evaluation.runner import instance_generator
     from bpnp.geometry.metrics import pose_errors
+    from bpnp.geometry.ransac import seeded_generator
     from bpnp.training.losses import match_accuracy
 
     hits = {s: [] for s in scales}
@@ -46,7 +46,7 @@ def validation_success(net, loader, scales: list[float], seed: int = 0) -> tuple
         for s in scales:
             net.pnp.kernel.scale = float(s)
             with torch.no_grad():
-                out = net(batch, generator=instance_generator(seed, k, "cpu"))
+                out = net(batch, generator=seeded_generator(seed, k, "cpu"))
             hits[s].append(pose_errors(out.R, out.t, *args)["success"].float())
         ransac.append(pose_errors(out.R0, out.t0, *args)["success"].float())
         matched.append(match_accuracy(out.P, batch["match"], batch["mask2d"], batch.get("mask3d")))
