@@ -3,6 +3,7 @@
     python bench/train_step.py                 # b = 8, m = n = 256 and 1000 (3 repeats each)
     python bench/train_step.py --sizes 256     # the quick case only
     python bench/train_step.py --robust geman_mcclure   # with the configs' robust kernel
+    python bench/train_step.py --knn 16        # with the local-geometry stem (encoders cost more)
 
 Setting as in docs/REFERENCE_BPNPNET.md "Measured": random weights at the original's widths
 (feature 128, depth 12, STN), training mode, correspondence + pose loss (refinement on),
@@ -87,6 +88,9 @@ def main() -> None:
                     help="refinement kernel: none = the original's objective (default, like for like); "
                          "geman_mcclure = configs/model/bpnp.yaml's default")
     ap.add_argument("--keep-denormals", action="store_true", help="do not flush denormal floats to zero")
+    ap.add_argument("--knn", type=int, default=0,
+                    help="neighbours of the local-geometry stem (0 = the original's encoders; the main job's value "
+                         "is in configs/experiment/bpnp_synthetic.yaml)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     # As train.py does (configs/train.yaml flush_denormal): gradients reaching the encoders are
@@ -94,14 +98,14 @@ def main() -> None:
     # ~20x slower on x86 CPUs (measured: 11.8 s vs 0.6 s); --keep-denormals shows that.
     torch.set_flush_denormal(not args.keep_denormals)
     torch.manual_seed(0)
-    net = BlindPnPNet(feature_dim=128, depth=12, use_stn=True, robust=args.robust)  # the original's widths
+    net = BlindPnPNet(feature_dim=128, depth=12, use_stn=True, robust=args.robust, knn=args.knn)  # the original's widths
     net.train()
     net.profile = True
     loss_fn = BlindPnPLoss(corr_weight=1.0, pose_weight=1.0, pose_start_epoch=0, corr_kind="linear")
     opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-3)
     n_params = sum(p.numel() for p in net.parameters())
     print(f"BlindPnPNet: {n_params / 1e6:.2f} M parameters, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"batch {args.batch}, training mode, pose loss on, refinement kernel {args.robust}")
+          f"batch {args.batch}, training mode, pose loss on, refinement kernel {args.robust}, knn stem {args.knn}")
     for n in args.sizes:
         one_step(net, loss_fn, opt, make_batch(args.batch, n, seed=99))  # warm-up at this size
         batch = make_batch(args.batch, n)

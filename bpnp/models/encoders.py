@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from bpnp.models.context_norm import context_norm
+from bpnp.models.local_geometry import KNNStem
 
 __all__ = ["ResidualCNBlock", "PointEncoder"]
 
@@ -49,16 +50,19 @@ class PointEncoder(nn.Module):
         width: feature width (128 in the original).
         depth: number of residual blocks (12 in the original).
         eps: context-normalisation epsilon (1e-3 in the original).
+        knn: 0 (the original) or the neighbours of the local-geometry stem
+            (:class:`~bpnp.models.local_geometry.KNNStem`) added to the first layer's output.
 
     Forward: ``(x (B, C_in, N), mask (B, N) bool) -> (B, width, N)``, unit-norm features at real
     points and exactly 0 at padded points (whatever the padded input holds).
     """
 
-    def __init__(self, in_channels: int, width: int = 128, depth: int = 12, eps: float = 1e-3) -> None:
+    def __init__(self, in_channels: int, width: int = 128, depth: int = 12, eps: float = 1e-3, knn: int = 0) -> None:
         super().__init__()
-        if in_channels < 1 or width < 1 or depth < 0:
-            raise ValueError(f"need in_channels >= 1, width >= 1, depth >= 0, got {in_channels}, {width}, {depth}")
+        if in_channels < 1 or width < 1 or depth < 0 or knn < 0:
+            raise ValueError(f"need in_channels >= 1, width >= 1, depth >= 0, knn >= 0, got {in_channels}, {width}, {depth}, {knn}")
         self.conv_in = nn.Conv1d(in_channels, width, 1)
+        self.stem = KNNStem(in_channels, width, knn) if knn > 0 else None
         self.blocks = nn.ModuleList(ResidualCNBlock(width, eps) for _ in range(depth))
         self.in_channels, self.width, self.depth = in_channels, width, depth
 
@@ -69,7 +73,10 @@ class PointEncoder(nn.Module):
             mask = torch.ones(x.shape[0], x.shape[2], dtype=torch.bool, device=x.device)
         zero = torch.zeros((), dtype=x.dtype, device=x.device)
         m3 = mask[:, None, :]
-        h = self.conv_in(torch.where(m3, x, zero))
+        x = torch.where(m3, x, zero)
+        h = self.conv_in(x)
+        if self.stem is not None:
+            h = h + self.stem(x, mask)
         for block in self.blocks:
             # Zeroing padded positions keeps them finite through any depth (they never feed the
             # real points anyway: convolutions are pointwise and CN statistics are masked).

@@ -5,7 +5,9 @@ Pipeline per batch (all items at once, everything masked):
 1. 3D branch: optional similarity normalisation of the point cloud (masked centroid and RMS
    radius; matching is invariant to it and the geometric layers use the raw points), optional
    PointNet STN (``p' = p T``), then a :class:`~bpnp.models.encoders.PointEncoder`.
-   2D branch: the encoder sees the raw camera-normalised ``(x, y)``.
+   2D branch: the encoder sees the raw camera-normalised ``(x, y)``. With ``knn > 0`` both
+   encoders add a learned encoding of each point's k nearest neighbours
+   (:mod:`bpnp.models.local_geometry`) to their first layer.
 2. Features are L2-normalised, the cost is ``M_ij = ||f2d_i - f3d_j||`` in ``[0, 2]``.
 3. :class:`~bpnp.nodes.SinkhornOT` with uniform marginals over the real points gives the joint
    probability matrix ``P`` (implicit backward).
@@ -60,7 +62,8 @@ class BlindPnPOutput:
     t: torch.Tensor
     """(B, 3) final translation."""
     ransac_status: torch.Tensor
-    """(B,) int64 :class:`bpnp.geometry.ransac.RansacStatus` (0 = ok)."""
+    """(B,) int64 :class:`bpnp.geometry.ransac.RansacStatus` (0 = ok), or ``NOT_RUN`` (-1) when the
+    forward was asked for ``P`` only (``pose=False``; then ``R0``, ``t0``, ``R``, ``t`` are NaN)."""
     ransac_inliers: torch.Tensor
     """(B,) int64 inlier pairs of the RANSAC pose."""
     pnp_status: torch.Tensor
@@ -110,6 +113,8 @@ class BlindPnPNet(nn.Module):
     Args:
         feature_dim: encoder width (128 in the original).
         depth: residual blocks per encoder (12 in the original).
+        knn: neighbours of the local-geometry stem of both encoders (0 = none, the original;
+            :mod:`bpnp.models.local_geometry`).
         cn_eps: context-normalisation epsilon.
         use_stn: PointNet STN on the 3D branch.
         normalize_3d: similarity-normalise the 3D points before the 3D branch.
@@ -131,7 +136,8 @@ class BlindPnPNet(nn.Module):
 
     Forward: ``net(batch)`` with a collated batch dict, or ``net(p2d=..., p3d=..., mask2d=...,
     mask3d=...)``; returns :class:`BlindPnPOutput`. Extra keyword arguments: ``refine`` (force on
-    or off), ``generator`` (RANSAC random numbers), ``cost_override`` (use this (B, m, n) cost
+    or off), ``pose=False`` (stop after Sinkhorn: no RANSAC, no refinement, NaN poses; for
+    training steps that need only ``P``), ``generator`` (RANSAC random numbers), ``cost_override`` (use this (B, m, n) cost
     instead of the encoders', e.g. to test the geometric layers).
     """
 
@@ -139,6 +145,7 @@ class BlindPnPNet(nn.Module):
         self,
         feature_dim: int = 128,
         depth: int = 12,
+        knn: int = 0,
         cn_eps: float = 1e-3,
         use_stn: bool = True,
         normalize_3d: bool = True,
@@ -157,8 +164,8 @@ class BlindPnPNet(nn.Module):
         refine_in_training: bool = False,
     ) -> None:
         super().__init__()
-        self.encoder2d = PointEncoder(2, feature_dim, depth, cn_eps)
-        self.encoder3d = PointEncoder(3, feature_dim, depth, cn_eps)
+        self.encoder2d = PointEncoder(2, feature_dim, depth, cn_eps, knn)
+        self.encoder3d = PointEncoder(3, feature_dim, depth, cn_eps, knn)
         self.stn = STN3d(sync_batchnorm=sync_batchnorm) if use_stn else None
         self.normalize_3d = bool(normalize_3d)
         self.sinkhorn = SinkhornOT(lam=lam, max_iter=sinkhorn_max_iter, tol=sinkhorn_tol, backward=backward)
@@ -254,6 +261,7 @@ class BlindPnPNet(nn.Module):
         mask2d: torch.Tensor | None = None,
         mask3d: torch.Tensor | None = None,
         refine: bool | None = None,
+        pose: bool = True,
         generator: torch.Generator | None = None,
         cost_override: torch.Tensor | None = None,
     ) -> BlindPnPOutput:
@@ -275,7 +283,9 @@ class BlindPnPNet(nn.Module):
         if mask3d is None:
             mask3d = torch.ones(B, n, dtype=torch.bool, device=p3d.device)
         if refine is None:
-            refine = self.refine_in_training or not self.training
+            refine = (self.refine_in_training or not self.training) and pose
+        if refine and not pose:
+            raise ValueError("BlindPnPNet: refine=True needs pose=True (the refinement starts from the RANSAC pose)")
         timer = _Timer(self.profile)
 
         if cost_override is not None:
@@ -290,11 +300,18 @@ class BlindPnPNet(nn.Module):
         info = self.sinkhorn.last_info
         timer.lap("sinkhorn")
 
-        zero = torch.zeros((), dtype=p2d.dtype, device=p2d.device)
-        bearings = to_bearings(torch.where(mask2d[..., None], p2d, zero))
-        points = torch.where(mask3d[..., None], p3d, zero)
-        rs = ransac_pnp(P.detach(), bearings, points, mask2d, mask3d, generator=generator, **self.ransac_kwargs)
-        R0, t0 = rs.R.to(P.dtype).detach(), rs.t.to(P.dtype).detach()
+        if pose:
+            zero = torch.zeros((), dtype=p2d.dtype, device=p2d.device)
+            bearings = to_bearings(torch.where(mask2d[..., None], p2d, zero))
+            points = torch.where(mask3d[..., None], p3d, zero)
+            rs = ransac_pnp(P.detach(), bearings, points, mask2d, mask3d, generator=generator, **self.ransac_kwargs)
+            R0, t0 = rs.R.to(P.dtype).detach(), rs.t.to(P.dtype).detach()
+            ransac_status, ransac_inliers = rs.status, rs.num_inliers
+        else:  # training steps that need only P: no pose, NaN so that no metric can mistake it for one
+            R0 = torch.full((B, 3, 3), float("nan"), dtype=P.dtype, device=P.device)
+            t0 = torch.full((B, 3), float("nan"), dtype=P.dtype, device=P.device)
+            ransac_status = torch.full((B,), NOT_RUN, dtype=torch.long, device=P.device)
+            ransac_inliers = torch.zeros(B, dtype=torch.long, device=P.device)
         timer.lap("ransac")
 
         if refine:
@@ -308,7 +325,7 @@ class BlindPnPNet(nn.Module):
         self.last_timings = timer.laps
         return BlindPnPOutput(
             P=P, M=M, R0=R0, t0=t0, R=R, t=t,
-            ransac_status=rs.status, ransac_inliers=rs.num_inliers,
+            ransac_status=ransac_status, ransac_inliers=ransac_inliers,
             pnp_status=pnp_status, pnp_iterations=pnp_iter,
             sinkhorn_iterations=info.iterations, sinkhorn_converged=info.converged, sinkhorn_status=info.status,
             refined=bool(refine),

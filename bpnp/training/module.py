@@ -96,6 +96,11 @@ class BlindPnPModule(pl.LightningModule):
             on rank ``r`` draws from a generator seeded by ``(train_seed, epoch, batch_idx, r)``
             (never the global RNG), so a run resumed from a checkpoint draws exactly what the
             uninterrupted run would have (``configs/model/bpnp.yaml`` sets it to ``${seed}``).
+        train_pose_every_n_steps: while the refinement is off in training (no pose loss), the
+            RANSAC pose serves only the logged ``train/`` pose metrics, so it is computed on every
+            n-th batch of an epoch only (``batch_idx % n == 0``; the same batches on every rank
+            and after a resume); the other steps stop after Sinkhorn. ``train/`` pose metrics are
+            then means over those batches; ``match_acc`` and the losses still use every batch.
     """
 
     def __init__(
@@ -107,13 +112,17 @@ class BlindPnPModule(pl.LightningModule):
         eval_seed: int = 0,
         num_viz: int = 4,
         train_seed: int = 0,
+        train_pose_every_n_steps: int = 1,
     ) -> None:
         super().__init__()
         net, loss = _plain(net) or {}, _plain(loss) or {}
         optimizer = _plain(optimizer) or {"_target_": "torch.optim.Adam", "lr": 1e-3, "weight_decay": 1e-3}
         scheduler = _plain(scheduler)
         self.save_hyperparameters({"net": net, "loss": loss, "optimizer": optimizer, "scheduler": scheduler,
-                                   "eval_seed": eval_seed, "num_viz": num_viz, "train_seed": train_seed})
+                                   "eval_seed": eval_seed, "num_viz": num_viz, "train_seed": train_seed,
+                                   "train_pose_every_n_steps": train_pose_every_n_steps})
+        if int(train_pose_every_n_steps) < 1:
+            raise ValueError(f"train_pose_every_n_steps must be >= 1, got {train_pose_every_n_steps}")
         self.net = build_net(net)
         self.criterion = BlindPnPLoss(**loss)
         self.means = nn.ModuleDict({f"{s}_{k}": MeanMetric(nan_strategy="ignore") for s in STAGES for k in (*METRICS, *_EXTRA_MEANS)})
@@ -149,14 +158,18 @@ class BlindPnPModule(pl.LightningModule):
         initial = pose_errors(out.R0.detach(), out.t0.detach(), *args)
         return final, initial
 
-    def _update_metrics(self, stage: str, out: BlindPnPOutput, batch, terms, final: dict, initial: dict) -> None:
+    def _update_metrics(self, stage: str, out: BlindPnPOutput, batch, terms,
+                        final: dict | None = None, initial: dict | None = None) -> None:
+        """Accumulate a batch; pose metrics only when ``final`` / ``initial`` errors are given."""
         B = out.P.shape[0]
-        for k in METRICS:
-            self.means[f"{stage}_{k}"].update(final[k].float())
-        for k in MEDIAN_METRICS:
-            self.cats[f"{stage}_{k}"].update(final[k].float())
-        self.cats[f"{stage}_ransac_rot_err_deg"].update(initial["rot_err_deg"].float())
-        self.means[f"{stage}_ransac_success"].update(initial["success"].float())
+        if final is not None:
+            for k in METRICS:
+                self.means[f"{stage}_{k}"].update(final[k].float())
+            for k in MEDIAN_METRICS:
+                self.cats[f"{stage}_{k}"].update(final[k].float())
+        if initial is not None:
+            self.cats[f"{stage}_ransac_rot_err_deg"].update(initial["rot_err_deg"].float())
+            self.means[f"{stage}_ransac_success"].update(initial["success"].float())
         if out.refined:
             self.means[f"{stage}_pnp_ok"].update((out.pnp_status == int(Status.OK)).float())
         self.means[f"{stage}_sinkhorn_iterations"].update(out.sinkhorn_iterations.float())
@@ -187,8 +200,14 @@ class BlindPnPModule(pl.LightningModule):
             self.last_errors[stage] = errors
 
     # -- training ---------------------------------------------------------------------------------
+    def _pose_in_training(self, batch_idx: int) -> bool:
+        every = int(self.hparams.get("train_pose_every_n_steps", 1))
+        return self._refine_in_training() or batch_idx % every == 0
+
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int):
-        out = self.net(batch, refine=self._refine_in_training(), generator=self._train_generator(batch_idx))
+        pose = self._pose_in_training(batch_idx)
+        kwargs = {} if pose else {"pose": False}  # stand-in networks need not know the switch
+        out = self.net(batch, refine=self._refine_in_training(), generator=self._train_generator(batch_idx), **kwargs)
         terms = self.criterion(out, batch, self.current_epoch)
         bad = ~torch.isfinite(terms.loss.detach())
         if self.trainer is not None and self.trainer.world_size > 1:
@@ -196,12 +215,16 @@ class BlindPnPModule(pl.LightningModule):
         if bool(bad):
             self._count_skip()
             return None
-        final, initial = self._errors(out, batch)
-        self._update_metrics("train", out, batch, terms, final, initial)
         B = out.P.shape[0]
+        if pose:
+            final, initial = self._errors(out, batch)
+            self._update_metrics("train", out, batch, terms, final, initial)
+            # the progress bar keeps showing the last logged rotation error between pose steps
+            self.log("train/rot_err_deg", final["rot_err_deg"].float().mean(), on_step=True, on_epoch=False, prog_bar=True, batch_size=B)
+            self.log("train/success", final["success"].float().mean(), on_step=True, on_epoch=False, batch_size=B)
+        else:
+            self._update_metrics("train", out, batch, terms)
         self.log("train/loss", terms.loss.detach(), on_step=True, on_epoch=False, prog_bar=True, batch_size=B)
-        self.log("train/rot_err_deg", final["rot_err_deg"].float().mean(), on_step=True, on_epoch=False, prog_bar=True, batch_size=B)
-        self.log("train/success", final["success"].float().mean(), on_step=True, on_epoch=False, batch_size=B)
         self.log("train/loss_corr", terms.corr.detach(), on_step=True, on_epoch=False, batch_size=B)
         if terms.pose is not None:
             self.log("train/loss_pose", terms.pose.detach(), on_step=True, on_epoch=False, batch_size=B)

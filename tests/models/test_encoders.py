@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from bpnp.models import BlindPnPNet, PointEncoder, STN3d
+from bpnp.models.local_geometry import KNNStem, masked_knn
 
 
 def _n_params(module: torch.nn.Module) -> int:
@@ -21,9 +23,10 @@ def test_parameter_count_matches_original():
     assert small.stn is None and _n_params(small) < 20_000
 
 
-def test_encoder_unit_features_permutation_and_padding():
+@pytest.mark.parametrize("knn", [0, 4])
+def test_encoder_unit_features_permutation_and_padding(knn):
     torch.manual_seed(0)
-    enc = PointEncoder(3, width=16, depth=3)
+    enc = PointEncoder(3, width=16, depth=3, knn=knn)
     x = torch.randn(2, 3, 20)
     f = enc(x)
     assert f.shape == (2, 16, 20)
@@ -55,3 +58,32 @@ def test_stn_identity_at_init_and_masked_pooling():
     T2 = stn(xp, mask)
     assert torch.allclose(T1, T2, atol=1e-5)
     assert not torch.allclose(T1, torch.eye(3).expand(3, 3, 3))
+
+
+def test_masked_knn_brute_force_and_short_items():
+    torch.manual_seed(1)
+    x = torch.randn(2, 2, 9)
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 3:] = False  # item 1 has 3 real points, fewer than k
+    idx, valid = masked_knn(x, mask, k=4)
+    for i in range(9):
+        d = (x[0, :, :] - x[0, :, i:i + 1]).norm(dim=0)
+        assert set(idx[0, i].tolist()) == set(d.argsort()[:4].tolist())
+    assert valid[0].all()
+    assert valid[1, :, :3].all() and not valid[1, :, 3].any()
+    assert set(idx[1, 0, :3].tolist()) == {0, 1, 2}
+
+
+def test_knn_stem_is_translation_and_scale_invariant_with_finite_gradients():
+    torch.manual_seed(2)
+    stem = KNNStem(2, width=8, k=5).double()
+    x = torch.randn(2, 2, 12, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(2, 12, dtype=torch.bool)
+    mask[1, 2:] = False  # two real points, k = 5
+    out = stem(x, mask)
+    moved = stem(3.0 * x + torch.tensor([0.5, -2.0], dtype=torch.float64)[None, :, None], mask)
+    assert torch.allclose(out, moved, atol=1e-10)
+    assert torch.all(out[1, :, 2:] == 0)
+    out.square().sum().backward()
+    assert torch.isfinite(x.grad).all() and float(x.grad[0].abs().sum()) > 0
+    assert torch.autograd.gradcheck(lambda z: stem(z, mask), (x.detach().clone().requires_grad_(),))

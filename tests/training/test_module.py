@@ -103,6 +103,39 @@ def test_nonfinite_step_is_skipped_and_counted(where):
     assert float(trainer.logged_metrics["train/skipped_steps"]) == 1.0
 
 
+class _CountPoses(pl.Callback):
+    def __init__(self):
+        self.posed = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.posed.append(int(pl_module.means["train_ransac_success"].update_count))
+
+
+def test_training_pose_only_every_n_steps():
+    """Without the pose loss RANSAC runs on batches 0, 2, ... only; match accuracy on every batch."""
+    torch.manual_seed(0)
+    module = BlindPnPModule(net=NET, train_pose_every_n_steps=2)
+    calls = []
+    forward = module.net.forward
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("pose", True))
+        return forward(*args, **kwargs)
+
+    module.net.forward = spy
+    counter = _CountPoses()
+    trainer = _trainer(max_epochs=1, limit_train_batches=3, limit_val_batches=0, callbacks=[counter])
+    trainer.fit(module, datamodule=_dm(train_length=6))
+    assert calls == [True, False, True]
+    assert counter.posed == [1, 1, 2]  # ransac_success updated on batches 0 and 2 only
+    assert "train/match_acc_epoch" in trainer.logged_metrics and "train/rot_err_deg_epoch" in trainer.logged_metrics
+    # With the pose loss on, every step needs the (refined) pose.
+    module = BlindPnPModule(net=NET, loss={"pose_start_epoch": 0}, train_pose_every_n_steps=2)
+    assert all(module._pose_in_training(i) for i in range(4))
+    with pytest.raises(ValueError, match="train_pose_every_n_steps"):
+        BlindPnPModule(net=NET, train_pose_every_n_steps=0)
+
+
 def test_checkpoint_round_trip(tmp_path):
     torch.manual_seed(0)
     module = BlindPnPModule(net=NET, loss={"pose_start_epoch": 1}, optimizer={"_target_": "torch.optim.Adam", "lr": 2e-3, "weight_decay": 0.0})
