@@ -137,8 +137,9 @@ class BlindPnPNet(nn.Module):
     Forward: ``net(batch)`` with a collated batch dict, or ``net(p2d=..., p3d=..., mask2d=...,
     mask3d=...)``; returns :class:`BlindPnPOutput`. Extra keyword arguments: ``refine`` (force on
     or off), ``pose=False`` (stop after Sinkhorn: no RANSAC, no refinement, NaN poses; for
-    training steps that need only ``P``), ``generator`` (RANSAC random numbers), ``cost_override`` (use this (B, m, n) cost
-    instead of the encoders', e.g. to test the geometric layers).
+    training steps that need only ``P``), ``generator`` (RANSAC random numbers),
+    ``cost_override`` (use this (B, m, n) cost instead of the encoders', e.g. to test the
+    geometric layers).
     """
 
     def __init__(
