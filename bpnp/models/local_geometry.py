@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bpnp.models.context_norm import masked_mean_var
+
 __all__ = ["KNNStem", "masked_knn"]
 
 
@@ -78,9 +80,8 @@ class KNNStem(nn.Module):
         zero = torch.zeros((), dtype=x.dtype, device=x.device)
         m3 = mask[:, None, :]
         xz = torch.where(m3, x, zero)
-        count = mask.sum(1).clamp_min(1).to(x.dtype)[:, None, None]
-        centre = xz.sum(2, keepdim=True) / count
-        radius = (torch.where(m3, xz - centre, zero).square().sum((1, 2), keepdim=True) / count).sqrt().clamp_min(1e-8)
+        _, var = masked_mean_var(xz, mask)  # (B, C, 1) per-coordinate variance over the real points
+        radius = var.sum(1, keepdim=True).sqrt().clamp_min(1e-8)  # RMS distance to the centroid
         idx, valid = masked_knn(xz, mask, self.k)
         k = idx.shape[2]
         neighbours = torch.gather(xz, 2, idx.reshape(B, 1, N * k).expand(B, C, N * k)).reshape(B, C, N, k)
