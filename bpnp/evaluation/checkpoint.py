@@ -24,8 +24,8 @@ import torch
 import yaml
 from torch import nn
 
-__all__ = ["CheckpointError", "load_checkpoint_dict", "network_config", "load_network", "save_weights_only",
-           "parse_set_overrides"]
+__all__ = ["CheckpointError", "load_checkpoint_dict", "network_config", "load_network", "network_from_dict",
+           "save_weights_only", "parse_set_overrides"]
 
 #: Prefix of the network's parameters in the LightningModule's state dict (``self.net``).
 NET_PREFIX = "net."
@@ -122,10 +122,15 @@ def load_network(path: str | Path, device: torch.device | str = "cpu",
         CheckpointError: missing or unreadable file, no network config, a config the network
             class rejects, or weights that do not fit it (missing/unexpected keys, shapes).
     """
+    return network_from_dict(load_checkpoint_dict(path), str(path), device, overrides)
+
+
+def network_from_dict(ckpt: Mapping[str, Any], name: str = "<checkpoint>", device: torch.device | str = "cpu",
+                      overrides: Mapping[str, Any] | None = None) -> nn.Module:
+    """:func:`load_network` on a checkpoint dict already read by :func:`load_checkpoint_dict`
+    (``name`` is the file named in errors); for callers that also need the dict's config."""
     from bpnp.training.module import build_net  # the same builder training uses
 
-    name = str(path)
-    ckpt = load_checkpoint_dict(path)
     cfg = {**network_config(ckpt, name), **dict(overrides or {})}
     state = _network_state(ckpt, name)
     try:

@@ -17,7 +17,7 @@ import argparse
 import sys
 
 from bpnp.evaluation.checkpoint import (
-    CheckpointError, load_checkpoint_dict, load_network, network_config, parse_set_overrides, save_weights_only,
+    CheckpointError, load_checkpoint_dict, network_config, network_from_dict, parse_set_overrides, save_weights_only,
 )
 
 
@@ -30,8 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         overrides = parse_set_overrides(args.overrides)
-        net = load_network(args.ckpt, overrides=overrides)  # validates that config and weights fit
-        config = {**network_config(load_checkpoint_dict(args.ckpt), args.ckpt), **overrides}
+        ckpt = load_checkpoint_dict(args.ckpt)
+        net = network_from_dict(ckpt, args.ckpt, overrides=overrides)  # validates that config and weights fit
+        config = {**network_config(ckpt, args.ckpt), **overrides}
     except (CheckpointError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -6,8 +6,9 @@
     python -m bpnp.evaluation.tune_robust_scale <run> --set ransac_hypotheses=2048   # other inference settings fixed
 
 Rebuilds the validation split exactly as training did (the run's ``.hydra/config.yaml``: data
-source, seed, ``val_synthetic``, ``val_length``), runs the network in eval mode with each scale
-(RANSAC random numbers seeded per batch as in validation) and prints the success rate of each,
+source, seed, ``val_synthetic``, ``val_length``), runs the network in eval mode once per batch
+(RANSAC random numbers seeded per batch as in validation), then the refinement alone with each
+scale (``BlindPnPNet.refine_pose``), and prints the success rate of each,
 plus the RANSAC pose's and the match accuracy (true pairs that are their row's maximum of P; it
 does not depend on the scale). ``--ckpt`` may come from another run, which puts checkpoints of
 different runs on the same validation split; ``--set`` fixes other inference settings (RANSAC
@@ -43,11 +44,12 @@ def validation_success(net, loader, scales: list[float], seed: int = 0) -> tuple
     ransac, matched = [], []
     for k, batch in enumerate(loader):
         args = (batch["R"], batch["t"], batch["p3d"], batch["match"], batch["mask2d"], batch.get("mask3d"))
-        for s in scales:
-            net.pnp.kernel.scale = float(s)
-            with torch.no_grad():
-                out = net(batch, generator=seeded_generator(seed, k, "cpu"))
-            hits[s].append(pose_errors(out.R, out.t, *args)["success"].float())
+        with torch.no_grad():  # encoders, Sinkhorn and RANSAC once; only the refinement depends on the scale
+            out = net(batch, generator=seeded_generator(seed, k, "cpu"), refine=False)
+            for s in scales:
+                net.pnp.kernel.scale = float(s)
+                refined = net.refine_pose(out, batch)
+                hits[s].append(pose_errors(refined.R, refined.t, *args)["success"].float())
         ransac.append(pose_errors(out.R0, out.t0, *args)["success"].float())
         matched.append(match_accuracy(out.P, batch["match"], batch["mask2d"], batch.get("mask3d")))
     acc = torch.cat(matched)

@@ -24,7 +24,7 @@ of ``P`` and leaves the pose unchanged (tests/models).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
 import torch
@@ -32,6 +32,7 @@ from torch import nn
 
 from bpnp.geometry.bearings import to_bearings
 from bpnp.geometry.ransac import ransac_pnp
+from bpnp.models.context_norm import masked_mean_var
 from bpnp.models.encoders import PointEncoder
 from bpnp.models.stn import STN3d
 from bpnp.nodes import PnPRefine, SinkhornOT, uniform_marginals
@@ -96,15 +97,15 @@ def feature_cost(f2d: torch.Tensor, f3d: torch.Tensor, eps: float = 1e-8) -> tor
     return torch.sqrt((2.0 - 2.0 * dots).clamp_min(eps))
 
 
-def _masked_similarity_normalise(p3d: torch.Tensor, mask3d: torch.Tensor) -> torch.Tensor:
-    """Centre on the masked centroid, scale by the masked RMS distance to it."""
-    w = mask3d[..., None].to(p3d.dtype)
-    pz = torch.where(mask3d[..., None], p3d, torch.zeros((), dtype=p3d.dtype, device=p3d.device))
-    count = w.sum(1, keepdim=True).clamp_min(1)
-    centre = pz.sum(1, keepdim=True) / count
-    d = (pz - centre) * w
-    rms = (d.square().sum((1, 2), keepdim=True) / count).sqrt().clamp_min(1e-8)
-    return d / rms
+def _masked_similarity_normalise(x3: torch.Tensor, mask3d: torch.Tensor) -> torch.Tensor:
+    """(B, 3, n) points centred on the masked centroid and scaled by the masked RMS distance to
+    it; 0 at padding."""
+    centre, var = masked_mean_var(x3, mask3d)  # (B, 3, 1) each
+    rms = var.sum(1, keepdim=True).sqrt().clamp_min(1e-8)  # mean squared distance = sum of variances
+    real = mask3d[:, None, :]
+    zero = torch.zeros((), dtype=x3.dtype, device=x3.device)
+    x3 = torch.where(real, x3, zero)  # no NaN/Inf of the padding reaches a gradient
+    return torch.where(real, (x3 - centre) / rms, zero)
 
 
 class BlindPnPNet(nn.Module):
@@ -139,7 +140,8 @@ class BlindPnPNet(nn.Module):
     or off), ``pose=False`` (stop after Sinkhorn: no RANSAC, no refinement, NaN poses; for
     training steps that need only ``P``), ``generator`` (RANSAC random numbers),
     ``cost_override`` (use this (B, m, n) cost instead of the encoders', e.g. to test the
-    geometric layers).
+    geometric layers). :meth:`refine_pose` runs the refinement alone from an earlier output (to
+    compare refinement settings without rerunning encoders, Sinkhorn and RANSAC).
     """
 
     def __init__(
@@ -185,8 +187,9 @@ class BlindPnPNet(nn.Module):
     # -- pieces ---------------------------------------------------------------------------------
     def features(self, p2d: torch.Tensor, p3d: torch.Tensor, mask2d: torch.Tensor, mask3d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit per-point features ``(B, C, m)``, ``(B, C, n)`` (0 at padding)."""
-        x3 = _masked_similarity_normalise(p3d, mask3d) if self.normalize_3d else p3d
-        x3 = x3.transpose(1, 2)
+        x3 = p3d.transpose(1, 2)
+        if self.normalize_3d:
+            x3 = _masked_similarity_normalise(x3, mask3d)
         if self.stn is not None:
             T = self.stn(x3, mask3d)
             x3 = T.transpose(1, 2) @ x3  # (p T)^T = T^T p^T
@@ -266,23 +269,8 @@ class BlindPnPNet(nn.Module):
         generator: torch.Generator | None = None,
         cost_override: torch.Tensor | None = None,
     ) -> BlindPnPOutput:
-        if batch is not None:
-            if not isinstance(batch, Mapping):
-                raise TypeError(f"BlindPnPNet: batch must be a dict of tensors (bpnp.data.collate_scenes), "
-                                f"got {type(batch).__name__}")
-            p2d = batch.get("p2d") if p2d is None else p2d
-            p3d = batch.get("p3d") if p3d is None else p3d
-            mask2d = batch.get("mask2d") if mask2d is None else mask2d
-            mask3d = batch.get("mask3d") if mask3d is None else mask3d
-        if p2d is None or p3d is None:
-            missing = [k for k, v in (("p2d", p2d), ("p3d", p3d)) if v is None]
-            raise ValueError(f"BlindPnPNet: the batch has no {' and no '.join(repr(k) for k in missing)} "
-                             "(pass a collated batch dict or p2d=..., p3d=... tensors)")
-        B, m, n = self._check_inputs(p2d, p3d, mask2d, mask3d)
-        if mask2d is None:
-            mask2d = torch.ones(B, m, dtype=torch.bool, device=p2d.device)
-        if mask3d is None:
-            mask3d = torch.ones(B, n, dtype=torch.bool, device=p3d.device)
+        p2d, p3d, mask2d, mask3d = self._unpack(batch, p2d, p3d, mask2d, mask3d)
+        B, m, n = p2d.shape[0], p2d.shape[1], p3d.shape[1]
         if refine is None:
             refine = (self.refine_in_training or not self.training) and pose
         if refine and not pose:
@@ -302,9 +290,7 @@ class BlindPnPNet(nn.Module):
         timer.lap("sinkhorn")
 
         if pose:
-            zero = torch.zeros((), dtype=p2d.dtype, device=p2d.device)
-            bearings = to_bearings(torch.where(mask2d[..., None], p2d, zero))
-            points = torch.where(mask3d[..., None], p3d, zero)
+            bearings, points = _geometric_inputs(p2d, p3d, mask2d, mask3d)
             rs = ransac_pnp(P.detach(), bearings, points, mask2d, mask3d, generator=generator, **self.ransac_kwargs)
             R0, t0 = rs.R.to(P.dtype).detach(), rs.t.to(P.dtype).detach()
             ransac_status, ransac_inliers = rs.status, rs.num_inliers
@@ -315,22 +301,84 @@ class BlindPnPNet(nn.Module):
             ransac_inliers = torch.zeros(B, dtype=torch.long, device=P.device)
         timer.lap("ransac")
 
+        out = BlindPnPOutput(
+            P=P, M=M, R0=R0, t0=t0, R=R0, t=t0,
+            ransac_status=ransac_status, ransac_inliers=ransac_inliers,
+            pnp_status=torch.full((B,), NOT_RUN, dtype=torch.long, device=P.device),
+            pnp_iterations=torch.zeros(B, dtype=torch.long, device=P.device),
+            sinkhorn_iterations=info.iterations, sinkhorn_converged=info.converged, sinkhorn_status=info.status,
+            refined=False,
+        )
         if refine:
-            res = self.pnp(P, bearings.to(P.dtype), points.to(P.dtype), R0, t0, mask2d, mask3d)
-            R, t, pnp_status, pnp_iter = res.R, res.t, res.status, res.iterations
-        else:
-            R, t = R0, t0
-            pnp_status = torch.full((B,), NOT_RUN, dtype=torch.long, device=P.device)
-            pnp_iter = torch.zeros(B, dtype=torch.long, device=P.device)
+            out = self._refine(out, bearings, points, mask2d, mask3d)
         timer.lap("refinement")
         self.last_timings = timer.laps
-        return BlindPnPOutput(
-            P=P, M=M, R0=R0, t0=t0, R=R, t=t,
-            ransac_status=ransac_status, ransac_inliers=ransac_inliers,
-            pnp_status=pnp_status, pnp_iterations=pnp_iter,
-            sinkhorn_iterations=info.iterations, sinkhorn_converged=info.converged, sinkhorn_status=info.status,
-            refined=bool(refine),
-        )
+        return out
+
+    def refine_pose(
+        self,
+        out: BlindPnPOutput,
+        batch: Mapping[str, torch.Tensor] | None = None,
+        *,
+        p2d: torch.Tensor | None = None,
+        p3d: torch.Tensor | None = None,
+        mask2d: torch.Tensor | None = None,
+        mask3d: torch.Tensor | None = None,
+    ) -> BlindPnPOutput:
+        """Only the refinement node, from ``out.P`` and the RANSAC pose ``(out.R0, out.t0)`` of an
+        earlier forward on the same inputs (given as in :meth:`forward`), with the current
+        refinement settings (``self.pnp``). Returns a copy of ``out`` with ``R``, ``t``,
+        ``pnp_status``, ``pnp_iterations`` and ``refined`` replaced; the same result as a forward
+        with ``refine=True`` and the same RANSAC random numbers.
+
+        Raises:
+            ValueError: ``out`` has no RANSAC pose (a ``pose=False`` forward) or does not match
+                the inputs' shape.
+        """
+        p2d, p3d, mask2d, mask3d = self._unpack(batch, p2d, p3d, mask2d, mask3d)
+        B, m, n = p2d.shape[0], p2d.shape[1], p3d.shape[1]
+        if tuple(out.P.shape) != (B, m, n):
+            raise ValueError(f"BlindPnPNet.refine_pose: the output's P has shape {tuple(out.P.shape)} but the "
+                             f"inputs give {(B, m, n)}; pass the batch the output came from")
+        if bool((out.ransac_status == NOT_RUN).any()):
+            raise ValueError("BlindPnPNet.refine_pose: the output has no RANSAC pose (it came from a pose=False "
+                             "forward); run the forward with pose=True")
+        bearings, points = _geometric_inputs(p2d, p3d, mask2d, mask3d)
+        return self._refine(out, bearings, points, mask2d, mask3d)
+
+    def _refine(self, out: BlindPnPOutput, bearings, points, mask2d, mask3d) -> BlindPnPOutput:
+        P = out.P
+        res = self.pnp(P, bearings.to(P.dtype), points.to(P.dtype), out.R0, out.t0, mask2d, mask3d)
+        return replace(out, R=res.R, t=res.t, pnp_status=res.status, pnp_iterations=res.iterations, refined=True)
+
+    def _unpack(self, batch, p2d, p3d, mask2d, mask3d):
+        """Inputs from a batch dict and/or keywords (keywords win), validated, with all-True masks
+        where none are given."""
+        if batch is not None:
+            if not isinstance(batch, Mapping):
+                raise TypeError(f"BlindPnPNet: batch must be a dict of tensors (bpnp.data.collate_scenes), "
+                                f"got {type(batch).__name__}")
+            p2d = batch.get("p2d") if p2d is None else p2d
+            p3d = batch.get("p3d") if p3d is None else p3d
+            mask2d = batch.get("mask2d") if mask2d is None else mask2d
+            mask3d = batch.get("mask3d") if mask3d is None else mask3d
+        if p2d is None or p3d is None:
+            missing = [k for k, v in (("p2d", p2d), ("p3d", p3d)) if v is None]
+            raise ValueError(f"BlindPnPNet: the batch has no {' and no '.join(repr(k) for k in missing)} "
+                             "(pass a collated batch dict or p2d=..., p3d=... tensors)")
+        B, m, n = self._check_inputs(p2d, p3d, mask2d, mask3d)
+        if mask2d is None:
+            mask2d = torch.ones(B, m, dtype=torch.bool, device=p2d.device)
+        if mask3d is None:
+            mask3d = torch.ones(B, n, dtype=torch.bool, device=p3d.device)
+        return p2d, p3d, mask2d, mask3d
+
+
+def _geometric_inputs(p2d, p3d, mask2d, mask3d) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit bearings ``(B, m, 3)`` of the camera-normalised 2D points and the raw 3D points
+    ``(B, n, 3)``, both zero at padding (what RANSAC and the refinement see)."""
+    zero = torch.zeros((), dtype=p2d.dtype, device=p2d.device)
+    return to_bearings(torch.where(mask2d[..., None], p2d, zero)), torch.where(mask3d[..., None], p3d, zero)
 
 
 class _Timer:

@@ -200,14 +200,16 @@ class BlindPnPModule(pl.LightningModule):
             self.last_errors[stage] = errors
 
     # -- training ---------------------------------------------------------------------------------
-    def _pose_in_training(self, batch_idx: int) -> bool:
+    def _pose_in_training(self, batch_idx: int, refine: bool) -> bool:
+        """Whether this training batch runs RANSAC: always while refining, else every n-th."""
         every = int(self.hparams.get("train_pose_every_n_steps", 1))
-        return self._refine_in_training() or batch_idx % every == 0
+        return refine or batch_idx % every == 0
 
     def training_step(self, batch: Mapping[str, torch.Tensor], batch_idx: int):
-        pose = self._pose_in_training(batch_idx)
+        refine = self._refine_in_training()
+        pose = self._pose_in_training(batch_idx, refine)
         kwargs = {} if pose else {"pose": False}  # stand-in networks need not know the switch
-        out = self.net(batch, refine=self._refine_in_training(), generator=self._train_generator(batch_idx), **kwargs)
+        out = self.net(batch, refine=refine, generator=self._train_generator(batch_idx), **kwargs)
         terms = self.criterion(out, batch, self.current_epoch)
         bad = ~torch.isfinite(terms.loss.detach())
         if self.trainer is not None and self.trainer.world_size > 1:

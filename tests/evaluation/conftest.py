@@ -35,14 +35,17 @@ class GroundTruthCostNet(nn.Module):
         self.net = BlindPnPNet(**TINY_NET)
         self.pnp, self.ransac_kwargs = self.net.pnp, self.net.ransac_kwargs
 
-    def forward(self, batch, generator=None):
+    def forward(self, batch, generator=None, refine=None):
         match = batch["match"]
         B, m = match.shape
         n = batch["p3d"].shape[1]
         M = torch.full((B, m, n), 2.0, dtype=batch["p2d"].dtype, device=match.device)
         b, i = torch.nonzero(match >= 0, as_tuple=True)
         M[b, i, match[b, i]] = 0.0
-        return self.net(batch, generator=generator, cost_override=M)
+        return self.net(batch, generator=generator, cost_override=M, refine=refine)
+
+    def refine_pose(self, out, batch):
+        return self.net.refine_pose(out, batch)
 
 
 @pytest.fixture

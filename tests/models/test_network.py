@@ -173,6 +173,28 @@ def test_pose_false_stops_after_sinkhorn():
         net(batch, refine=True, pose=False)
 
 
+def test_refine_pose_alone_equals_a_refined_forward():
+    """Refinement-only from an unrefined output, at two robust scales, gives what a refined forward
+    with the same RANSAC random numbers gives at that scale (what tune_robust_scale relies on)."""
+    batch = _batch(b=3, outliers_2d=0.2, outliers_3d=0.2)
+    net = _small_net().eval()
+    with torch.no_grad():
+        base = net(batch, generator=_gen(), refine=False)
+        assert not base.refined and torch.all(base.pnp_status == NOT_RUN)
+        for scale in (1e-3, 1e-4):
+            net.pnp.kernel.scale = scale
+            full = net(batch, generator=_gen())
+            alone = net.refine_pose(base, batch)
+            assert alone.refined and torch.equal(alone.P, base.P) and torch.equal(alone.R0, base.R0)
+            assert torch.equal(alone.R, full.R) and torch.equal(alone.t, full.t)
+            assert torch.equal(alone.pnp_status, full.pnp_status)
+        assert not base.refined  # the earlier output is not modified
+        with pytest.raises(ValueError, match="pose=False"):
+            net.refine_pose(net(batch, pose=False), batch)
+        with pytest.raises(ValueError, match="pass the batch the output came from"):
+            net.refine_pose(base, _batch(b=2))
+
+
 @pytest.mark.parametrize("kw", [dict(backward="unrolled"), dict(robust="huber", robust_scale=0.02), dict(use_stn=False, normalize_3d=False),
                                 dict(lam=20.0, sinkhorn_max_iter=5, sinkhorn_tol=1e-3, ransac_top_k=30, ransac_threshold=0.02)])
 def test_config_switches(kw):

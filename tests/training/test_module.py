@@ -131,7 +131,7 @@ def test_training_pose_only_every_n_steps():
     assert "train/match_acc_epoch" in trainer.logged_metrics and "train/rot_err_deg_epoch" in trainer.logged_metrics
     # With the pose loss on, every step needs the (refined) pose.
     module = BlindPnPModule(net=NET, loss={"pose_start_epoch": 0}, train_pose_every_n_steps=2)
-    assert all(module._pose_in_training(i) for i in range(4))
+    assert module._refine_in_training() and all(module._pose_in_training(i, refine=True) for i in range(4))
     with pytest.raises(ValueError, match="train_pose_every_n_steps"):
         BlindPnPModule(net=NET, train_pose_every_n_steps=0)
 
