@@ -52,17 +52,19 @@ class PointEncoder(nn.Module):
         eps: context-normalisation epsilon (1e-3 in the original).
         knn: 0 (the original) or the neighbours of the local-geometry stem
             (:class:`~bpnp.models.local_geometry.KNNStem`) added to the first layer's output.
+        knn_scale: the stem's offset scale, ``"radius"`` or ``"neighbour"`` (``KNNStem``).
 
     Forward: ``(x (B, C_in, N), mask (B, N) bool) -> (B, width, N)``, unit-norm features at real
     points and exactly 0 at padded points (whatever the padded input holds).
     """
 
-    def __init__(self, in_channels: int, width: int = 128, depth: int = 12, eps: float = 1e-3, knn: int = 0) -> None:
+    def __init__(self, in_channels: int, width: int = 128, depth: int = 12, eps: float = 1e-3, knn: int = 0,
+                 knn_scale: str = "radius") -> None:
         super().__init__()
         if in_channels < 1 or width < 1 or depth < 0 or knn < 0:
             raise ValueError(f"need in_channels >= 1, width >= 1, depth >= 0, knn >= 0, got {in_channels}, {width}, {depth}, {knn}")
         self.conv_in = nn.Conv1d(in_channels, width, 1)
-        self.stem = KNNStem(in_channels, width, knn) if knn > 0 else None
+        self.stem = KNNStem(in_channels, width, knn, scale=knn_scale) if knn > 0 else None
         self.blocks = nn.ModuleList(ResidualCNBlock(width, eps) for _ in range(depth))
         self.in_channels, self.width, self.depth = in_channels, width, depth
 

@@ -11,8 +11,12 @@ PointNet++-style encoding of each point's neighbourhood:
     s_i = W_3 \max_{j \in \mathrm{kNN}(i)} \mathrm{ReLU}(W_2\, \mathrm{ReLU}(W_1 e_{ij})), \qquad
     e_{ij} = \big(\tfrac{x_j - x_i}{r},\ \tfrac{\|x_j - x_i\|}{r}\big),
 
-with ``r`` the set's masked RMS radius (so the encoding is invariant to the set's translation and
+with ``r`` a length of the set (so the encoding is invariant to the set's translation and
 scale, as an image of an object is at any distance) and the max over the real neighbours only.
+``scale="radius"`` takes the set's masked RMS radius; ``scale="neighbour"`` the mean, over the
+real points, of the distance to the k-th nearest neighbour, which also makes the offsets
+invariant to the density (the same surface sampled with 4x the points in 2D has neighbourhoods
+half as wide).
 Padded points are never anyone's neighbour and get a zero stem output; the stem is
 permutation-equivariant (up to ties in the k-th distance, which real data does not have).
 
@@ -60,15 +64,21 @@ class KNNStem(nn.Module):
         width: output channels (the encoder width).
         k: neighbours per point (including the point itself).
         hidden: width of the two edge layers.
+        scale: ``"radius"`` (the set's RMS radius) or ``"neighbour"`` (the set's mean k-th
+            neighbour distance), see the module docstring.
 
     Forward: ``(x (B, C, N), mask (B, N) bool) -> (B, width, N)``, 0 at padded points.
     """
 
-    def __init__(self, in_channels: int, width: int, k: int = 16, hidden: int = 64) -> None:
+    SCALES = ("radius", "neighbour")
+
+    def __init__(self, in_channels: int, width: int, k: int = 16, hidden: int = 64, scale: str = "radius") -> None:
         super().__init__()
         if k < 1:
             raise ValueError(f"k must be >= 1, got {k}")
-        self.k = int(k)
+        if scale not in self.SCALES:
+            raise ValueError(f"scale must be one of {self.SCALES}, got {scale!r}")
+        self.k, self.scale = int(k), scale
         self.edge = nn.Sequential(
             nn.Conv2d(in_channels + 1, hidden, 1), nn.ReLU(),
             nn.Conv2d(hidden, hidden, 1), nn.ReLU(),
@@ -80,12 +90,11 @@ class KNNStem(nn.Module):
         zero = torch.zeros((), dtype=x.dtype, device=x.device)
         m3 = mask[:, None, :]
         xz = torch.where(m3, x, zero)
-        _, var = masked_mean_var(xz, mask)  # (B, C, 1) per-coordinate variance over the real points
-        radius = var.sum(1, keepdim=True).sqrt().clamp_min(1e-8)  # RMS distance to the centroid
         idx, valid = masked_knn(xz, mask, self.k)
         k = idx.shape[2]
         neighbours = torch.gather(xz, 2, idx.reshape(B, 1, N * k).expand(B, C, N * k)).reshape(B, C, N, k)
-        offset = (neighbours - xz[..., None]) / radius[..., None]
+        offset = neighbours - xz[..., None]  # (B, C, N, k)
+        offset = offset / self._set_length(xz, mask, offset, valid)[..., None]
         # the clamp keeps the gradient finite at the zero offset of the point to itself
         length = offset.square().sum(1, keepdim=True).clamp_min(1e-12).sqrt()
         e = torch.cat([offset, length], 1)  # (B, C + 1, N, k)
@@ -93,3 +102,14 @@ class KNNStem(nn.Module):
         h = h.masked_fill(~valid[:, None], float("-inf")).amax(3)  # the point itself is always valid
         h = torch.where(m3, h, zero)
         return torch.where(m3, self.out(h), zero)
+
+    def _set_length(self, xz, mask, offset, valid) -> torch.Tensor:
+        """(B, 1, 1) length that scales the offsets (B, C, N, k) of each set (module docstring)."""
+        if self.scale == "radius":
+            _, var = masked_mean_var(xz, mask)  # (B, C, 1) per-coordinate variance over the real points
+            return var.sum(1, keepdim=True).sqrt().clamp_min(1e-8)  # RMS distance to the centroid
+        # farthest valid neighbour of each point (an item with fewer than k points: its farthest);
+        # the clamp keeps the gradient finite where that is the point itself
+        length = offset.square().sum(1).clamp_min(1e-12).sqrt().masked_fill(~valid, 0.0)  # (B, N, k)
+        mean, _ = masked_mean_var(length.amax(2)[:, None, :], mask)  # (B, 1, 1)
+        return mean.clamp_min(1e-8)

@@ -116,6 +116,8 @@ class BlindPnPNet(nn.Module):
         depth: residual blocks per encoder (12 in the original).
         knn: neighbours of the local-geometry stem of both encoders (0 = none, the original;
             :mod:`bpnp.models.local_geometry`).
+        knn_scale: the stem's offset scale: ``"radius"`` (the set's RMS radius) or
+            ``"neighbour"`` (its mean k-th neighbour distance, density-invariant).
         cn_eps: context-normalisation epsilon.
         use_stn: PointNet STN on the 3D branch.
         normalize_3d: similarity-normalise the 3D points before the 3D branch.
@@ -149,6 +151,7 @@ class BlindPnPNet(nn.Module):
         feature_dim: int = 128,
         depth: int = 12,
         knn: int = 0,
+        knn_scale: str = "radius",
         cn_eps: float = 1e-3,
         use_stn: bool = True,
         normalize_3d: bool = True,
@@ -167,8 +170,8 @@ class BlindPnPNet(nn.Module):
         refine_in_training: bool = False,
     ) -> None:
         super().__init__()
-        self.encoder2d = PointEncoder(2, feature_dim, depth, cn_eps, knn)
-        self.encoder3d = PointEncoder(3, feature_dim, depth, cn_eps, knn)
+        self.encoder2d = PointEncoder(2, feature_dim, depth, cn_eps, knn, knn_scale)
+        self.encoder3d = PointEncoder(3, feature_dim, depth, cn_eps, knn, knn_scale)
         self.stn = STN3d(sync_batchnorm=sync_batchnorm) if use_stn else None
         self.normalize_3d = bool(normalize_3d)
         self.sinkhorn = SinkhornOT(lam=lam, max_iter=sinkhorn_max_iter, tol=sinkhorn_tol, backward=backward)

@@ -74,9 +74,10 @@ def test_masked_knn_brute_force_and_short_items():
     assert set(idx[1, 0, :3].tolist()) == {0, 1, 2}
 
 
-def test_knn_stem_is_translation_and_scale_invariant_with_finite_gradients():
+@pytest.mark.parametrize("scale", KNNStem.SCALES)
+def test_knn_stem_is_translation_and_scale_invariant_with_finite_gradients(scale):
     torch.manual_seed(2)
-    stem = KNNStem(2, width=8, k=5).double()
+    stem = KNNStem(2, width=8, k=5, scale=scale).double()
     x = torch.randn(2, 2, 12, dtype=torch.float64, requires_grad=True)
     mask = torch.ones(2, 12, dtype=torch.bool)
     mask[1, 2:] = False  # two real points, k = 5
@@ -87,3 +88,25 @@ def test_knn_stem_is_translation_and_scale_invariant_with_finite_gradients():
     out.square().sum().backward()
     assert torch.isfinite(x.grad).all() and float(x.grad[0].abs().sum()) > 0
     assert torch.autograd.gradcheck(lambda z: stem(z, mask), (x.detach().clone().requires_grad_(),))
+
+
+def test_knn_stem_neighbour_scale_follows_the_density():
+    """The same square sampled as a 5x5 and a 9x9 lattice: the RMS radius barely changes, the
+    nearest-neighbour distance (k = 2: the point and its nearest) is the lattice spacing."""
+    def lattice(n):
+        g = torch.linspace(0.0, 1.0, n, dtype=torch.float64)
+        return torch.cartesian_prod(g, g).T[None]  # (1, 2, n^2)
+
+    lengths = {}
+    for scale in KNNStem.SCALES:
+        stem = KNNStem(2, width=4, k=2, scale=scale).double()
+        for n in (5, 9):
+            x = lattice(n)
+            mask = torch.ones(1, x.shape[2], dtype=torch.bool)
+            idx, valid = masked_knn(x, mask, 2)
+            offset = torch.gather(x, 2, idx.reshape(1, 1, -1).expand(1, 2, -1)).reshape(1, 2, -1, 2) - x[..., None]
+            lengths[scale, n] = float(stem._set_length(x, mask, offset, valid))
+    assert lengths["neighbour", 5] == pytest.approx(0.25) and lengths["neighbour", 9] == pytest.approx(0.125)
+    assert lengths["radius", 9] / lengths["radius", 5] == pytest.approx(1.0, abs=0.1)
+    with pytest.raises(ValueError, match="scale must be one of"):
+        KNNStem(2, width=4, scale="kth")

@@ -91,11 +91,12 @@ def test_true_match_costs_recover_the_pose():
 
 # knn = 6 in float64: with that untrained network two refinements stop at the iteration cap, where
 # float32 rounding alone (P agrees to 3e-8) moves the pose by 2e-4 relative.
-@pytest.mark.parametrize("training,knn", [(False, 0), (True, 0), (True, 6)])
-def test_padding_never_changes_a_result(training, knn):
+@pytest.mark.parametrize("training,knn,knn_scale", [(False, 0, "radius"), (True, 0, "radius"), (True, 6, "radius"),
+                                                    (True, 6, "neighbour")])
+def test_padding_never_changes_a_result(training, knn, knn_scale):
     dtype = torch.float64 if knn else torch.float32
     batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in _batch(b=3).items()}
-    net = _small_net(use_stn=True, knn=knn).to(dtype).train(training)
+    net = _small_net(use_stn=True, knn=knn, knn_scale=knn_scale).to(dtype).train(training)
     ref = net(batch, refine=True, generator=_gen())
     pad = net(_pad_garbage(batch), refine=True, generator=_gen())
     m, n = batch["p2d"].shape[1], batch["p3d"].shape[1]
@@ -114,10 +115,13 @@ def test_padding_never_changes_a_result(training, knn):
     assert _same_pose(a, b, rtol=1e-5)
 
 
-@pytest.mark.parametrize("knn", [0, 6])
-def test_permuting_points_permutes_P_and_keeps_the_pose(knn):
-    batch = _batch(b=2, m=(40, 40))
-    net = _small_net(knn=knn).eval()
+@pytest.mark.parametrize("knn,knn_scale", [(0, "radius"), (6, "radius"), (6, "neighbour")])
+def test_permuting_points_permutes_P_and_keeps_the_pose(knn, knn_scale):
+    # float64 with the stem: the refinement of a random network's diffuse P can amplify float32
+    # summation-order noise (1e-7 in P) to a different pose, which is not what this test is about
+    dtype = torch.float64 if knn else torch.float32
+    batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in _batch(b=2, m=(40, 40)).items()}
+    net = _small_net(knn=knn, knn_scale=knn_scale).to(dtype).eval()
     ref = net(batch, generator=_gen())
     m, n = batch["p2d"].shape[1], batch["p3d"].shape[1]
     g = torch.Generator().manual_seed(3)
