@@ -77,8 +77,8 @@ def _instantiate(node, what: str, **kwargs):
 def _checkpoint_state(path: str, what: str, model, need_training_state: bool) -> dict:
     """Read a checkpoint and check that its weights fit ``model`` before Lightning touches it
     (a mismatch would otherwise surface as a long ``load_state_dict`` traceback)."""
-    from bpnp.evaluation.checkpoint import CheckpointError, load_checkpoint_dict
-    from bpnp.training.utils import state_dict_mismatch
+    from bpnp.evaluation.checkpoint import CheckpointError, load_checkpoint_dict, network_config
+    from bpnp.training.utils import net_config_mismatch, state_dict_mismatch
 
     ckpt = load_checkpoint_dict(path)
     state = ckpt.get("state_dict")
@@ -88,6 +88,12 @@ def _checkpoint_state(path: str, what: str, model, need_training_state: bool) ->
         raise CheckpointError(f"{what}={path}: not a training checkpoint of train.py (no optimizer/loop state); "
                               "to start from its weights only, use init_ckpt=<file>")
     problem = state_dict_mismatch(model.state_dict(), state)
+    try:
+        ckpt_net = network_config(ckpt)
+    except CheckpointError:  # weights without a network config: only keys and shapes can be checked
+        ckpt_net = None
+    if not problem and ckpt_net is not None:
+        problem = net_config_mismatch(model.hparams.get("net"), ckpt_net)
     if problem:
         raise CheckpointError(f"{what}={path}: incompatible checkpoint for this model config: {problem}")
     return state

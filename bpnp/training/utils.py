@@ -134,6 +134,37 @@ def state_dict_mismatch(model_state: dict, ckpt_state: dict, limit: int = 3) -> 
     return "; ".join(parts) or None
 
 
+#: Network settings that change what the weights compute without changing their shapes, so that
+#: a weights-only load cannot notice a mismatch (keys and shapes are checked separately).
+WEIGHT_MEANING_KEYS = ("knn_scale", "normalize_3d", "cn_eps")
+
+
+def net_config_mismatch(model_net: Any, ckpt_net: Any) -> str | None:
+    """None if the network settings of :data:`WEIGHT_MEANING_KEYS` agree between the model's
+    config and a checkpoint's (a key absent on either side is the ``BlindPnPNet`` default; the
+    stem's scale only matters with a stem), else a short description naming the override that
+    would make them agree."""
+    import inspect
+
+    from bpnp.models.network import BlindPnPNet
+
+    defaults = {k: p.default for k, p in inspect.signature(BlindPnPNet).parameters.items()}
+    model_net, ckpt_net = dict(model_net or {}), dict(ckpt_net or {})
+
+    def get(cfg: dict, key: str) -> Any:
+        return cfg.get(key, defaults.get(key))
+
+    diffs = []
+    for key in WEIGHT_MEANING_KEYS:
+        if key == "knn_scale" and not (get(model_net, "knn") and get(ckpt_net, "knn")):
+            continue
+        ours, theirs = get(model_net, key), get(ckpt_net, key)
+        if ours != theirs:
+            diffs.append(f"model.net.{key}={ours!r} but the checkpoint's network has {theirs!r} "
+                         f"(override model.net.{key}={theirs})")
+    return "; ".join(diffs) or None
+
+
 def find_last_checkpoint(runs_dir: str | Path) -> Path | None:
     """The ``checkpoints/last.ckpt`` of the most recent run under ``runs_dir`` (by modification
     time of the checkpoint), or None."""

@@ -17,7 +17,9 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from bpnp.training.utils import find_last_checkpoint, instantiate_group, register_resolvers, resolve_ckpt_path, run_dir_for
+from bpnp.training.utils import (
+    find_last_checkpoint, instantiate_group, net_config_mismatch, register_resolvers, resolve_ckpt_path, run_dir_for,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
@@ -177,3 +179,14 @@ def test_run_dir_and_resume_resolution(tmp_path, compose_cfg):
     assert cfg.hydra.run.dir == str(runs / "a")
     fresh = compose_cfg().hydra.run.dir
     assert fresh.startswith(str(runs)) and Path(fresh).name[:2] == "20"
+
+
+def test_net_config_mismatch_names_settings_the_weights_cannot_show():
+    stem = {"knn": 16, "knn_scale": "radius"}
+    assert net_config_mismatch(stem, {"knn": 16}) is None  # absent = BlindPnPNet's default (radius)
+    assert net_config_mismatch({"knn": 0, "knn_scale": "neighbour"}, {"knn": 0}) is None  # no stem: no scale
+    msg = net_config_mismatch({**stem, "knn_scale": "neighbour"}, stem)
+    assert msg == ("model.net.knn_scale='neighbour' but the checkpoint's network has 'radius' "
+                   "(override model.net.knn_scale=radius)")
+    msg = net_config_mismatch({"normalize_3d": False, "cn_eps": 1e-3}, {"cn_eps": 1e-4})
+    assert "model.net.normalize_3d=False" in msg and "model.net.cn_eps=0.001" in msg
