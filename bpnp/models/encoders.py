@@ -63,6 +63,8 @@ class PointEncoder(nn.Module):
         super().__init__()
         if in_channels < 1 or width < 1 or depth < 0 or knn < 0:
             raise ValueError(f"need in_channels >= 1, width >= 1, depth >= 0, knn >= 0, got {in_channels}, {width}, {depth}, {knn}")
+        if knn_scale not in KNNStem.SCALES:  # checked even without a stem: a typo should not pass silently
+            raise ValueError(f"knn_scale must be one of {KNNStem.SCALES}, got {knn_scale!r}")
         self.conv_in = nn.Conv1d(in_channels, width, 1)
         self.stem = KNNStem(in_channels, width, knn, scale=knn_scale) if knn > 0 else None
         self.blocks = nn.ModuleList(ResidualCNBlock(width, eps) for _ in range(depth))

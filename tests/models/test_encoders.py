@@ -110,3 +110,5 @@ def test_knn_stem_neighbour_scale_follows_the_density():
     assert lengths["radius", 9] / lengths["radius", 5] == pytest.approx(1.0, abs=0.1)
     with pytest.raises(ValueError, match="scale must be one of"):
         KNNStem(2, width=4, scale="kth")
+    with pytest.raises(ValueError, match="knn_scale must be one of"):
+        PointEncoder(2, width=4, knn=0, knn_scale="kth")
