@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["masked_mean_var", "context_norm", "ContextNorm", "MaskedBatchNorm"]
+__all__ = ["masked_mean_var", "masked_rms_radius", "context_norm", "ContextNorm", "MaskedBatchNorm"]
 
 
 def _check(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -62,6 +62,13 @@ def masked_mean_var(x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[
     mean = xz.sum(-1, keepdim=True) / count
     var = ((xz - mean) * w).square().sum(-1, keepdim=True) / count
     return mean, var
+
+
+def masked_rms_radius(x: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Masked centroid (B, C, 1) and RMS distance to it (B, 1, 1, floored at 1e-8) of the real
+    points of (B, C, N) coordinates: the length that makes a point set scale-free."""
+    centre, var = masked_mean_var(x, mask)
+    return centre, var.sum(1, keepdim=True).sqrt().clamp_min(1e-8)  # mean squared distance = sum of variances
 
 
 def context_norm(x: torch.Tensor, mask: torch.Tensor | None = None, eps: float = 1e-3) -> torch.Tensor:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bpnp.models.context_norm import masked_mean_var
+from bpnp.models.context_norm import masked_mean_var, masked_rms_radius
 
 __all__ = ["KNNStem", "masked_knn"]
 
@@ -106,8 +106,7 @@ class KNNStem(nn.Module):
     def _set_length(self, xz, mask, offset, valid) -> torch.Tensor:
         """(B, 1, 1) length that scales the offsets (B, C, N, k) of each set (module docstring)."""
         if self.scale == "radius":
-            _, var = masked_mean_var(xz, mask)  # (B, C, 1) per-coordinate variance over the real points
-            return var.sum(1, keepdim=True).sqrt().clamp_min(1e-8)  # RMS distance to the centroid
+            return masked_rms_radius(xz, mask)[1]
         # farthest valid neighbour of each point (an item with fewer than k points: its farthest);
         # the clamp keeps the gradient finite where that is the point itself
         length = offset.square().sum(1).clamp_min(1e-12).sqrt().masked_fill(~valid, 0.0)  # (B, N, k)

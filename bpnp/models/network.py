@@ -32,7 +32,7 @@ from torch import nn
 
 from bpnp.geometry.bearings import to_bearings
 from bpnp.geometry.ransac import ransac_pnp
-from bpnp.models.context_norm import masked_mean_var
+from bpnp.models.context_norm import masked_rms_radius
 from bpnp.models.encoders import PointEncoder
 from bpnp.models.stn import STN3d
 from bpnp.nodes import PnPRefine, SinkhornOT, uniform_marginals
@@ -100,8 +100,7 @@ def feature_cost(f2d: torch.Tensor, f3d: torch.Tensor, eps: float = 1e-8) -> tor
 def _masked_similarity_normalise(x3: torch.Tensor, mask3d: torch.Tensor) -> torch.Tensor:
     """(B, 3, n) points centred on the masked centroid and scaled by the masked RMS distance to
     it; 0 at padding."""
-    centre, var = masked_mean_var(x3, mask3d)  # (B, 3, 1) each
-    rms = var.sum(1, keepdim=True).sqrt().clamp_min(1e-8)  # mean squared distance = sum of variances
+    centre, rms = masked_rms_radius(x3, mask3d)  # (B, 3, 1), (B, 1, 1)
     real = mask3d[:, None, :]
     zero = torch.zeros((), dtype=x3.dtype, device=x3.device)
     x3 = torch.where(real, x3, zero)  # no NaN/Inf of the padding reaches a gradient
