@@ -1,11 +1,13 @@
 """Benchmark of the declarative nodes: ratios measured side by side in one run.
 
-    python bench/nodes.py              # all three benchmarks (about 2-4 minutes on 2 CPU cores)
-    python bench/nodes.py --only ot    # or pnp, lstsq
+    python bench/nodes.py              # all four benchmarks (about 3-5 minutes on 2 CPU cores)
+    python bench/nodes.py --only ot    # or ot-bins, pnp, lstsq (repeatable)
 
 1. Sinkhorn OT, b = 4, m = n = 1000, exactly 100 iterations: backward time, saved-tensor bytes and
    the peak RSS of a fresh process, implicit vs unrolled backward (targets: >= 10x less memory,
    >= 3x faster implicit).
+   ``ot-bins``: the same with outlier bins (:func:`sinkhorn_with_bins`, a (4, 1001, 1001) augmented
+   plan, gradient to M and to the shared bin cost), reported the same way.
 2. PnP refinement, b = 16, m = n = 500: forward time and the final objective per item, our batched
    LM vs torch.optim.LBFGS set up as the original BPnPNet (strong-Wolfe, history 100, batch-mean
    objective, max_iter = round(max(min(100, 75 (N/1000)^-1.5), 1)), tolerances 1e-40)
@@ -34,7 +36,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bpnp.nodes import PnPRefine, least_squares, pnp_objective, sinkhorn, so3_exp, uniform_marginals  # noqa: E402
+from bpnp.nodes import (  # noqa: E402
+    PnPRefine, least_squares, pnp_objective, sinkhorn, sinkhorn_with_bins, so3_exp, uniform_marginals,
+)
 from bpnp.nodes.robust import RobustKernel  # noqa: E402
 
 
@@ -58,8 +62,10 @@ def ot_inputs(b=4, m=1000, n=1000, seed=0):
     return M, r, c, G
 
 
-def ot_run(mode, M, r, c, G, iters=100):
-    """Forward + backward with exactly `iters` iterations (a negative tol never stops early)."""
+def ot_run(mode, M, r, c, G, iters=100, bins=False):
+    """Forward + backward with exactly `iters` iterations (a negative tol never stops early).
+    With `bins`, solve the bin-augmented problem of the same real size (r, c then only give the
+    masks), differentiating in M and a shared bin cost; the loss is <G, real block of the plan>."""
     Mg = M.clone().requires_grad_(True)
     saved = {}
 
@@ -70,7 +76,12 @@ def ot_run(mode, M, r, c, G, iters=100):
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
         t0 = time.perf_counter()
-        P, info = sinkhorn(Mg, r, c, lam=10.0, max_iter=iters, tol=-1.0, backward=mode)
+        if bins:
+            bin_cost = torch.tensor(1.0, requires_grad=True)
+            P, info = sinkhorn_with_bins(Mg, r > 0, c > 0, bin_cost, lam=10.0, max_iter=iters, tol=-1.0, backward=mode)
+            P = P[:, :-1, :-1]  # loss on the real block; the plain run keeps its graph unchanged
+        else:
+            P, info = sinkhorn(Mg, r, c, lam=10.0, max_iter=iters, tol=-1.0, backward=mode)
         t1 = time.perf_counter()
     assert int(info.iterations.min()) == iters, info.iterations
     (P * G).sum().backward()
@@ -78,12 +89,12 @@ def ot_run(mode, M, r, c, G, iters=100):
     return t1 - t0, t2 - t1, sum(saved.values())
 
 
-def ot_worker(mode):
+def ot_worker(mode, bins=False):
     """Run in a fresh process: report peak RSS of one forward + backward."""
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
     M, r, c, G = ot_inputs()
     base = peak_rss_mib()
-    fwd, bwd, saved = ot_run(mode, M, r, c, G)
+    fwd, bwd, saved = ot_run(mode, M, r, c, G, bins=bins)
     peak = peak_rss_mib()
     print(json.dumps({"mode": mode, "peak_rss_mib": peak, "base_rss_mib": base, "saved_mib": saved / 2**20}))
 
@@ -97,23 +108,25 @@ def peak_rss_mib():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench_ot(repeats):
+def bench_ot(repeats, bins=False):
     M, r, c, G = ot_inputs()
     res = {"implicit": {"fwd": [], "bwd": []}, "unrolled": {"fwd": [], "bwd": []}}
     saved = {}
     for _ in range(repeats):
         for mode in ("implicit", "unrolled"):
-            f, b, s = ot_run(mode, M, r, c, G)
+            f, b, s = ot_run(mode, M, r, c, G, bins=bins)
             res[mode]["fwd"].append(f)
             res[mode]["bwd"].append(b)
             saved[mode] = s
     rss = {}
     for mode in ("implicit", "unrolled"):
         out = subprocess.run(
-            [sys.executable, __file__, "--ot-worker", mode], capture_output=True, text=True, check=True
+            [sys.executable, __file__, "--ot-worker", mode] + (["--ot-bins"] if bins else []),
+            capture_output=True, text=True, check=True,
         ).stdout.strip().splitlines()[-1]
         rss[mode] = json.loads(out)
-    print("\n## Sinkhorn OT: b = 4, m = n = 1000, 100 iterations, float32 (median of %d)" % repeats)
+    what = "Sinkhorn OT with bins (plan 4 x 1001 x 1001)" if bins else "Sinkhorn OT"
+    print(f"\n## {what}: b = 4, m = n = 1000, 100 iterations, float32 (median of {repeats})")
     print("| backward | forward s | backward s | saved tensors MiB | peak RSS MiB (fresh process) | RSS above baseline MiB |")
     print("|---|---|---|---|---|---|")
     for mode in ("implicit", "unrolled"):
@@ -254,20 +267,23 @@ def bench_lstsq(repeats):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["ot", "pnp", "lstsq"], action="append")
+    ap.add_argument("--only", choices=["ot", "ot-bins", "pnp", "lstsq"], action="append")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ot-worker", choices=["implicit", "unrolled"], help=argparse.SUPPRESS)
+    ap.add_argument("--ot-bins", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     if args.ot_worker:
-        ot_worker(args.ot_worker)
+        ot_worker(args.ot_worker, bins=args.ot_bins)
         return
     os.environ["BENCH_THREADS"] = str(args.threads)
     print(f"# bpnp node benchmarks: torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs")
-    todo = args.only or ["ot", "pnp", "lstsq"]
+    todo = args.only or ["ot", "ot-bins", "pnp", "lstsq"]
     if "ot" in todo:
         bench_ot(args.repeats)
+    if "ot-bins" in todo:
+        bench_ot(args.repeats, bins=True)
     if "pnp" in todo:
         bench_pnp(args.repeats)
     if "lstsq" in todo:

@@ -43,6 +43,31 @@ the right-hand side is orthogonal to :math:`u`. The gradients to the marginals a
 :math:`\partial L/\partial r = a`, :math:`\partial L/\partial c = b`, defined up to that same
 gauge (only perturbations with :math:`\sum dr = \sum dc` are feasible); we return the
 minimum-norm representative.
+
+**Outlier bins (dustbins).** :func:`sinkhorn_with_bins` lets a point stay unmatched, as in
+SuperGlue (Sarlin et al., CVPR 2020). With :math:`m', n'` real rows/columns, the cost is augmented
+by a bin column at index ``n`` (cost :math:`\gamma_r` of a row going unmatched), a bin row at
+index ``m`` (cost :math:`\gamma_c` of a column going unmatched), both after any padding, and the
+corner :math:`(\gamma_r + \gamma_c)/2`; the plain problem above is solved on the
+:math:`(m+1)\times(n+1)` matrix with marginals
+
+.. math::
+    r = \tfrac{1}{m'+n'}\,[\mathbf 1_{m'};\; n'], \qquad c = \tfrac{1}{m'+n'}\,[\mathbf 1_{n'};\; m'].
+
+Each real point owns one unit of mass (units of :math:`1/(m'+n')`, so that the total is 1 and
+``tol`` keeps its meaning). A real row can send at most its unit to the bin column; the bin row
+holds :math:`n'` units, enough to absorb every column should all of them go unmatched (and the
+bin column likewise :math:`m'` for the rows). The share of its unit that a point sends to a bin
+is its outlier probability. If :math:`k` units are matched, the bin-row balance puts exactly
+:math:`k` on the corner, so the total cost is a constant plus
+:math:`\sum_{\text{matched}} (M_{ij} - (\gamma_r+\gamma_c)/2)`: as :math:`\lambda \to \infty`
+this is a min-cost partial matching in which only pairs cheaper than the mean bin cost (the
+shared :math:`\gamma`) are worth matching; that is why the corner gets the mean. An item with no
+real row or no real column gets all-zero marginals, hence an all-zero plan and status
+``DEGENERATE``, as :func:`uniform_marginals` does. The bins are ordinary rows/columns of the
+augmented problem, so the forward, the implicit backward above and the per-item status are the
+plain node's; the gradient to :math:`\gamma` is autograd's through the concatenation that builds
+the augmented cost.
 """
 
 from __future__ import annotations
@@ -57,6 +82,7 @@ from bpnp.nodes.linalg import SINGULAR_MODES, solve_spd
 from bpnp.nodes.status import Status
 
 BACKWARD_MODES = ("implicit", "unrolled")
+BIN_MODES = ("shared", "per_side")  # one bin cost for both sides, or [row -> bin, column -> bin]
 
 
 @dataclass
@@ -100,11 +126,15 @@ def uniform_marginals(
     return r, c
 
 
-def _validate(M: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> None:
+def _validate_cost(M: torch.Tensor) -> None:
     if not isinstance(M, torch.Tensor) or not M.is_floating_point():
         raise TypeError(f"M must be a floating-point tensor, got {getattr(M, 'dtype', type(M))}")
     if M.ndim != 3:
         raise ValueError(f"M must have shape (B, m, n), got {tuple(M.shape)}")
+
+
+def _validate(M: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> None:
+    _validate_cost(M)
     B, m, n = M.shape
     for name, x in (("r", r), ("c", c)):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
@@ -126,6 +156,15 @@ def _validate(M: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> None:
             f"marginals must have equal mass per item: item {i} has sum(r)={float(mass_r[i]):.6g}, "
             f"sum(c)={float(mass_c[i]):.6g}"
         )
+
+
+def _check_options(lam: float, backward: str, singular: str) -> None:
+    if backward not in BACKWARD_MODES:
+        raise ValueError(f"backward must be one of {BACKWARD_MODES}, got {backward!r}")
+    if singular not in SINGULAR_MODES:
+        raise ValueError(f"singular must be one of {SINGULAR_MODES}, got {singular!r}")
+    if not lam > 0:
+        raise ValueError(f"lam must be positive, got {lam}")
 
 
 def _info(active, row, col, finite_item, iterations, err) -> SinkhornInfo:
@@ -335,12 +374,7 @@ def sinkhorn(
         >>> torch.allclose(P.sum(2), r, atol=1e-5)
         True
     """
-    if backward not in BACKWARD_MODES:
-        raise ValueError(f"backward must be one of {BACKWARD_MODES}, got {backward!r}")
-    if singular not in SINGULAR_MODES:
-        raise ValueError(f"singular must be one of {SINGULAR_MODES}, got {singular!r}")
-    if not lam > 0:
-        raise ValueError(f"lam must be positive, got {lam}")
+    _check_options(lam, backward, singular)
     _validate(M, r, c)
     r, c = r.to(M.dtype), c.to(M.dtype)
     if backward == "unrolled":
@@ -372,3 +406,219 @@ class SinkhornOT(nn.Module):
 
     def extra_repr(self) -> str:
         return f"lam={self.lam}, max_iter={self.max_iter}, tol={self.tol}, backward={self.backward!r}"
+
+
+# --------------------------------------------------------------------------------------------
+# Outlier bins (dustbins); see the module docstring.
+# --------------------------------------------------------------------------------------------
+def _validate_masks(mask_rows: torch.Tensor, mask_cols: torch.Tensor, B: int, m: int, n: int, device) -> None:
+    for name, mask, size in (("mask_rows", mask_rows, m), ("mask_cols", mask_cols, n)):
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            raise TypeError(f"{name} must be a bool tensor, got {getattr(mask, 'dtype', type(mask).__name__)}")
+        if mask.shape != (B, size):
+            raise ValueError(f"{name} must have shape {(B, size)}, got {tuple(mask.shape)}")
+        if mask.device != device:
+            raise ValueError(f"{name} must be on {device}, got {mask.device}")
+
+
+def bin_marginals(
+    mask_rows: torch.Tensor, mask_cols: torch.Tensor, dtype: torch.dtype = torch.float32
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Marginals of the bin-augmented problem (SuperGlue's, scaled to total mass 1).
+
+    With ``m'``, ``n'`` the real counts of an item: ``1/(m'+n')`` per real row and column,
+    ``n'/(m'+n')`` on the bin row, ``m'/(m'+n')`` on the bin column, 0 at padding.
+
+    Args:
+        mask_rows: (B, m) bool, True for real rows.
+        mask_cols: (B, n) bool, True for real columns.
+        dtype: floating dtype of the result.
+
+    Returns:
+        ``(r (B, m+1), c (B, n+1))``, the bin last, each summing to 1 per item; both all zero for
+        an item with no real row or no real column (nothing to match: zero plan, ``DEGENERATE``).
+
+    Example:
+        >>> r, c = bin_marginals(torch.tensor([[True, True, False]]), torch.tensor([[True, True]]))
+        >>> r, c
+        (tensor([[0.2500, 0.2500, 0.0000, 0.5000]]), tensor([[0.2500, 0.2500, 0.5000]]))
+    """
+    shapes = [tuple(getattr(x, "shape", ())) for x in (mask_rows, mask_cols)]
+    if len(shapes[0]) != 2 or len(shapes[1]) != 2:
+        raise ValueError(f"mask_rows and mask_cols must have shapes (B, m) and (B, n), got {shapes[0]} and {shapes[1]}")
+    _validate_masks(mask_rows, mask_cols, shapes[0][0], shapes[0][1], shapes[1][1], mask_rows.device)
+    rows, cols = mask_rows.to(dtype), mask_cols.to(dtype)
+    m_real, n_real = rows.sum(1, keepdim=True), cols.sum(1, keepdim=True)
+    unit = ((m_real > 0) & (n_real > 0)).to(dtype) / (m_real + n_real).clamp_min(1)  # 0: nothing to match
+    return torch.cat([rows * unit, n_real * unit], 1), torch.cat([cols * unit, m_real * unit], 1)
+
+
+def _augmented_cost(M: torch.Tensor, bin_cost: torch.Tensor | float) -> torch.Tensor:
+    """(B, m+1, n+1) cost: ``M``, then the row -> bin column, the column -> bin row, the corner."""
+    if not isinstance(bin_cost, torch.Tensor):
+        bin_cost = torch.as_tensor(bin_cost, dtype=M.dtype, device=M.device)
+    if bin_cost.shape not in ((), (2,)):
+        raise ValueError(f"bin_cost must have shape () (shared) or (2,) (row, column), got {tuple(bin_cost.shape)}")
+    if bin_cost.device != M.device:
+        raise ValueError(f"bin_cost must be on {M.device} like M, got {bin_cost.device}")
+    g = bin_cost.to(M.dtype)
+    # The corner carries the matched mass; the mean makes "matched" mean "cheaper than the mean
+    # bin cost" (module docstring). A shared cost is its own mean, kept exact.
+    g_row, g_col, corner = (g, g, g) if g.ndim == 0 else (g[0], g[1], g.mean())
+    B, m, n = M.shape
+    # Two cats (not slice assignment) so that the backward only takes views of the gradient.
+    top = torch.cat([M, g_row.expand(B, m, 1)], 2)
+    return torch.cat([top, torch.cat([g_col.expand(B, 1, n), corner.expand(B, 1, 1)], 2)], 1)
+
+
+def sinkhorn_with_bins(
+    M: torch.Tensor,
+    mask_rows: torch.Tensor,
+    mask_cols: torch.Tensor,
+    bin_cost: torch.Tensor | float,
+    lam: float = 10.0,
+    max_iter: int = 100,
+    tol: float = 1e-6,
+    backward: str = "implicit",
+    singular: str = "damp",
+) -> tuple[torch.Tensor, SinkhornInfo]:
+    """Entropic OT with outlier bins (dustbins): every real point may stay unmatched.
+
+    Solves :func:`sinkhorn` on the cost augmented by a bin column (index ``n``) and a bin row
+    (index ``m``), with the marginals of :func:`bin_marginals`; see the module docstring.
+    Differentiable in ``M`` and ``bin_cost``; the padding, stopping rule, implicit backward and
+    per-item status are the plain node's. A non-finite ``bin_cost`` makes every item
+    ``NONFINITE`` (zero plan), as a non-finite real cost does for its own item.
+
+    Args:
+        M: (B, m, n) costs between real rows and columns (entries at padding are ignored).
+        mask_rows: (B, m) bool, False marks a padded row.
+        mask_cols: (B, n) bool, False marks a padded column.
+        bin_cost: cost of leaving a point unmatched, in the units of ``M``: shape () shared by
+            both sides, or (2,) ``[row -> bin column, column -> bin row]``; the corner (bin, bin)
+            gets their mean. A float is taken as a shared cost.
+        lam, max_iter, tol, backward, singular: as in :func:`sinkhorn` (``tol`` is relative to
+            the total mass 1 of the augmented plan).
+
+    Returns:
+        ``(P_aug, info)``: (B, m+1, n+1) plans, the bins last (``P_aug[:, m]``, ``P_aug[:, :, n]``),
+        exactly 0 on padded rows/columns; :class:`SinkhornInfo` per item. :func:`split_bins`
+        turns ``P_aug`` into the matching and the inlier probabilities.
+
+    Example:
+        >>> M = torch.tensor([[[0.0, 2.0], [2.0, 0.0], [2.0, 2.0]]])  # row 2 matches nothing
+        >>> rows, cols = torch.ones(1, 3, dtype=torch.bool), torch.ones(1, 2, dtype=torch.bool)
+        >>> P_aug, info = sinkhorn_with_bins(M, rows, cols, torch.tensor(1.0), lam=10.0, max_iter=1000)
+        >>> P_aug.shape, info.status.tolist()
+        (torch.Size([1, 4, 3]), [0])
+        >>> split_bins(P_aug, rows, cols).row_inlier.round(decimals=2)
+        tensor([[0.9900, 0.9900, 0.0000]])
+    """
+    _validate_cost(M)
+    B, m, n = M.shape
+    _validate_masks(mask_rows, mask_cols, B, m, n, M.device)
+    r, c = bin_marginals(mask_rows, mask_cols, M.dtype)
+    return sinkhorn(_augmented_cost(M, bin_cost), r, c, lam, max_iter, tol, backward, singular)
+
+
+@dataclass
+class BinSplit:
+    """A bin-augmented plan split into what its consumers need (see :func:`split_bins`).
+
+    Attributes:
+        P: (B, m, n) real block renormalised to sum 1 per item (all zero if it carries no mass).
+        row_inlier: (B, m) probability in [0, 1] that a row is matched (0 at padding).
+        col_inlier: (B, n) probability in [0, 1] that a column is matched (0 at padding).
+        P_aug: (B, m+1, n+1) the plan itself.
+    """
+
+    P: torch.Tensor
+    row_inlier: torch.Tensor
+    col_inlier: torch.Tensor
+    P_aug: torch.Tensor
+
+
+def _safe_ratio(num: torch.Tensor, den: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """num / den where ``keep & den > 0``, else 0, with no NaN in the value or its gradient."""
+    ok = den > 0 if keep is None else keep & (den > 0)
+    return torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(num))
+
+
+def split_bins(P_aug: torch.Tensor, mask_rows: torch.Tensor, mask_cols: torch.Tensor) -> BinSplit:
+    """Split a plan of :func:`sinkhorn_with_bins` into the matching and the inlier probabilities.
+
+    A point's inlier probability is the share of its plan mass that goes to real points: its
+    real-block row (column) sum over its full row (column) sum including the bin. At convergence
+    the full sum is its marginal; dividing by the plan's own sum keeps the ratio in [0, 1] even
+    when ``max_iter`` stopped the solve early. Differentiable; no NaN for an all-zero plan.
+
+    Args:
+        P_aug: (B, m+1, n+1) plans, the bin row and column last.
+        mask_rows: (B, m) bool, False marks a padded row.
+        mask_cols: (B, n) bool, False marks a padded column.
+
+    Returns:
+        :class:`BinSplit` with ``P`` (B, m, n), ``row_inlier`` (B, m), ``col_inlier`` (B, n).
+    """
+    if not isinstance(P_aug, torch.Tensor) or P_aug.ndim != 3 or min(P_aug.shape[1:]) < 1:
+        raise ValueError(f"P_aug must have shape (B, m+1, n+1), got {tuple(getattr(P_aug, 'shape', ()))}")
+    B, m, n = P_aug.shape[0], P_aug.shape[1] - 1, P_aug.shape[2] - 1
+    _validate_masks(mask_rows, mask_cols, B, m, n, P_aug.device)
+    P = P_aug[:, :m, :n]
+    mass = P.sum((1, 2), keepdim=True)
+    P_norm = _safe_ratio(P, mass)
+    # part / (part + bin) with bin >= 0 stays <= 1 under rounding, unlike part / row sum.
+    row_real, col_real = P.sum(2), P.sum(1)
+    row_inlier = _safe_ratio(row_real, row_real + P_aug[:, :m, n], mask_rows)
+    col_inlier = _safe_ratio(col_real, col_real + P_aug[:, m, :n], mask_cols)
+    return BinSplit(P=P_norm, row_inlier=row_inlier, col_inlier=col_inlier, P_aug=P_aug)
+
+
+class SinkhornOTWithBins(nn.Module):
+    """Layer form of :func:`sinkhorn_with_bins` with a learnable bin cost.
+
+    Args:
+        lam, max_iter, tol, backward, singular: as in :func:`sinkhorn` (same order as
+            :class:`SinkhornOT`).
+        bins: ``"shared"`` (:attr:`bin_cost` of shape ()) or ``"per_side"`` (shape (2,):
+            ``[row -> bin, column -> bin]``).
+        bin_init: initial bin cost, in the units of ``M``. The network's costs lie in [0, 2]:
+            1.0 sits between a perfect match (0) and an unrelated pair (about 1.4).
+
+    The last forward's diagnostics are in :attr:`last_info`.
+    """
+
+    def __init__(
+        self,
+        lam: float = 10.0,
+        max_iter: int = 100,
+        tol: float = 1e-6,
+        backward: str = "implicit",
+        singular: str = "damp",
+        *,
+        bins: str = "shared",
+        bin_init: float = 1.0,
+    ) -> None:
+        super().__init__()
+        _check_options(lam, backward, singular)
+        if bins not in BIN_MODES:
+            raise ValueError(f"bins must be one of {BIN_MODES}, got {bins!r}")
+        if not math.isfinite(bin_init):
+            raise ValueError(f"bin_init must be finite, got {bin_init}")
+        self.lam, self.max_iter, self.tol, self.backward, self.singular = lam, max_iter, tol, backward, singular
+        self.bins = bins
+        self.bin_cost = nn.Parameter(torch.full(() if bins == "shared" else (2,), float(bin_init)))
+        self.last_info: SinkhornInfo | None = None
+
+    def forward(self, M: torch.Tensor, mask_rows: torch.Tensor, mask_cols: torch.Tensor) -> torch.Tensor:
+        """(B, m, n) costs and (B, m), (B, n) masks -> (B, m+1, n+1) plans, bins last."""
+        P_aug, self.last_info = sinkhorn_with_bins(
+            M, mask_rows, mask_cols, self.bin_cost, self.lam, self.max_iter, self.tol, self.backward, self.singular
+        )
+        return P_aug
+
+    def extra_repr(self) -> str:
+        return (
+            f"bins={self.bins!r}, lam={self.lam}, max_iter={self.max_iter}, tol={self.tol}, "
+            f"backward={self.backward!r}, singular={self.singular!r}"
+        )
