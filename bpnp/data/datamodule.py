@@ -7,7 +7,10 @@ Built from plain arguments, so Hydra can instantiate it from ``configs/data/*.ya
   train ``seed``, val ``seed + 1``, test ``seed + 2`` unless ``train_seed``/``val_seed``/
   ``test_seed`` are given (they must differ). ``synthetic`` holds the
   :class:`~bpnp.data.synthetic.SyntheticConfig` fields; ``val_synthetic``/``test_synthetic``
-  override some of them for one split (e.g. more outliers at test time). ``synthetic_schedule``
+  override some of them for one split (e.g. more outliers at test time). Mesh splits: the
+  training config must use ``mesh_split: train``; val uses ``val`` and test
+  ``test_unseen_meshes`` unless their overrides name another (``mesh_root``,
+  ``heldout_category``, ``heldout_mesh_frac`` must agree across splits). ``synthetic_schedule``
   maps a first training epoch to overrides of ``synthetic`` used from then on (a curriculum,
   e.g. larger point sets in later epochs; each stage overrides the base ``synthetic``, not the
   previous stage; needs ``reload_dataloaders_every_n_epochs=1``).
@@ -200,14 +203,29 @@ class BlindPnPDataModule(pl.LightningDataModule):
             raise ValueError(f"BlindPnPDataModule: train/val/test seeds must differ, got {self.seeds}")
         base = SyntheticConfig.from_dict(a["synthetic"])
         cfgs = {"train": base}
-        for split in ("val", "test"):
+        # Mesh splits: train draws from the train meshes only; val and test default to their own
+        # held-out meshes (val_synthetic / test_synthetic may pick another, e.g.
+        # test_unseen_category), and every split must use the same partition.
+        for split, mesh_split in (("val", "val"), ("test", "test_unseen_meshes")):
             override = a[f"{split}_synthetic"]
-            cfgs[split] = SyntheticConfig.from_dict({**base.to_dict(), **dict(override or {})})
+            cfgs[split] = SyntheticConfig.from_dict({**base.to_dict(), "mesh_split": mesh_split,
+                                                     **dict(override or {})})
         schedule = {}
         for epoch, override in dict(a["synthetic_schedule"] or {}).items():
             if not str(epoch).isdigit():
                 raise ValueError(f"BlindPnPDataModule: synthetic_schedule keys are first epochs (ints >= 0), got {epoch!r}")
             schedule[int(epoch)] = SyntheticConfig.from_dict({**base.to_dict(), **dict(override or {})})
+        for name, cfg in [("synthetic", base)] + [(f"synthetic_schedule[{e}]", c) for e, c in schedule.items()]:
+            if cfg.mesh_split != "train":
+                raise ValueError(f"BlindPnPDataModule: {name}.mesh_split must be 'train' (the training "
+                                 f"split never draws val/test meshes), got {cfg.mesh_split!r}")
+        partition = ("mesh_root", "heldout_category", "heldout_mesh_frac")
+        for name, cfg in [("val_synthetic", cfgs["val"]), ("test_synthetic", cfgs["test"])] + \
+                [(f"synthetic_schedule[{e}]", c) for e, c in schedule.items()]:
+            for key in partition:
+                if getattr(cfg, key) != getattr(base, key):
+                    raise ValueError(f"BlindPnPDataModule: {name}.{key} differs from synthetic.{key}; "
+                                     "all splits must share one mesh partition")
         lengths = {"train": a["train_length"], "val": a["val_length"], "test": a["test_length"]}
         for split in SPLITS:
             if int(lengths[split]) < 0:
@@ -318,6 +336,8 @@ class BlindPnPDataModule(pl.LightningDataModule):
         ds = self.dataset(split)
         if ds is None:
             return []
+        if self.num_workers > 0 and hasattr(ds, "preload_meshes"):
+            ds.preload_meshes()  # once per process (cached): forked workers inherit the meshes
         train = split == "train"
         batch_size = self.batch_size if train else self.eval_batch_size
         loader_cls, sampler = DataLoader, None

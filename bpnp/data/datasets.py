@@ -105,6 +105,24 @@ class SyntheticDataset(Dataset):
         started = [e for e in self.schedule if e <= self.epoch]
         self.cfg = self.schedule[max(started)] if started else self.base_cfg
 
+    def preload_meshes(self) -> int:
+        """Read every mesh that this dataset's configs (base and schedule) can draw into this
+        process's cache, and return how many. Called before DataLoader workers are forked, so
+        that each worker inherits the meshes instead of reading them again every epoch."""
+        from pathlib import Path
+
+        from bpnp.data.meshes import load_mesh, mesh_choices
+
+        files = set()
+        for cfg in (self.base_cfg, *self.schedule.values()):
+            if cfg.shape_weights.get("mesh", 0.0) > 0 and cfg.mesh_root:
+                rels, _ = mesh_choices(cfg.mesh_root, cfg.mesh_split, cfg.heldout_category, cfg.heldout_mesh_frac,
+                                       cfg.mesh_category_weights)
+                files.update(str(Path(cfg.mesh_root) / rel) for rel in rels)
+        for path in sorted(files):
+            load_mesh(path)
+        return len(files)
+
     @property
     def names(self) -> list[str]:
         return [f"synthetic_s{self.seed}_{i:06d}" for i in range(self.length)]

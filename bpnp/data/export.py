@@ -5,6 +5,8 @@ Examples::
 
     python -m bpnp.data.export synthetic --out scenes/synth_test --num 500 --seed 2 \\
         --outlier-frac-2d 0.2 --outlier-frac-3d 0.2 --noise-px 1.0
+    python -m bpnp.data.export synthetic --preset world --out scenes/unseen_category --num 200 \\
+        --seed 2 --set mesh_root=../shared/data/meshes --set mesh_split=test_unseen_category
     python -m bpnp.data.export colmap --model ../shared/data/real/lund_door --out scenes/lund \\
         --max-points-2d 2000 --max-points-3d 3000
     python -m bpnp.data.export pickles --root data/bpnpnet --dataset modelnet40 --split test \\
@@ -59,20 +61,34 @@ def _write_all(out: Path, scenes: Iterable[tuple[dict[str, Any], dict[str, Any]]
 
 
 def _run_synthetic(args: argparse.Namespace) -> int:
-    from bpnp.data.synthetic import SyntheticConfig, make_instance
+    import yaml
 
-    kw: dict[str, Any] = {
-        "num_points_2d": (args.min_points, args.max_points),
-        "outlier_frac_2d": args.outlier_frac_2d,
-        "outlier_frac_3d": args.outlier_frac_3d,
-        "noise_px": args.noise_px,
-        "focal_px": args.focal_px,
-        "fov_deg": args.fov_deg,
-        "visible_only": not args.hidden_outliers,
-    }
+    from bpnp.data.synthetic import WORLD, SyntheticConfig, make_instance
+
+    # Precedence: the preset, then the flags given, then --set KEY=VALUE.
+    kw: dict[str, Any] = {} if args.preset == "legacy" else {**WORLD}
+    if args.preset == "world":
+        kw["mesh_root"] = None
+    lo, hi = args.min_points, args.max_points
+    if lo is not None or hi is not None:
+        base = SyntheticConfig.from_dict({k: v for k, v in kw.items() if k == "num_points_2d"}).num_points_2d
+        base = base if isinstance(base, tuple) else (base, base)
+        kw["num_points_2d"] = (base[0] if lo is None else lo, base[1] if hi is None else hi)
+    flags = {"outlier_frac_2d": args.outlier_frac_2d, "outlier_frac_3d": args.outlier_frac_3d,
+             "noise_px": args.noise_px, "focal_px": args.focal_px, "fov_deg": args.fov_deg}
+    kw.update({k: v for k, v in flags.items() if v is not None})
+    if args.hidden_outliers:
+        kw["visible_only"] = False
     if args.shapes:
         kw["shape_weights"] = {s: 1.0 for s in args.shapes}
-    cfg = SyntheticConfig(**kw)
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        kw[key.strip()] = yaml.safe_load(value)
+    if kw.get("mesh_root") is None and float(dict(kw.get("shape_weights") or {}).get("mesh", 0)) > 0:
+        kw["mesh_root"] = str(Path(__file__).resolve().parents[3] / "shared" / "data" / "meshes")
+    cfg = SyntheticConfig.from_dict(kw)
     _prepare_out(args.out, args.overwrite)
     scenes = ((make_instance(cfg, args.seed, i), {"seed": args.seed, "index": i})
               for i in range(args.num))
@@ -145,20 +161,29 @@ def build_parser() -> argparse.ArgumentParser:
     common(s)
     s.add_argument("--num", type=int, required=True, help="number of instances")
     s.add_argument("--seed", type=int, default=0, help="stream seed (>= 0)")
-    s.add_argument("--min-points", type=int, default=200, help="fewest 2D points per instance")
-    s.add_argument("--max-points", type=int, default=1000, help="most 2D points per instance")
-    s.add_argument("--outlier-frac-2d", type=float, default=0.0,
-                   help="fraction of 2D points that are outliers, in [0, 1)")
-    s.add_argument("--outlier-frac-3d", type=float, default=0.0,
-                   help="fraction of 3D points that are outliers, in [0, 1)")
-    s.add_argument("--noise-px", type=float, default=1.0, help="2D noise std in pixels")
-    s.add_argument("--focal-px", type=float, default=800.0, help="focal length in pixels")
-    s.add_argument("--fov-deg", type=float, default=60.0, help="horizontal field of view")
+    s.add_argument("--preset", choices=["legacy", "world"], default="legacy",
+                   help="base config: legacy = SyntheticConfig defaults (the original generator), "
+                        "world = bpnp.data.synthetic.WORLD (meshes under ../shared/data/meshes "
+                        "unless --set mesh_root=DIR)")
+    s.add_argument("--min-points", type=int, default=None,
+                   help="fewest 2D points per instance (legacy default: 200)")
+    s.add_argument("--max-points", type=int, default=None,
+                   help="most 2D points per instance (legacy default: 1000)")
+    s.add_argument("--outlier-frac-2d", type=float, default=None,
+                   help="fraction of 2D points that are outliers, in [0, 1) (legacy default: 0)")
+    s.add_argument("--outlier-frac-3d", type=float, default=None,
+                   help="fraction of 3D points that are outliers, in [0, 1) (legacy default: 0)")
+    s.add_argument("--noise-px", type=float, default=None, help="2D noise std in pixels (legacy default: 1)")
+    s.add_argument("--focal-px", type=float, default=None, help="focal length in pixels (legacy default: 800)")
+    s.add_argument("--fov-deg", type=float, default=None, help="horizontal field of view (legacy default: 60)")
     s.add_argument("--shapes", nargs="+", default=None,
-                   choices=["sphere", "box", "cylinder", "torus", "union", "scene"],
+                   choices=["sphere", "box", "cylinder", "torus", "union", "scene", "mesh"],
                    help="shape families to use, equally weighted (default: the config's mix)")
     s.add_argument("--hidden-outliers", action="store_true",
                    help="take 3D outliers from surface points the camera cannot see")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="any SyntheticConfig field (YAML value), applied last; repeatable, e.g. "
+                        "--set mesh_split=test_unseen_category --set 'fov_deg=[40, 90]'")
     s.set_defaults(func=_run_synthetic)
 
     c = sub.add_parser("colmap", help="one instance per registered image of a COLMAP model",
@@ -193,7 +218,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "synthetic":
         if args.num < 1:
             parser.error("--num must be >= 1")
-        if args.min_points > args.max_points:
+        if args.min_points is not None and args.max_points is not None and args.min_points > args.max_points:
             parser.error("--min-points must be <= --max-points")
     try:
         args.func(args)

@@ -79,3 +79,19 @@ def test_colmap_export(tmp_path):
         X = scene["p3d"][scene["match"][sel]] @ scene["R"].T + scene["t"]
         err = np.linalg.norm(X[:, :2] / X[:, 2:3] - scene["p2d"][sel], axis=1) * scene["K"][0, 0]
         assert np.median(err) < 1.0
+
+
+MESHES = REPO.parent / "shared" / "data" / "meshes"
+
+
+@pytest.mark.skipif(not MESHES.is_dir(), reason=f"shared meshes not found at {MESHES}")
+def test_world_preset_mesh_only_export_finds_the_shared_meshes(tmp_path):
+    """``--shapes mesh`` with no --set mesh_root: the shared meshes' default location is used
+    (the held-out test sets of docs/results.md are written this way)."""
+    out = tmp_path / "cat"
+    assert main(["synthetic", "--preset", "world", "--out", str(out), "--num", "2", "--min-points", "40",
+                 "--max-points", "60", "--shapes", "mesh", "--set", "mesh_split=test_unseen_category", "--quiet"]) == 0
+    cfg = SyntheticConfig.from_dict(json.loads((out / "index.json").read_text())["config"])
+    assert cfg.shape_weights.get("mesh") == 1.0 and sum(cfg.shape_weights.values()) == 1.0
+    assert cfg.mesh_split == "test_unseen_category" and Path(cfg.mesh_root).resolve() == MESHES.resolve()
+    assert len(list(out.glob("*.npz"))) == 2
