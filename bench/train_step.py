@@ -3,10 +3,15 @@
     python bench/train_step.py                 # b = 8, m = n = 256 and 1000 (3 repeats each)
     python bench/train_step.py --sizes 256     # the quick case only
     python bench/train_step.py --robust geman_mcclure   # with the configs' robust kernel
-    python bench/train_step.py --knn 16        # with the local-geometry stem (encoders cost more)
+    python bench/train_step.py --knn 16        # the original encoders with the local-geometry stem
+    python bench/train_step.py --networks attention   # only the default network
 
-Setting as in docs/REFERENCE_BPNPNET.md "Measured": random weights at the original's widths
-(feature 128, depth 12, STN), training mode, correspondence + pose loss (refinement on),
+Two networks are timed side by side in one run, steps alternating (``--networks``): the original
+encoders (``bpnpnet``: feature 128, depth 12, STN, uniform marginals, ``--knn`` stem) and the
+default matcher (``attention``: configs/model/net/attention.yaml widths, outlier bins), and the
+ratio of their steps is printed.
+
+Setting as in docs/REFERENCE_BPNPNET.md "Measured": random weights, training mode, correspondence + pose loss (refinement on),
 synthetic inputs, torch threads = 2. Stages:
 
 - forward: encoders (incl. STN and cost), OT (Sinkhorn), RANSAC, refinement (LM);
@@ -88,39 +93,59 @@ def main() -> None:
                     help="refinement kernel: none = the original's objective (default, like for like); "
                          "geman_mcclure = configs/model/bpnp.yaml's default")
     ap.add_argument("--keep-denormals", action="store_true", help="do not flush denormal floats to zero")
-    ap.add_argument("--knn", type=int, default=0,
-                    help="neighbours of the local-geometry stem (0 = the original's encoders; the main job's value "
-                         "is in configs/experiment/bpnp_synthetic.yaml)")
+    ap.add_argument("--knn", type=int, default=16,
+                    help="neighbours of the bpnpnet encoders' local-geometry stem (0 = the original's encoders; 16 = "
+                         "the previous main job's)")
+    ap.add_argument("--networks", nargs="+", default=["bpnpnet", "attention"], choices=["bpnpnet", "attention"],
+                    help="networks timed side by side (steps alternate)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     # As train.py does (configs/train.yaml flush_denormal): gradients reaching the encoders are
     # scaled by P ~ 1/(m n) and go denormal at 1000 points, which makes the encoder backward
     # ~20x slower on x86 CPUs (measured: 11.8 s vs 0.6 s); --keep-denormals shows that.
     torch.set_flush_denormal(not args.keep_denormals)
-    torch.manual_seed(0)
-    net = BlindPnPNet(feature_dim=128, depth=12, use_stn=True, robust=args.robust, knn=args.knn)  # the original's widths
-    net.train()
-    net.profile = True
+    nets = {}
+    for name in args.networks:
+        torch.manual_seed(0)
+        if name == "bpnpnet":  # the original's widths
+            net = BlindPnPNet(matcher="bpnpnet", feature_dim=128, depth=12, use_stn=True, knn=args.knn, bins="none",
+                              robust=args.robust)
+        else:  # configs/model/net/attention.yaml and configs/model/bpnp.yaml
+            net = BlindPnPNet(matcher="attention", feature_dim=128, depth=3, heads=4, knn=16, bins="shared",
+                              robust=args.robust)
+        net.train()
+        net.profile = True
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-3)
+        nets[name] = (net, opt)
+        n_params = sum(p.numel() for p in net.parameters())
+        print(f"{name}: {n_params / 1e6:.2f} M parameters")
     loss_fn = BlindPnPLoss(corr_weight=1.0, pose_weight=1.0, pose_start_epoch=0, corr_kind="linear")
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-3)
-    n_params = sum(p.numel() for p in net.parameters())
-    print(f"BlindPnPNet: {n_params / 1e6:.2f} M parameters, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"batch {args.batch}, training mode, pose loss on, refinement kernel {args.robust}, knn stem {args.knn}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, training mode, pose loss on, "
+          f"refinement kernel {args.robust}, knn stem of bpnpnet {args.knn}")
     for n in args.sizes:
-        one_step(net, loss_fn, opt, make_batch(args.batch, n, seed=99))  # warm-up at this size
-        batch = make_batch(args.batch, n)
-        reps = args.repeats
-        runs = [one_step(net, loss_fn, opt, batch) for _ in range(reps)]
-        med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-        geo = med["ot_fwd"] + med["ransac"] + med["refine_fwd"] + med["refine_bwd"] + med["ot_bwd"]
-        print(f"\nb = {args.batch}, m = n = {n}  (median of {reps})")
-        print("  " + "  ".join(f"{k} {med[k]:.3f}s" for k in STAGES))
-        print(f"  forward {med['forward']:.3f}s  backward {med['backward']:.3f}s  step {med['step']:.3f}s  "
-              f"geometric layers {geo:.3f}s ({100 * geo / med['step']:.0f}% of the step)")
-        ref = REFERENCE.get(n)
-        if ref and args.batch == 8:
-            print(f"  original BPnPNet (REFERENCE_BPNPNET.md): step {ref['step']:.2f}s, geometric layers ~{ref['geometric']:.1f}s")
-            print(f"  ratio original/ours: step {ref['step'] / med['step']:.1f}x, geometric layers {ref['geometric'] / geo:.1f}x")
+        warm, batch = make_batch(args.batch, n, seed=99), make_batch(args.batch, n)
+        runs = {name: [] for name in nets}
+        for name, (net, opt) in nets.items():
+            one_step(net, loss_fn, opt, warm)  # warm-up at this size
+        for _ in range(args.repeats):  # alternate, so that machine load hits both alike
+            for name, (net, opt) in nets.items():
+                runs[name].append(one_step(net, loss_fn, opt, batch))
+        steps = {}
+        for name, rs in runs.items():
+            med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
+            steps[name] = med["step"]
+            geo = med["ot_fwd"] + med["ransac"] + med["refine_fwd"] + med["refine_bwd"] + med["ot_bwd"]
+            print(f"\n{name}: b = {args.batch}, m = n = {n}  (median of {args.repeats})")
+            print("  " + "  ".join(f"{k} {med[k]:.3f}s" for k in STAGES))
+            print(f"  forward {med['forward']:.3f}s  backward {med['backward']:.3f}s  step {med['step']:.3f}s  "
+                  f"geometric layers {geo:.3f}s ({100 * geo / med['step']:.0f}% of the step)")
+            ref = REFERENCE.get(n)
+            if ref and args.batch == 8 and name == "bpnpnet":
+                print(f"  original BPnPNet (REFERENCE_BPNPNET.md): step {ref['step']:.2f}s, geometric layers ~{ref['geometric']:.1f}s")
+                print(f"  ratio original/ours: step {ref['step'] / med['step']:.1f}x, geometric layers {ref['geometric'] / geo:.1f}x")
+        if {"bpnpnet", "attention"} <= set(steps):
+            print(f"\n  m = n = {n}: attention step / bpnpnet step = {steps['attention'] / steps['bpnpnet']:.2f}x "
+                  f"(target: <= 1.5x at 1000 points)")
 
 
 if __name__ == "__main__":

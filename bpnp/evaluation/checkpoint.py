@@ -88,6 +88,18 @@ def network_config(ckpt: Mapping[str, Any], name: str = "<checkpoint>") -> dict[
     )
 
 
+def legacy_network_defaults(cfg: Mapping[str, Any], state: Mapping[str, Any]) -> dict[str, Any]:
+    """Fill in the settings a checkpoint written before ``matcher`` and ``bins`` existed left
+    implicit: its weights are the original encoders (``encoder2d.*``), without bins, built with
+    that era's code defaults (depth 12, no kNN stem). Settings the config states win."""
+    cfg = dict(cfg)
+    if "matcher" not in cfg and any(str(k).startswith("encoder2d.") for k in state):
+        cfg = {"matcher": "bpnpnet", "depth": 12, "knn": 0, **cfg}
+    if "bins" not in cfg and not any(str(k).endswith("bin_cost") for k in state):
+        cfg["bins"] = "none"
+    return cfg
+
+
 def _network_state(ckpt: Mapping[str, Any], name: str) -> dict[str, torch.Tensor]:
     state = ckpt.get("state_dict")
     if not isinstance(state, Mapping) or not state:
@@ -131,8 +143,8 @@ def network_from_dict(ckpt: Mapping[str, Any], name: str = "<checkpoint>", devic
     (``name`` is the file named in errors); for callers that also need the dict's config."""
     from bpnp.training.module import build_net  # the same builder training uses
 
-    cfg = {**network_config(ckpt, name), **dict(overrides or {})}
     state = _network_state(ckpt, name)
+    cfg = {**legacy_network_defaults(network_config(ckpt, name), state), **dict(overrides or {})}
     try:
         net = build_net(cfg)
     except (TypeError, ValueError, ImportError, AttributeError) as exc:

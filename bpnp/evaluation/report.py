@@ -19,6 +19,8 @@ key                         meaning
 ``auc_rot_<T>deg``          area under the rotation-error recall curve up to T degrees, in [0, 1]
 ``auc_center_<T>pct``       same for ``center_err_rel`` up to T percent (scale-free)
 ``ransac_failure_rate``     fraction with a nonzero RANSAC status
+``match_acc``               mean fraction of true pairs that are their row's maximum of P
+                            (network methods only)
 ``pnp_status_counts``       ``{code: count}`` of refinement statuses (-1 = not run)
 ==========================  ====================================================================
 
@@ -55,7 +57,7 @@ __all__ = [
 #: Columns of the per-instance CSV, in order.
 CSV_COLUMNS = (
     "scene", "index", "method", "frac_2d", "frac_3d", "m", "n", "num_true_inliers",
-    "rot_err_deg", "t_err", "center_err_rel", "success", "ransac_inliers", "pair_precision",
+    "rot_err_deg", "t_err", "center_err_rel", "success", "ransac_inliers", "pair_precision", "match_acc",
     "time_s", "ransac_status", "pnp_status",
 )
 
@@ -122,6 +124,9 @@ def summarize(
         for T, a in zip(ths, auc_c):
             out[f"auc_center_{T:g}pct"] = float(a)
     out["ransac_failure_rate"] = float(np.mean([int(r["ransac_status"]) != 0 for r in records]))
+    acc = np.array([float(r.get("match_acc", float("nan"))) for r in records])
+    if np.isfinite(acc).any():  # the network's methods (baselines have no P to rate)
+        out["match_acc"] = float(np.nanmean(acc))
     counts = Counter(int(r["pnp_status"]) for r in records)
     out["pnp_status_counts"] = {str(k): int(v) for k, v in sorted(counts.items())}
     return out

@@ -155,6 +155,16 @@ def _precision(pairs_2d: np.ndarray, pairs_3d: np.ndarray, match: np.ndarray) ->
     return float(np.mean(np.asarray(match)[pairs_2d] == pairs_3d))
 
 
+def _row_argmax_accuracy(P: torch.Tensor, match: np.ndarray) -> float:
+    """Fraction of the true pairs ``(i, match[i])`` whose 3D point is row i's maximum of ``P``
+    (m, n); NaN without true pairs. (The training metric ``match_acc``, for one instance.)"""
+    rows = np.flatnonzero(match >= 0)
+    if rows.size == 0:
+        return float("nan")
+    best = P.argmax(1).cpu().numpy()
+    return float(np.mean(best[rows] == match[rows]))
+
+
 def _baseline_nodes(model: Any) -> tuple[PnPRefine, dict[str, Any]]:
     refine = getattr(model, "pnp", None)
     if not isinstance(refine, PnPRefine):
@@ -266,6 +276,7 @@ def _model_records(out: Any, dt: float, timings: Mapping[str, float], base: Mapp
     pairs, _ = _topk_pairs(out.P[0].detach(), max(base["num_true_inliers"], 1))
     prec = _precision(pairs[:, 0], pairs[:, 1], match)
     shared = {"ransac_inliers": int(out.ransac_inliers[0]), "pair_precision": prec,
+              "match_acc": _row_argmax_accuracy(out.P[0].detach(), match),
               "ransac_status": int(out.ransac_status[0])}
     recs = [{**base, "method": "model", **instance_errors(out.R[0].detach().cpu(), out.t[0].detach().cpu(), scene),
              **shared, "time_s": dt, "pnp_status": int(out.pnp_status[0])}]
@@ -296,5 +307,6 @@ def _baseline_record(base: Mapping[str, Any], method: str, pose: BaselinePose, s
         **base, "method": method, **instance_errors(pose.R, pose.t, scene),
         "ransac_inliers": pose.ransac_inliers,
         "pair_precision": _precision(pose.pairs_2d, pose.pairs_3d, np.asarray(scene["match"])),
+        "match_acc": float("nan"),  # no plan of its own to rate
         "time_s": time_s, "ransac_status": pose.ransac_status, "pnp_status": pose.pnp_status,
     }

@@ -32,16 +32,20 @@ import torch
 from bpnp.evaluation.checkpoint import CheckpointError, load_network, parse_set_overrides
 
 
-def validation_success(net, loader, scales: list[float], seed: int = 0) -> tuple[dict[float, float], float, float]:
+def validation_success(net, loader, scales: list[float], seed: int = 0,
+                       inliers: dict[str, float] | None = None) -> tuple[dict[float, float], float, float]:
     """Success rate (DESIGN.md definition) of ``net`` over ``loader`` for each refinement scale,
     of the RANSAC pose, and the mean per-item match accuracy; RANSAC draws from
-    ``seed * 1_000_003 + batch_index`` (as validation)."""
+    ``seed * 1_000_003 + batch_index`` (as validation). A network with outlier bins also fills
+    ``inliers`` (when given) with the mean per-item precision / recall of its inlier decision
+    (``precision_2d``, ``recall_2d``, ``precision_3d``, ``recall_3d``)."""
     from bpnp.geometry.metrics import pose_errors
     from bpnp.geometry.ransac import seeded_generator
-    from bpnp.training.losses import match_accuracy
+    from bpnp.training.losses import inlier_precision_recall, match_accuracy
 
     hits = {s: [] for s in scales}
     ransac, matched = [], []
+    pr_all: dict[str, list[torch.Tensor]] = {}
     for k, batch in enumerate(loader):
         args = (batch["R"], batch["t"], batch["p3d"], batch["match"], batch["mask2d"], batch.get("mask3d"))
         with torch.no_grad():  # encoders, Sinkhorn and RANSAC once; only the refinement depends on the scale
@@ -52,6 +56,14 @@ def validation_success(net, loader, scales: list[float], seed: int = 0) -> tuple
                 hits[s].append(pose_errors(refined.R, refined.t, *args)["success"].float())
         ransac.append(pose_errors(out.R0, out.t0, *args)["success"].float())
         matched.append(match_accuracy(out.P, batch["match"], batch["mask2d"], batch.get("mask3d")))
+        if out.inlier2d is not None:
+            pr = inlier_precision_recall(out.inlier2d, out.inlier3d, batch["match"], batch["mask2d"], batch.get("mask3d"))
+            for key, v in pr.items():
+                pr_all.setdefault(key, []).append(v)
+    if inliers is not None:
+        for key, v in pr_all.items():
+            v = torch.cat(v)
+            inliers[key] = float(v[~v.isnan()].mean()) if bool((~v.isnan()).any()) else float("nan")
     acc = torch.cat(matched)
     acc = acc[~acc.isnan()]  # items without a true pair
     match_acc = float(acc.mean()) if acc.numel() else float("nan")
@@ -83,9 +95,13 @@ def main(argv: list[str] | None = None) -> int:
     dm = instantiate(cfg.data)
     dm.setup("validate")
     loader = dm.val_dataloader()
-    success, ransac, match_acc = validation_success(net, loader, list(args.scales), seed=int(cfg.model.get("eval_seed", 0)))
+    inliers: dict[str, float] = {}
+    success, ransac, match_acc = validation_success(net, loader, list(args.scales), seed=int(cfg.model.get("eval_seed", 0)),
+                                                    inliers=inliers)
     print(f"validation split: {len(dm.dataset('val'))} instances; match accuracy {match_acc:.4f}; "
           f"RANSAC pose alone: success {ransac:.3f}")
+    if inliers:
+        print("outlier bins' inlier decision (p > 0.5): " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(inliers.items())))
     for s in args.scales:
         print(f"robust_scale {s:g}: success {success[s]:.3f}")
     best = max(args.scales, key=lambda s: (success[s], s))  # ties: the larger scale (wider basin)

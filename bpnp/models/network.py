@@ -2,15 +2,26 @@ r"""BlindPnPNet: unmatched 2D keypoints + 3D point cloud -> soft correspondences
 
 Pipeline per batch (all items at once, everything masked):
 
-1. 3D branch: optional similarity normalisation of the point cloud (masked centroid and RMS
-   radius; matching is invariant to it and the geometric layers use the raw points), optional
-   PointNet STN (``p' = p T``), then a :class:`~bpnp.models.encoders.PointEncoder`.
-   2D branch: the encoder sees the raw camera-normalised ``(x, y)``. With ``knn > 0`` both
-   encoders add a learned encoding of each point's k nearest neighbours
-   (:mod:`bpnp.models.local_geometry`) to their first layer.
+1. Per-point features, by one of two matchers (``matcher``):
+
+   - ``"attention"`` (the default): :class:`~bpnp.models.attention.AttentionMatcher`, GoMatch-style
+     per-point embeddings (bearings for 2D, similarity-normalised coordinates for 3D) and
+     ``depth`` blocks of kNN self-attention within each set and 2D<->3D cross-attention.
+   - ``"bpnpnet"`` (the original): two :class:`~bpnp.models.encoders.PointEncoder` (context-
+     normalised residual blocks) that never see each other. 3D branch: optional similarity
+     normalisation (masked centroid and RMS radius; matching is invariant to it and the
+     geometric layers use the raw points), optional PointNet STN (``p' = p T``); the 2D branch
+     sees the raw camera-normalised ``(x, y)``. With ``knn > 0`` both encoders add a learned
+     encoding of each point's k nearest neighbours (:mod:`bpnp.models.local_geometry`).
 2. Features are L2-normalised, the cost is ``M_ij = ||f2d_i - f3d_j||`` in ``[0, 2]``.
-3. :class:`~bpnp.nodes.SinkhornOT` with uniform marginals over the real points gives the joint
-   probability matrix ``P`` (implicit backward).
+3. Optimal transport (implicit backward) gives the joint probability matrix ``P``. With
+   ``bins="none"``: :class:`~bpnp.nodes.SinkhornOT` with uniform marginals over the real points,
+   so every point is forced into matches. With ``bins="shared"`` / ``"per_side"``: a learnable
+   outlier bin row and column (:func:`~bpnp.nodes.sinkhorn_with_bins`); ``P`` is then the
+   real-by-real block renormalised to sum 1, and ``inlier2d`` / ``inlier3d`` (one minus each
+   point's bin mass) are the points' inlier probabilities. Because a likely outlier's row keeps
+   little real mass, RANSAC's P-weighted candidate choice and sampling (step 4) and the
+   refinement's weights (step 5) follow the inlier scores without a separate head.
 4. :func:`~bpnp.geometry.ransac.ransac_pnp` on ``P`` gives the initial pose ``(R0, t0)``
    (not differentiated).
 5. :class:`~bpnp.nodes.PnPRefine` minimises the ``P``-weighted robust angular error from
@@ -32,12 +43,18 @@ from torch import nn
 
 from bpnp.geometry.bearings import to_bearings
 from bpnp.geometry.ransac import ransac_pnp
+from bpnp.models.attention import AttentionMatcher
 from bpnp.models.context_norm import masked_rms_radius
 from bpnp.models.encoders import PointEncoder
 from bpnp.models.stn import STN3d
-from bpnp.nodes import PnPRefine, SinkhornOT, uniform_marginals
+from bpnp.nodes import PnPRefine, SinkhornOT, SinkhornOTWithBins, split_bins, uniform_marginals
 
-__all__ = ["BlindPnPNet", "BlindPnPOutput", "NOT_RUN", "feature_cost"]
+__all__ = ["BlindPnPNet", "BlindPnPOutput", "NOT_RUN", "MATCHERS", "BINS", "feature_cost"]
+
+#: Per-point feature networks of :class:`BlindPnPNet` (``matcher``).
+MATCHERS = ("attention", "bpnpnet")
+#: Outlier-bin variants of the OT node (``bins``).
+BINS = ("none", "shared", "per_side")
 
 #: ``pnp_status`` of items whose refinement did not run (training without refinement).
 NOT_RUN = -1
@@ -79,6 +96,13 @@ class BlindPnPOutput:
     """(B,) int64 :class:`bpnp.nodes.Status` of the OT forward."""
     refined: bool
     """Whether the refinement node ran."""
+    P_aug: torch.Tensor | None = None
+    """(B, m + 1, n + 1) plan with the outlier bins as last row and column (mass 1 in all), or
+    None without bins."""
+    inlier2d: torch.Tensor | None = None
+    """(B, m) probability that each 2D point has a match (1 - its bin mass), None without bins."""
+    inlier3d: torch.Tensor | None = None
+    """(B, n) probability that each 3D point is observed, None without bins."""
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -111,16 +135,25 @@ class BlindPnPNet(nn.Module):
     """The end-to-end blind-PnP network.
 
     Args:
-        feature_dim: encoder width (128 in the original).
-        depth: residual blocks per encoder (12 in the original).
-        knn: neighbours of the local-geometry stem of both encoders (0 = none, the original;
+        matcher: ``"attention"`` or ``"bpnpnet"`` (module docstring).
+        feature_dim: feature width of either matcher (128 in the original).
+        depth: attention blocks (``attention``) or residual blocks per encoder (``bpnpnet``; 12
+            in the original).
+        knn: neighbours of the kNN self-attention (``attention``, >= 1) or of the
+            local-geometry stem of both encoders (``bpnpnet``; 0 = none, the original;
             :mod:`bpnp.models.local_geometry`).
-        knn_scale: the stem's offset scale: ``"radius"`` (the set's RMS radius) or
-            ``"neighbour"`` (its mean k-th neighbour distance, density-invariant).
-        cn_eps: context-normalisation epsilon.
-        use_stn: PointNet STN on the 3D branch.
-        normalize_3d: similarity-normalise the 3D points before the 3D branch.
+        heads: attention heads (``attention`` only; divides ``feature_dim``).
+        knn_scale: ``bpnpnet`` only: the stem's offset scale, ``"radius"`` (the set's RMS
+            radius) or ``"neighbour"`` (its mean k-th neighbour distance, density-invariant).
+        cn_eps: ``bpnpnet`` only: context-normalisation epsilon.
+        use_stn: ``bpnpnet`` only: PointNet STN on the 3D branch.
+        normalize_3d: ``bpnpnet`` only: similarity-normalise the 3D points before the 3D branch
+            (the attention matcher always does).
         sync_batchnorm: synchronise the STN's masked batch-norm statistics across DDP ranks.
+        bins: outlier bins of the OT node: ``"none"`` (uniform marginals, the original),
+            ``"shared"`` (one learnable bin cost) or ``"per_side"`` (one per side).
+        bin_init: initial bin cost (the cost scale is [0, 2]: a perfect match costs 0, unrelated
+            unit features about 1.4).
         lam: Sinkhorn inverse temperature.
         sinkhorn_max_iter, sinkhorn_tol: Sinkhorn stopping rule (per item).
         backward: ``"implicit"`` or ``"unrolled"`` for both declarative nodes.
@@ -147,14 +180,18 @@ class BlindPnPNet(nn.Module):
 
     def __init__(
         self,
+        matcher: str = "attention",
         feature_dim: int = 128,
-        depth: int = 12,
-        knn: int = 0,
+        depth: int = 3,
+        knn: int = 16,
+        heads: int = 4,
         knn_scale: str = "radius",
         cn_eps: float = 1e-3,
         use_stn: bool = True,
         normalize_3d: bool = True,
         sync_batchnorm: bool = False,
+        bins: str = "shared",
+        bin_init: float = 1.0,
         lam: float = 10.0,
         sinkhorn_max_iter: int = 100,
         sinkhorn_tol: float = 1e-6,
@@ -169,11 +206,24 @@ class BlindPnPNet(nn.Module):
         refine_in_training: bool = False,
     ) -> None:
         super().__init__()
-        self.encoder2d = PointEncoder(2, feature_dim, depth, cn_eps, knn, knn_scale)
-        self.encoder3d = PointEncoder(3, feature_dim, depth, cn_eps, knn, knn_scale)
-        self.stn = STN3d(sync_batchnorm=sync_batchnorm) if use_stn else None
+        if matcher not in MATCHERS:
+            raise ValueError(f"BlindPnPNet: matcher must be one of {MATCHERS}, got {matcher!r}")
+        if bins not in BINS:
+            raise ValueError(f"BlindPnPNet: bins must be one of {BINS}, got {bins!r}")
+        self.matcher_name, self.bins = matcher, bins
+        self.stn = None
+        if matcher == "attention":
+            self.matcher = AttentionMatcher(width=feature_dim, blocks=depth, heads=heads, knn=knn)
+        else:
+            self.encoder2d = PointEncoder(2, feature_dim, depth, cn_eps, knn, knn_scale)
+            self.encoder3d = PointEncoder(3, feature_dim, depth, cn_eps, knn, knn_scale)
+            self.stn = STN3d(sync_batchnorm=sync_batchnorm) if use_stn else None
         self.normalize_3d = bool(normalize_3d)
-        self.sinkhorn = SinkhornOT(lam=lam, max_iter=sinkhorn_max_iter, tol=sinkhorn_tol, backward=backward)
+        ot = dict(lam=lam, max_iter=sinkhorn_max_iter, tol=sinkhorn_tol, backward=backward)
+        if bins == "none":
+            self.sinkhorn = SinkhornOT(**ot)
+        else:
+            self.sinkhorn = SinkhornOTWithBins(bins=bins, bin_init=bin_init, **ot)
         self.pnp = PnPRefine(robust=robust, robust_scale=robust_scale, max_iter=pnp_max_iter, backward=backward)
         self.ransac_kwargs = dict(
             num_hypotheses=int(ransac_hypotheses),
@@ -189,6 +239,8 @@ class BlindPnPNet(nn.Module):
     # -- pieces ---------------------------------------------------------------------------------
     def features(self, p2d: torch.Tensor, p3d: torch.Tensor, mask2d: torch.Tensor, mask3d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Unit per-point features ``(B, C, m)``, ``(B, C, n)`` (0 at padding)."""
+        if self.matcher_name == "attention":
+            return self.matcher(p2d, p3d, mask2d, mask3d)
         x3 = p3d.transpose(1, 2)
         if self.normalize_3d:
             x3 = _masked_similarity_normalise(x3, mask3d)
@@ -286,8 +338,13 @@ class BlindPnPNet(nn.Module):
         else:
             M = self.cost(p2d, p3d, mask2d, mask3d)
         timer.lap("encoders")
-        r, c = uniform_marginals(mask2d, mask3d, M.dtype)
-        P = self.sinkhorn(M, r, c)
+        P_aug = inlier2d = inlier3d = None
+        if self.bins == "none":
+            r, c = uniform_marginals(mask2d, mask3d, M.dtype)
+            P = self.sinkhorn(M, r, c)
+        else:
+            split = split_bins(self.sinkhorn(M, mask2d, mask3d), mask2d, mask3d)
+            P, P_aug, inlier2d, inlier3d = split.P, split.P_aug, split.row_inlier, split.col_inlier
         info = self.sinkhorn.last_info
         timer.lap("sinkhorn")
 
@@ -309,7 +366,7 @@ class BlindPnPNet(nn.Module):
             pnp_status=torch.full((B,), NOT_RUN, dtype=torch.long, device=P.device),
             pnp_iterations=torch.zeros(B, dtype=torch.long, device=P.device),
             sinkhorn_iterations=info.iterations, sinkhorn_converged=info.converged, sinkhorn_status=info.status,
-            refined=False,
+            refined=False, P_aug=P_aug, inlier2d=inlier2d, inlier3d=inlier3d,
         )
         if refine:
             out = self._refine(out, bearings, points, mask2d, mask3d)

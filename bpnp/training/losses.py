@@ -5,12 +5,19 @@ r"""Training losses of BlindPnPNet.
   * ``linear`` (the original's): :math:`L_c = \sum_{ij} (1 - 2 C_{ij}) P_{ij} = 1 - 2 \sum_{ij}
     C_{ij} P_{ij}` per item (P sums to 1), in ``[-1, 1]``, with ``C`` the ground-truth
     correspondence matrix (``C[i, match[i]] = 1`` for real 2D inliers).
-  * ``nll``: the mean over true pairs of :math:`-\log(\sqrt{m' n'} P_{ij})` (m', n' the real set
+  * ``nll``: without outlier bins, the mean over true pairs of :math:`-\log(\sqrt{m' n'} P_{ij})` (m', n' the real set
     sizes), i.e. the average of the row and column negative log-likelihoods of the true match
     under the transport plan's conditionals ``m' P[i, :]`` and ``n' P[:, j]``. Its gradient does
     not shrink with the mass on the true pairs: with the linear loss, a network whose plan puts
     ~1 % of each row on the true match gets a ~100x weaker signal from those rows (README.md,
     "The main job", has the measured comparison and its command).
+    With outlier bins (the network's ``P_aug`` (B, m+1, n+1), :func:`bpnp.nodes.sinkhorn_with_bins`),
+    the NLL of SuperGlue / GoMatch: the mean, over every true pair, every 2D outlier and every
+    3D outlier, of :math:`-\log` of the row (column) conditional of the augmented plan at the
+    true target: the true 3D point of a matched 2D point, the bin column for a 2D outlier, the bin
+    row for a 3D outlier (a real 3D point no real 2D inlier observes). Every real row and column
+    of the augmented plan carries the mass ``1 / (m' + n')``, so the conditional is
+    ``(m' + n') P_aug``. :func:`bin_nll_loss`.
 - Pose loss :math:`\min(\angle(R, R_{gt}), \text{rot\_cap}) + \min(\|t - t_{gt}\|, \text{t\_cap})`
   with the caps ``pi/2`` and 1 of the original. The angle is computed as
   ``2 asin(||R - R_gt||_F / sqrt(8))``, whose gradient stays finite at a zero error (``acos`` of
@@ -27,7 +34,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["correspondence_matrix", "correspondence_loss", "match_accuracy", "CORR_KINDS", "rotation_angle", "pose_loss", "BlindPnPLoss", "LossTerms"]
+__all__ = ["correspondence_matrix", "correspondence_loss", "bin_nll_loss", "outlier_labels", "inlier_precision_recall",
+           "match_accuracy", "CORR_KINDS", "rotation_angle", "pose_loss", "BlindPnPLoss", "LossTerms"]
 
 
 def correspondence_matrix(match: torch.Tensor, n: int, mask2d: torch.Tensor | None = None, mask3d: torch.Tensor | None = None,
@@ -86,6 +94,83 @@ def correspondence_loss(P: torch.Tensor, match: torch.Tensor, mask2d: torch.Tens
     log_scale = 0.5 * torch.log((m_real * n_real).clamp_min(1.0))
     nll = -(torch.log(p_true.clamp_min(_NLL_P_FLOOR)) + log_scale[:, None])
     return (nll * w).sum(1) / w.sum(1).clamp_min(1.0)
+
+
+def outlier_labels(match: torch.Tensor, n: int, mask2d: torch.Tensor | None = None,
+                   mask3d: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ground-truth outliers of each side: ``(out2d (B, m), out3d (B, n))`` bool.
+
+    A real 2D point is an outlier when it has no true pair (``match = -1``, or its target is
+    padding); a real 3D point is an outlier when no real 2D point's true pair ends on it.
+    Padded points are neither.
+    """
+    B, m = match.shape
+    idx, valid = _true_pairs(match, n, mask2d, mask3d)
+    real2d = mask2d if mask2d is not None else torch.ones_like(valid)
+    real3d = mask3d if mask3d is not None else torch.ones(B, n, dtype=torch.bool, device=match.device)
+    hits = torch.zeros(B, n, dtype=torch.long, device=match.device)
+    hits.scatter_add_(1, idx, valid.long())
+    return real2d & ~valid, real3d & (hits == 0)
+
+
+def bin_nll_loss(P_aug: torch.Tensor, match: torch.Tensor, mask2d: torch.Tensor | None = None,
+                 mask3d: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-item negative log-likelihood of an augmented plan with outlier bins, shape (B,).
+
+    Args:
+        P_aug: (B, m + 1, n + 1) plan whose last row / column are the bins, every real row and
+            column of mass ``1 / (m' + n')`` (:func:`bpnp.nodes.sinkhorn_with_bins`).
+        match: (B, m) true 3D index of each 2D point, -1 for none.
+        mask2d, mask3d: (B, m) / (B, n) bool, True = real point (None = all real).
+
+    Returns:
+        The mean over true pairs, 2D outliers and 3D outliers of ``-log((m' + n') P_aug[target])``
+        (module docstring); 0 for an item with no real point.
+    """
+    B, m1, n1 = P_aug.shape
+    m, n = m1 - 1, n1 - 1
+    if match.shape != (B, m):
+        raise ValueError(f"bin_nll_loss: match must have shape {(B, m)} for P_aug of shape {tuple(P_aug.shape)}, "
+                         f"got {tuple(match.shape)}")
+    idx, valid = _true_pairs(match, n, mask2d, mask3d)
+    out2d, out3d = outlier_labels(match, n, mask2d, mask3d)
+    # Row target: the true 3D point for an inlier, the bin column (index n) for an outlier.
+    target = torch.where(valid, idx, torch.full_like(idx, n))
+    p_row = torch.gather(P_aug[:, :m, :], 2, target[..., None])[..., 0]
+    p_col = P_aug[:, m, :n]
+    w_row = (valid | out2d).to(P_aug.dtype)
+    w_col = out3d.to(P_aug.dtype)
+    m_real = w_row.new_full((B,), float(m)) if mask2d is None else mask2d.sum(1).to(P_aug.dtype)
+    n_real = w_row.new_full((B,), float(n)) if mask3d is None else mask3d.sum(1).to(P_aug.dtype)
+    log_scale = torch.log((m_real + n_real).clamp_min(1.0))[:, None]
+    nll_row = -(torch.log(p_row.clamp_min(_NLL_P_FLOOR)) + log_scale)
+    nll_col = -(torch.log(p_col.clamp_min(_NLL_P_FLOOR)) + log_scale)
+    total = (nll_row * w_row).sum(1) + (nll_col * w_col).sum(1)
+    return total / (w_row.sum(1) + w_col.sum(1)).clamp_min(1.0)
+
+
+def inlier_precision_recall(row_inlier: torch.Tensor, col_inlier: torch.Tensor, match: torch.Tensor,
+                            mask2d: torch.Tensor | None = None, mask3d: torch.Tensor | None = None,
+                            threshold: float = 0.5) -> dict[str, torch.Tensor]:
+    """Precision and recall of the bins' inlier decision, per item and side.
+
+    A real point is predicted an inlier when its inlier probability (1 - its bin mass) exceeds
+    ``threshold``. Returns ``{"precision_2d", "recall_2d", "precision_3d", "recall_3d"}``, each
+    (B,), NaN where undefined (no predicted / no true inlier on that side).
+    """
+    B, m = match.shape
+    n = col_inlier.shape[1]
+    out2d, out3d = outlier_labels(match, n, mask2d, mask3d)
+    real2d = mask2d if mask2d is not None else torch.ones_like(out2d)
+    real3d = mask3d if mask3d is not None else torch.ones_like(out3d)
+    result = {}
+    for side, prob, real, out in (("2d", row_inlier, real2d, out2d), ("3d", col_inlier, real3d, out3d)):
+        pred = (prob.detach() > threshold) & real
+        true = real & ~out
+        tp = (pred & true).sum(1).float()
+        result[f"precision_{side}"] = tp / pred.sum(1).float()  # 0/0 = NaN: undefined
+        result[f"recall_{side}"] = tp / true.sum(1).float()
+    return result
 
 
 def match_accuracy(P: torch.Tensor, match: torch.Tensor, mask2d: torch.Tensor | None = None,
@@ -151,7 +236,11 @@ class BlindPnPLoss:
         return self.pose_weight > 0 and self.pose_start_epoch is not None and epoch >= self.pose_start_epoch
 
     def __call__(self, out, batch, epoch: int) -> LossTerms:
-        corr = correspondence_loss(out.P, batch["match"], batch.get("mask2d"), batch.get("mask3d"), self.corr_kind).mean()
+        P_aug = getattr(out, "P_aug", None)
+        if P_aug is not None and self.corr_kind == "nll":
+            corr = bin_nll_loss(P_aug, batch["match"], batch.get("mask2d"), batch.get("mask3d")).mean()
+        else:
+            corr = correspondence_loss(out.P, batch["match"], batch.get("mask2d"), batch.get("mask3d"), self.corr_kind).mean()
         loss = self.corr_weight * corr
         pose = None
         if self.pose_active(epoch):

@@ -15,7 +15,8 @@ Metrics (names are the DESIGN.md contract): ``{stage}/rot_err_deg``, ``t_err``,
 under DDP) and ``{stage}/{name}_median`` (torchmetrics ``CatMetric``, gathered from every rank
 before the median), for ``stage`` in train / val / test; the RANSAC pose's ``ransac_success`` and
 ``ransac_rot_err_deg_median`` show what the refinement adds; ``match_acc`` is the fraction of
-true pairs that are their row's maximum of P. Losses: ``{stage}/loss``, ``loss_corr``,
+true pairs that are their row's maximum of P; with outlier bins, ``inlier_precision_2d`` etc.
+rate the bins' inlier decision (inlier probability > 0.5) on each side. Losses: ``{stage}/loss``, ``loss_corr``,
 ``loss_pose``.
 
 Non-finite guard: a training step whose loss is not finite (on any rank) returns ``None``
@@ -40,13 +41,17 @@ from bpnp.geometry.metrics import pose_errors
 from bpnp.geometry.ransac import seeded_generator
 from bpnp.models.network import BlindPnPNet, BlindPnPOutput
 from bpnp.nodes import Status
-from bpnp.training.losses import BlindPnPLoss, match_accuracy
+from bpnp.training.losses import BlindPnPLoss, inlier_precision_recall, match_accuracy
 
 __all__ = ["BlindPnPModule", "METRICS", "MEDIAN_METRICS"]
 
 METRICS = ("rot_err_deg", "t_err", "center_err_rel", "success")
 MEDIAN_METRICS = ("rot_err_deg", "t_err", "center_err_rel")
-_EXTRA_MEANS = ("loss", "loss_corr", "loss_pose", "match_acc", "ransac_success", "pnp_ok", "sinkhorn_iterations")
+#: Precision / recall of the outlier bins' inlier decision (inlier probability > 0.5), per side;
+#: logged only by networks with bins.
+INLIER_METRICS = ("inlier_precision_2d", "inlier_recall_2d", "inlier_precision_3d", "inlier_recall_3d")
+_EXTRA_MEANS = ("loss", "loss_corr", "loss_pose", "match_acc", "ransac_success", "pnp_ok", "sinkhorn_iterations",
+                *INLIER_METRICS)
 STAGES = ("train", "val", "test")
 
 
@@ -174,6 +179,11 @@ class BlindPnPModule(pl.LightningModule):
             self.means[f"{stage}_pnp_ok"].update((out.pnp_status == int(Status.OK)).float())
         self.means[f"{stage}_sinkhorn_iterations"].update(out.sinkhorn_iterations.float())
         self.means[f"{stage}_match_acc"].update(match_accuracy(out.P, batch["match"], batch.get("mask2d"), batch.get("mask3d")).float())
+        if getattr(out, "inlier2d", None) is not None:
+            pr = inlier_precision_recall(out.inlier2d, out.inlier3d, batch["match"], batch.get("mask2d"), batch.get("mask3d"))
+            for side in ("2d", "3d"):
+                for k in ("precision", "recall"):
+                    self.means[f"{stage}_inlier_{k}_{side}"].update(pr[f"{k}_{side}"].float())
         self.means[f"{stage}_loss"].update(terms.loss.detach(), weight=B)
         self.means[f"{stage}_loss_corr"].update(terms.corr.detach(), weight=B)
         if terms.pose is not None:
@@ -249,7 +259,7 @@ class BlindPnPModule(pl.LightningModule):
             self._count_skip()
 
     def on_train_epoch_end(self) -> None:
-        for k in ("match_acc", "ransac_success", "pnp_ok", "sinkhorn_iterations", "loss", "loss_corr", "loss_pose", *METRICS):
+        for k in ("match_acc", "ransac_success", "pnp_ok", "sinkhorn_iterations", "loss", "loss_corr", "loss_pose", *INLIER_METRICS, *METRICS):
             metric = self.means[f"train_{k}"]
             if metric.update_called:
                 self.log(f"train/{k}_epoch", metric.compute(), on_step=False, on_epoch=True, sync_dist=False)

@@ -60,9 +60,24 @@ def test_incompatible_weights(tmp_path):
     with pytest.raises(CheckpointError) as e:
         load_network(path)
     assert "incompatible checkpoint" in _one_line(e) and "size mismatch" in str(e.value)
-    path = save_weights_only(tmp_path / "w3.pt", net, {**TINY_NET, "use_stn": False})
+    path = save_weights_only(tmp_path / "w3.pt", net, {**TINY_NET, "bins": "none"})
+    with pytest.raises(CheckpointError, match="unexpected weights sinkhorn.bin_cost"):
+        load_network(path)
+    original = BlindPnPNet(**TINY_NET, matcher="bpnpnet")
+    path = save_weights_only(tmp_path / "w4.pt", original, {**TINY_NET, "matcher": "bpnpnet", "use_stn": False})
     with pytest.raises(CheckpointError, match="unexpected weights stn"):
         load_network(path)
+
+
+def test_checkpoints_from_before_the_matcher_option_load_as_the_original_network(tmp_path):
+    """A config without ``matcher`` / ``bins`` over the original encoders' weights (the files
+    written before those options existed) rebuilds the original network without bins."""
+    legacy = {"feature_dim": 8, "depth": 1, "knn": 0, "ransac_hypotheses": 64}
+    net = BlindPnPNet(**legacy, matcher="bpnpnet", bins="none")
+    loaded = load_network(save_weights_only(tmp_path / "old.pt", net, legacy))
+    assert loaded.matcher_name == "bpnpnet" and loaded.bins == "none"
+    for (k, a), (k2, b) in zip(net.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
 
 
 def test_bad_config(tmp_path):

@@ -28,11 +28,12 @@ def test_model_and_baselines_on_noise_free_scenes(gt_model, scenes):
         assert r["time_s"] >= 0
     for r, s in zip(_by(records, "model"), scenes):
         assert (r["m"], r["n"], r["num_true_inliers"]) == (len(s["p2d"]), len(s["p3d"]), int(np.sum(s["match"] >= 0)))
-        assert r["pair_precision"] == 1.0 and r["success"], r
+        assert r["pair_precision"] == 1.0 and r["match_acc"] == 1.0 and r["success"], r
     for r in _by(records, "oracle"):
         assert r["rot_err_deg"] < 1e-4 and r["center_err_rel"] < 1e-6, r
     summary = summarize_methods(records)
     assert summary["success_rate"] == 1.0 and summary["baselines"]["oracle"]["success_rate"] == 1.0
+    assert summary["match_acc"] == 1.0 and "match_acc" not in summary["baselines"]["oracle"]
     assert len(overlays) == 1 and overlays[0].name == "s0"
 
 

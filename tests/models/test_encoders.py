@@ -14,12 +14,12 @@ def _n_params(module: torch.nn.Module) -> int:
 
 
 def test_parameter_count_matches_original():
-    net = BlindPnPNet()
+    net = BlindPnPNet(matcher="bpnpnet", depth=12, knn=0, bins="none")
     # Original: about 2.0 M (two encoders of 12 blocks at width 128, STN 3-64-128-1024 / 512-256-9).
     assert 1.95e6 < _n_params(net) < 2.05e6
     assert 590_000 < _n_params(net.encoder2d) < 600_000
     assert 800_000 < _n_params(net.stn) < 810_000
-    small = BlindPnPNet(feature_dim=32, depth=2, use_stn=False)
+    small = BlindPnPNet(matcher="bpnpnet", feature_dim=32, depth=2, knn=0, use_stn=False)
     assert small.stn is None and _n_params(small) < 20_000
 
 

@@ -21,8 +21,9 @@ def _batch(b=3, m=(40, 60), outliers_2d=0.0, outliers_3d=0.0, seed=0):
 
 
 def _small_net(**kw):
+    """A small network: the default matcher (attention) with bins unless ``kw`` says otherwise."""
     torch.manual_seed(0)
-    args = dict(feature_dim=16, depth=2, ransac_hypotheses=128)
+    args = dict(feature_dim=16, depth=2, knn=4, ransac_hypotheses=128)
     args.update(kw)
     return BlindPnPNet(**args)
 
@@ -74,29 +75,37 @@ def test_true_match_costs_recover_the_pose():
     # Refinement on the P-weighted angular error is at least as good as RANSAC's pose (noise 1 px).
     e0 = pose_errors(out.R0, out.t0, batch["R"], batch["t"], batch["p3d"], batch["match"], batch["mask2d"], batch["mask3d"])
     assert errs["rot_err_deg"].mean() <= e0["rot_err_deg"].mean() + 0.05
-    # The original's unweighted-robust refinement (rho = identity) is biased by the mass P must
-    # put on wrong pairs when there are outliers; without outliers it is as accurate.
-    plain = _small_net(robust="none").eval()(batch, cost_override=_true_cost(batch), generator=_gen())
+    # Without bins, the original's unweighted-robust refinement (rho = identity) is biased by the
+    # mass uniform marginals force onto wrong pairs when there are outliers; the outlier bins
+    # take that mass off the real pairs, so with them even rho = identity is accurate.
+    plain = _small_net(robust="none", bins="none").eval()(batch, cost_override=_true_cost(batch), generator=_gen())
     e_plain = pose_errors(plain.R, plain.t, batch["R"], batch["t"], batch["p3d"], batch["match"], batch["mask2d"], batch["mask3d"])
     assert e_plain["rot_err_deg"].mean() > 3 * errs["rot_err_deg"].mean()
+    binned = _small_net(robust="none", bin_init=1.0).eval()(batch, cost_override=_true_cost(batch), generator=_gen())
+    e_binned = pose_errors(binned.R, binned.t, batch["R"], batch["t"], batch["p3d"], batch["match"], batch["mask2d"], batch["mask3d"])
+    assert e_binned["rot_err_deg"].mean() < 0.5 * e_plain["rot_err_deg"].mean()
+    assert torch.all(e_binned["success"])
     clean = _batch(b=2, m=(50, 60))
-    out = _small_net(robust="none").eval()(clean, cost_override=_true_cost(clean), generator=_gen())
+    out = _small_net(robust="none", bins="none").eval()(clean, cost_override=_true_cost(clean), generator=_gen())
     e_clean = pose_errors(out.R, out.t, clean["R"], clean["t"], clean["p3d"], clean["match"], clean["mask2d"], clean["mask3d"])
     assert torch.all(e_clean["rot_err_deg"] < 0.5)
     # A wrong cost (true pairs made expensive) must not "recover" it: the test can fail.
-    bad = net(batch, cost_override=2.0 - _true_cost(batch), generator=_gen())
+    bad = _small_net(bins="none").eval()(batch, cost_override=2.0 - _true_cost(batch), generator=_gen())
     e_bad = pose_errors(bad.R, bad.t, batch["R"], batch["t"], batch["p3d"], batch["match"], batch["mask2d"], batch["mask3d"])
     assert not torch.all(e_bad["success"])
 
 
 # knn = 6 in float64: with that untrained network two refinements stop at the iteration cap, where
 # float32 rounding alone (P agrees to 3e-8) moves the pose by 2e-4 relative.
-@pytest.mark.parametrize("training,knn,knn_scale", [(False, 0, "radius"), (True, 0, "radius"), (True, 6, "radius"),
-                                                    (True, 6, "neighbour")])
-def test_padding_never_changes_a_result(training, knn, knn_scale):
+# The attention matcher (with bins) in float64 for the same reason.
+@pytest.mark.parametrize("training,matcher,knn,knn_scale", [
+    (False, "bpnpnet", 0, "radius"), (True, "bpnpnet", 0, "radius"), (True, "bpnpnet", 6, "radius"),
+    (True, "bpnpnet", 6, "neighbour"), (False, "attention", 4, "radius"), (True, "attention", 4, "radius")])
+def test_padding_never_changes_a_result(training, matcher, knn, knn_scale):
     dtype = torch.float64 if knn else torch.float32
     batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in _batch(b=3).items()}
-    net = _small_net(use_stn=True, knn=knn, knn_scale=knn_scale).to(dtype).train(training)
+    bins = "shared" if matcher == "attention" else "none"
+    net = _small_net(matcher=matcher, use_stn=True, knn=knn, knn_scale=knn_scale, bins=bins).to(dtype).train(training)
     ref = net(batch, refine=True, generator=_gen())
     pad = net(_pad_garbage(batch), refine=True, generator=_gen())
     m, n = batch["p2d"].shape[1], batch["p3d"].shape[1]
@@ -106,6 +115,9 @@ def test_padding_never_changes_a_result(training, knn, knn_scale):
     assert torch.allclose(pad.R0, ref.R0, atol=1e-5) and torch.allclose(pad.t0, ref.t0, atol=1e-5)
     assert _same_pose(pad, ref)
     assert torch.all(torch.isfinite(pad.P))
+    if bins != "none":
+        assert torch.allclose(pad.inlier2d[:, :m], ref.inlier2d, atol=1e-6) and torch.all(pad.inlier2d[:, m:] == 0)
+        assert torch.allclose(pad.inlier3d[:, :n], ref.inlier3d, atol=1e-6) and torch.all(pad.inlier3d[:, n:] == 0)
     # With the true-match cost as well (pose well determined)
     M = _true_cost(batch)
     Mp = torch.full(pad.P.shape, 7.0)
@@ -115,13 +127,14 @@ def test_padding_never_changes_a_result(training, knn, knn_scale):
     assert _same_pose(a, b, rtol=1e-5)
 
 
-@pytest.mark.parametrize("knn,knn_scale", [(0, "radius"), (6, "radius"), (6, "neighbour")])
-def test_permuting_points_permutes_P_and_keeps_the_pose(knn, knn_scale):
+@pytest.mark.parametrize("matcher,knn,knn_scale", [("bpnpnet", 0, "radius"), ("bpnpnet", 6, "radius"),
+                                                   ("bpnpnet", 6, "neighbour"), ("attention", 4, "radius")])
+def test_permuting_points_permutes_P_and_keeps_the_pose(matcher, knn, knn_scale):
     # float64 with the stem: the refinement of a random network's diffuse P can amplify float32
     # summation-order noise (1e-7 in P) to a different pose, which is not what this test is about
     dtype = torch.float64 if knn else torch.float32
     batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in _batch(b=2, m=(40, 40)).items()}
-    net = _small_net(knn=knn, knn_scale=knn_scale).to(dtype).eval()
+    net = _small_net(matcher=matcher, knn=knn, knn_scale=knn_scale).to(dtype).eval()
     ref = net(batch, generator=_gen())
     m, n = batch["p2d"].shape[1], batch["p3d"].shape[1]
     g = torch.Generator().manual_seed(3)
@@ -139,18 +152,20 @@ def test_permuting_points_permutes_P_and_keeps_the_pose(knn, knn_scale):
     assert not torch.equal(other.R0, ref.R0)
 
 
-def test_refinement_switch_and_gradients_reach_the_encoders():
+@pytest.mark.parametrize("matcher", ["bpnpnet", "attention"])
+def test_refinement_switch_and_gradients_reach_the_encoders(matcher):
     batch = _batch(b=2)
-    net = _small_net().train()
+    net = _small_net(matcher=matcher).train()
     out = net(batch)  # training, refine_in_training=False: RANSAC pose only
     assert not out.refined and torch.equal(out.R, out.R0)
     assert torch.all(out.pnp_status == NOT_RUN)
-    net_r = _small_net(refine_in_training=True).train()
+    net_r = _small_net(matcher=matcher, refine_in_training=True).train()
+    encoders = [net_r.encoder2d, net_r.encoder3d] if matcher == "bpnpnet" else [net_r.matcher]
     out = net_r(batch)
     assert out.refined and out.R.requires_grad
     loss = BlindPnPLoss(pose_start_epoch=0)(out, batch, epoch=0)
     loss.loss.backward()
-    grads = [p.grad for p in net_r.encoder2d.parameters()] + [p.grad for p in net_r.encoder3d.parameters()]
+    grads = [p.grad for e in encoders for p in e.parameters()]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert sum(float(g.abs().sum()) for g in grads) > 0
     # The pose term alone reaches the network through the refinement node and the OT node.
@@ -158,9 +173,13 @@ def test_refinement_switch_and_gradients_reach_the_encoders():
     out = net_r(batch)
     from bpnp.training.losses import pose_loss
 
-    pose_loss(out.R, out.t, batch["R"], batch["t"]).mean().backward()
-    g = net_r.encoder3d.conv_in.weight.grad
-    assert g is not None and torch.isfinite(g).all() and float(g.abs().sum()) > 0
+    # uncapped: an untrained network's pose may be beyond the default caps, where the loss is flat
+    pose_loss(out.R, out.t, batch["R"], batch["t"], rot_cap=math.pi, t_cap=math.inf).mean().backward()
+    grads = [p.grad for e in encoders for p in e.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+    assert sum(float(g.abs().sum()) for g in grads) > 0
+    if net_r.bins != "none":
+        assert net_r.sinkhorn.bin_cost.grad is not None and float(net_r.sinkhorn.bin_cost.grad.abs()) > 0
 
 
 def test_pose_false_stops_after_sinkhorn():

@@ -102,7 +102,12 @@ def test_every_data_config_instantiates_and_loads_a_batch(compose_cfg, tmp_path)
 def test_model_callbacks_loggers_and_cpu_trainers_instantiate(compose_cfg):
     cfg = compose_cfg()
     model = instantiate(cfg.model)
-    assert model.net.encoder2d.width == 128 and model.net.encoder2d.depth == 12 and model.net.stn is not None
+    # the default matcher is the attention network with outlier bins; model/net=bpnpnet the original
+    assert model.net.matcher_name == "attention" and model.net.bins == "shared" and model.net.stn is None
+    assert model.net.matcher.width == 128 and len(model.net.matcher.blocks) == 3
+    assert _options("model/net") == ["attention", "bpnpnet"]
+    original = instantiate(compose_cfg("model/net=bpnpnet").model)
+    assert original.net.encoder2d.width == 128 and original.net.encoder2d.depth == 12 and original.net.stn is not None
     callbacks = instantiate_group(cfg.callbacks)
     kinds = {type(c).__name__ for c in callbacks}
     assert kinds == {"ModelCheckpoint", "LastCheckpoint", "LearningRateMonitor", "BPnPProgressBar", "PoseVisualisation"}
@@ -122,7 +127,8 @@ def test_model_callbacks_loggers_and_cpu_trainers_instantiate(compose_cfg):
         assert isinstance(trainer, pl.Trainer) and trainer.gradient_clip_val == 1.0
     ddp_cpu = compose_cfg("trainer=ddp_cpu")
     assert ddp_cpu.trainer.devices == 2 and ddp_cpu.trainer.strategy.process_group_backend == "gloo"
-    assert instantiate(ddp_cpu.model).net.stn.conv_bns[0].sync  # masked BN follows trainer.sync_batchnorm
+    ddp_original = compose_cfg("trainer=ddp_cpu", "model/net=bpnpnet")
+    assert instantiate(ddp_original.model).net.stn.conv_bns[0].sync  # masked BN follows trainer.sync_batchnorm
     for name in ("gpu", "ddp", "slurm"):
         t = compose_cfg(f"trainer={name}").trainer
         assert t.accelerator == "gpu"

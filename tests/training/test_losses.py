@@ -142,3 +142,97 @@ def test_pose_term_switches_on_at_epoch():
     assert torch.allclose(nll.loss, torch.tensor(0.0), atol=1e-6)  # a perfect plan: -log(sqrt(9) / 3) = 0
     with pytest.raises(ValueError, match="corr_kind"):
         BlindPnPLoss(corr_kind="hinge")
+
+
+def _bin_problem(seed=0):
+    """A small padded batch with 2D and 3D outliers and a bin plan from the OT node."""
+    from bpnp.nodes import sinkhorn_with_bins
+
+    g = torch.Generator().manual_seed(seed)
+    B, m, n = 2, 6, 7
+    M = torch.rand(B, m, n, generator=g, dtype=torch.float64) * 2
+    mask2d = torch.ones(B, m, dtype=torch.bool)
+    mask2d[1, 5:] = False
+    mask3d = torch.ones(B, n, dtype=torch.bool)
+    mask3d[1, 6:] = False
+    match = torch.tensor([[0, 2, -1, 4, -1, 1], [3, -1, 0, 5, 2, -1]])
+    P_aug, _ = sinkhorn_with_bins(M, mask2d, mask3d, torch.tensor(1.0, dtype=torch.float64), tol=1e-12, max_iter=5000)
+    return P_aug, match, mask2d, mask3d
+
+
+def test_outlier_labels_mark_unmatched_points_of_each_side():
+    from bpnp.training.losses import outlier_labels
+
+    match = torch.tensor([[0, 2, -1, 2], [1, -1, -1, 3]])
+    mask2d = torch.tensor([[True, True, True, True], [True, True, True, False]])
+    mask3d = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    out2d, out3d = outlier_labels(match, 4, mask2d, mask3d)
+    assert out2d.tolist() == [[False, False, True, False], [False, True, True, False]]
+    # item 0: 3D points 0 and 2 are observed, 1 is not, 3 is padding; item 1: only 1 is observed
+    # (2D point 3 that would observe 3D point 3 is padding)
+    assert out3d.tolist() == [[False, True, False, False], [True, False, True, True]]
+
+
+def test_bin_nll_loss_equals_dense_formula():
+    from bpnp.training.losses import bin_nll_loss, outlier_labels
+
+    P_aug, match, mask2d, mask3d = _bin_problem()
+    loss = bin_nll_loss(P_aug, match, mask2d, mask3d)
+    out2d, out3d = outlier_labels(match, 7, mask2d, mask3d)
+    for b in range(2):
+        scale = float(mask2d[b].sum() + mask3d[b].sum())
+        terms = []
+        for i in range(6):
+            if mask2d[b, i] and match[b, i] >= 0:
+                terms.append(-math.log(scale * float(P_aug[b, i, match[b, i]])))
+            elif out2d[b, i]:
+                terms.append(-math.log(scale * float(P_aug[b, i, 7])))
+        for j in range(7):
+            if out3d[b, j]:
+                terms.append(-math.log(scale * float(P_aug[b, 6, j])))
+        assert loss[b].item() == pytest.approx(sum(terms) / len(terms), rel=1e-10)
+
+
+def test_bin_nll_loss_is_zero_for_the_perfect_plan_and_used_by_blindpnploss():
+    from types import SimpleNamespace
+
+    from bpnp.training.losses import bin_nll_loss
+
+    # 3 2D points (the last an outlier), 3 3D points (the last an outlier): the perfect augmented
+    # plan puts each real row's / column's whole mass 1/(m'+n') on its target.
+    match = torch.tensor([[1, 0, -1]])
+    P = torch.zeros(1, 4, 4, dtype=torch.float64)
+    P[0, 0, 1] = P[0, 1, 0] = P[0, 2, 3] = P[0, 3, 2] = 1 / 6
+    P[0, 3, 3] = 2 / 6  # the corner takes what the bins have left (marginals 3/6 and 3/6)
+    assert bin_nll_loss(P, match).item() == pytest.approx(0.0, abs=1e-12)
+    out = SimpleNamespace(P=P[:, :3, :3] / P[:, :3, :3].sum(), P_aug=P)
+    terms = BlindPnPLoss(corr_kind="nll")(out, {"match": match}, epoch=0)
+    assert terms.corr.item() == pytest.approx(0.0, abs=1e-12)
+    P_bad = P.clone()
+    P_bad[0, 2, 3], P_bad[0, 2, 0] = 1 / 12, 1 / 12  # the outlier row half matched
+    assert bin_nll_loss(P_bad, match).item() == pytest.approx(math.log(2) / 4, rel=1e-12)  # 3 rows + 1 column
+
+
+def test_bin_nll_loss_gradient_reaches_the_bin_cost():
+    from bpnp.training.losses import bin_nll_loss
+    from bpnp.nodes import sinkhorn_with_bins
+
+    torch.manual_seed(3)
+    M = torch.rand(1, 5, 5, dtype=torch.float64) + 0.5
+    z = torch.tensor(1.0, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(1, 5, dtype=torch.bool)
+    match = torch.tensor([[-1, -1, -1, -1, -1]])  # all outliers: the loss must push the bin cost down
+    P_aug, _ = sinkhorn_with_bins(M, mask, mask, z, tol=1e-12, max_iter=5000)
+    bin_nll_loss(P_aug, match).sum().backward()
+    assert z.grad is not None and z.grad.item() > 0
+
+
+def test_inlier_precision_recall_counts():
+    from bpnp.training.losses import inlier_precision_recall
+
+    match = torch.tensor([[0, 1, -1, -1]])
+    row = torch.tensor([[0.9, 0.2, 0.8, 0.1]])  # predicted inliers: 0 and 2; true: 0 and 1
+    col = torch.tensor([[0.9, 0.9, 0.9]])       # all predicted; true: 0 and 1
+    pr = inlier_precision_recall(row, col, match)
+    assert pr["precision_2d"].item() == pytest.approx(0.5) and pr["recall_2d"].item() == pytest.approx(0.5)
+    assert pr["precision_3d"].item() == pytest.approx(2 / 3) and pr["recall_3d"].item() == pytest.approx(1.0)

@@ -1,0 +1,88 @@
+"""One markdown table from the ``metrics.json`` of several ``evaluate.py`` runs.
+
+    python -m bpnp.evaluation.summary logs/eval_unseen_meshes_out0.25/runs/<time> ...
+    python -m bpnp.evaluation.summary --latest logs/eval_*        # the newest run of each task dir
+
+One row per run: the test set (the scene directory's or COLMAP model's name), its size, and for
+the network, the RANSAC pose alone (``ransac`` baseline) and the true matches (``oracle``
+baseline): success rate (DESIGN.md definition), median rotation error in degrees, and the
+network's match accuracy (true pairs that are their row's maximum of P). This is how the result
+tables of docs/results.md are made; it reads the files only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+__all__ = ["summary_row", "summary_table", "main"]
+
+HEADER = ("| test set | n | network success | median rot. err. | match acc. | RANSAC-only success | "
+          "RANSAC-only median rot. err. | true matches success |\n|---|---|---|---|---|---|---|---|")
+
+
+def _pct(x: Any) -> str:
+    return "n/a" if x is None else f"{100.0 * float(x):.1f} %"
+
+
+def _deg(x: Any) -> str:
+    return "n/a" if x is None else f"{float(x):.2f} deg"
+
+
+def _set_name(metrics: Mapping[str, Any], fallback: str) -> str:
+    data = (metrics.get("meta") or {}).get("data") or {}
+    path = data.get("path") or (",".join(data["test_scenes"]) if data.get("test_scenes") else None)
+    return Path(str(path)).name if path else fallback
+
+
+def summary_row(metrics: Mapping[str, Any], name: str) -> str:
+    """One markdown row of :data:`HEADER` from an ``evaluate.py`` metrics dict."""
+    base = metrics.get("baselines") or {}
+    ransac, oracle = base.get("ransac") or {}, base.get("oracle") or {}
+    return (f"| {_set_name(metrics, name)} | {metrics.get('n', 0)} | {_pct(metrics.get('success_rate'))} | "
+            f"{_deg(metrics.get('median_rot_err_deg'))} | {_pct(metrics.get('match_acc'))} | "
+            f"{_pct(ransac.get('success_rate'))} | {_deg(ransac.get('median_rot_err_deg'))} | "
+            f"{_pct(oracle.get('success_rate'))} |")
+
+
+def summary_table(run_dirs: Sequence[str | Path]) -> str:
+    """:data:`HEADER` and one row per run directory (each holding a ``metrics.json``)."""
+    rows = []
+    for run in run_dirs:
+        path = Path(run) / "metrics.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no metrics.json (pass evaluate.py run directories)")
+        rows.append(summary_row(json.loads(path.read_text()), Path(run).name))
+    return "\n".join([HEADER, *rows])
+
+
+def _newest_run(task_dir: Path) -> Path | None:
+    runs = sorted(p for p in (task_dir / "runs").glob("*") if (p / "metrics.json").is_file())
+    return runs[-1] if runs else None
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("dirs", nargs="+", help="evaluate.py run directories (or task directories with --latest)")
+    ap.add_argument("--latest", action="store_true", help="each argument is a task dir: take its newest run")
+    args = ap.parse_args(argv)
+    runs: list[Path] = []
+    for d in map(Path, args.dirs):
+        run = _newest_run(d) if args.latest else d
+        if run is None:
+            print(f"error: {d}: no run with a metrics.json under {d / 'runs'}", file=sys.stderr)
+            return 2
+        runs.append(run)
+    try:
+        print(summary_table(runs))
+    except FileNotFoundError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
