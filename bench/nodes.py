@@ -16,7 +16,7 @@
    with errors against a float64 reference (target: faster, no less accurate).
 
 Times are medians of repeated runs, alternating the two contenders so that machine noise hits
-both alike. Nothing here is a test; the numbers go to README.md with this command.
+both alike. Nothing here is a test; the numbers go to docs/benchmarks.md with this command.
 """
 
 from __future__ import annotations

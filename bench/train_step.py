@@ -19,7 +19,7 @@ synthetic inputs, torch threads = 2. Stages:
   (encoders), timed with tensor hooks on P and M.
 
 The refinement objective defaults to the original's (``--robust none``, plain P-weighted angular
-error) so the comparison is like for like. Measured numbers, with this command, are in README.md
+error) so the comparison is like for like. Measured numbers, with this command, are in docs/benchmarks.md
 ("Training step"); a robust kernel costs O(mn) per refinement iteration (no ``a = W^T B``
 shortcut), so run ``--robust geman_mcclure`` to see the configs' default.
 

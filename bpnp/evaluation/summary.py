@@ -3,7 +3,8 @@
     python -m bpnp.evaluation.summary logs/eval_unseen_meshes_out0.25/runs/<time> ...
     python -m bpnp.evaluation.summary --latest logs/eval_*        # the newest run of each task dir
 
-One row per run: the test set (the scene directory's or COLMAP model's name), its size, and for
+One row per run: its task name (``task_name`` of ``evaluate.py``, e.g. ``eval_unseen_meshes_out0.25``;
+for a run directory outside ``<task>/runs/`` the test set's name), the test set's size, and for
 the network, the RANSAC pose alone (``ransac`` baseline) and the true matches (``oracle``
 baseline): success rate (DESIGN.md definition), median rotation error in degrees, and the
 network's match accuracy (true pairs that are their row's maximum of P). This is how the result
@@ -20,7 +21,7 @@ from typing import Any, Mapping, Sequence
 
 __all__ = ["summary_row", "summary_table", "main"]
 
-HEADER = ("| test set | n | network success | median rot. err. | match acc. | RANSAC-only success | "
+HEADER = ("| run | n | network success | median rot. err. | match acc. | RANSAC-only success | "
           "RANSAC-only median rot. err. | true matches success |\n|---|---|---|---|---|---|---|---|")
 
 
@@ -42,7 +43,7 @@ def summary_row(metrics: Mapping[str, Any], name: str) -> str:
     """One markdown row of :data:`HEADER` from an ``evaluate.py`` metrics dict."""
     base = metrics.get("baselines") or {}
     ransac, oracle = base.get("ransac") or {}, base.get("oracle") or {}
-    return (f"| {_set_name(metrics, name)} | {metrics.get('n', 0)} | {_pct(metrics.get('success_rate'))} | "
+    return (f"| {name} | {metrics.get('n', 0)} | {_pct(metrics.get('success_rate'))} | "
             f"{_deg(metrics.get('median_rot_err_deg'))} | {_pct(metrics.get('match_acc'))} | "
             f"{_pct(ransac.get('success_rate'))} | {_deg(ransac.get('median_rot_err_deg'))} | "
             f"{_pct(oracle.get('success_rate'))} |")
@@ -55,7 +56,10 @@ def summary_table(run_dirs: Sequence[str | Path]) -> str:
         path = Path(run) / "metrics.json"
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no metrics.json (pass evaluate.py run directories)")
-        rows.append(summary_row(json.loads(path.read_text()), Path(run).name))
+        metrics = json.loads(path.read_text())
+        run = Path(run)
+        name = run.parent.parent.name if run.parent.name == "runs" else _set_name(metrics, run.name)
+        rows.append(summary_row(metrics, name))
     return "\n".join([HEADER, *rows])
 
 

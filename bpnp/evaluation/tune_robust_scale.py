@@ -4,6 +4,7 @@
     python -m bpnp.evaluation.tune_robust_scale <run> --ckpt <run>/checkpoints/last.ckpt --scales 1e-3 1e-4
     python -m bpnp.evaluation.tune_robust_scale <run> --ckpt <other run>/checkpoints/last.ckpt   # compare runs on one split
     python -m bpnp.evaluation.tune_robust_scale <run> --set ransac_hypotheses=2048   # other inference settings fixed
+    python -m bpnp.evaluation.tune_robust_scale <run> --gates none 0.01 0.02   # also the refinement's gate (radians)
 
 Rebuilds the validation split exactly as training did (the run's ``.hydra/config.yaml``: data
 source, seed, ``val_synthetic``, ``val_length``), runs the network in eval mode once per batch
@@ -33,9 +34,11 @@ from bpnp.evaluation.checkpoint import CheckpointError, load_network, parse_set_
 
 
 def validation_success(net, loader, scales: list[float], seed: int = 0,
-                       inliers: dict[str, float] | None = None) -> tuple[dict[float, float], float, float]:
-    """Success rate (DESIGN.md definition) of ``net`` over ``loader`` for each refinement scale,
-    of the RANSAC pose, and the mean per-item match accuracy; RANSAC draws from
+                       inliers: dict[str, float] | None = None,
+                       gates: list[float | None] | None = None) -> tuple[dict, float, float]:
+    """Success rate (DESIGN.md definition) of ``net`` over ``loader`` for each refinement scale
+    (keys: the scales; with ``gates``, ``(gate, scale)`` pairs for each ``refine_gate`` in
+    ``gates``, None = no gate), of the RANSAC pose, and the mean per-item match accuracy; RANSAC draws from
     ``seed * 1_000_003 + batch_index`` (as validation). A network with outlier bins also fills
     ``inliers`` (when given) with the mean per-item precision / recall of its inlier decision
     (``precision_2d``, ``recall_2d``, ``precision_3d``, ``recall_3d``)."""
@@ -43,17 +46,21 @@ def validation_success(net, loader, scales: list[float], seed: int = 0,
     from bpnp.geometry.ransac import seeded_generator
     from bpnp.training.losses import inlier_precision_recall, match_accuracy
 
-    hits = {s: [] for s in scales}
+    keys = list(scales) if gates is None else [(g, s) for g in gates for s in scales]
+    hits = {key: [] for key in keys}
     ransac, matched = [], []
     pr_all: dict[str, list[torch.Tensor]] = {}
     for k, batch in enumerate(loader):
         args = (batch["R"], batch["t"], batch["p3d"], batch["match"], batch["mask2d"], batch.get("mask3d"))
         with torch.no_grad():  # encoders, Sinkhorn and RANSAC once; only the refinement depends on the scale
             out = net(batch, generator=seeded_generator(seed, k, "cpu"), refine=False)
-            for s in scales:
+            for key in keys:
+                gate, s = (None, key) if gates is None else key
+                if gates is not None:
+                    net.refine_gate = gate
                 net.pnp.kernel.scale = float(s)
                 refined = net.refine_pose(out, batch)
-                hits[s].append(pose_errors(refined.R, refined.t, *args)["success"].float())
+                hits[key].append(pose_errors(refined.R, refined.t, *args)["success"].float())
         ransac.append(pose_errors(out.R0, out.t0, *args)["success"].float())
         matched.append(match_accuracy(out.P, batch["match"], batch["mask2d"], batch.get("mask3d")))
         if out.inlier2d is not None:
@@ -75,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("run_dir", help="a train.py run directory (with .hydra/config.yaml)")
     ap.add_argument("--ckpt", default=None, help="checkpoint to tune (default <run_dir>/checkpoints/last.ckpt)")
     ap.add_argument("--scales", type=float, nargs="+", default=[1e-3, 3e-4, 1e-4, 5e-5])
+    ap.add_argument("--gates", nargs="+", default=None, metavar="RADIANS|none",
+                    help="also try these refine_gate values (radians, or none), every one with every scale")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="another network (inference) setting for every scale, e.g. ransac_hypotheses=2048 (repeatable)")
     args = ap.parse_args(argv)
@@ -95,17 +104,31 @@ def main(argv: list[str] | None = None) -> int:
     dm = instantiate(cfg.data)
     dm.setup("validate")
     loader = dm.val_dataloader()
+    gates = None
+    if args.gates is not None:
+        try:
+            gates = [None if g.lower() == "none" else float(g) for g in args.gates]
+        except ValueError:
+            print(f"error: --gates: expected angles in radians or 'none', got {args.gates}", file=sys.stderr)
+            return 2
     inliers: dict[str, float] = {}
     success, ransac, match_acc = validation_success(net, loader, list(args.scales), seed=int(cfg.model.get("eval_seed", 0)),
-                                                    inliers=inliers)
+                                                    inliers=inliers, gates=gates)
     print(f"validation split: {len(dm.dataset('val'))} instances; match accuracy {match_acc:.4f}; "
           f"RANSAC pose alone: success {ransac:.3f}")
     if inliers:
         print("outlier bins' inlier decision (p > 0.5): " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(inliers.items())))
-    for s in args.scales:
-        print(f"robust_scale {s:g}: success {success[s]:.3f}")
-    best = max(args.scales, key=lambda s: (success[s], s))  # ties: the larger scale (wider basin)
-    print(f"best: robust_scale={best:g}")
+    if gates is None:
+        for s in args.scales:
+            print(f"robust_scale {s:g}: success {success[s]:.3f}")
+        best = max(args.scales, key=lambda s: (success[s], s))  # ties: the larger scale (wider basin)
+        print(f"best: robust_scale={best:g}")
+        return 0
+    for g, s in success:
+        print(f"refine_gate {g if g is None else f'{g:g}'} robust_scale {s:g}: success {success[(g, s)]:.3f}")
+    # ties: no gate before a gate, a wider gate before a narrower one, the larger scale
+    g, s = max(success, key=lambda k: (success[k], k[0] is None, k[0] or 0.0, k[1]))
+    print(f"best: refine_gate={'null' if g is None else f'{g:g}'} robust_scale={s:g}")
     return 0
 
 

@@ -35,6 +35,7 @@ of ``P`` and leaves the pose unchanged (tests/models).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
@@ -168,6 +169,13 @@ class BlindPnPNet(nn.Module):
             (``ransac_top_k=None``: ``min(1000, ceil(1.5 m))`` per item; threshold in radians).
         refine_in_training: run the refinement in training mode even when the caller does not
             ask for it (it always runs in eval mode).
+        refine_gate: None (the refinement weighs every pair by ``P``) or an angle in radians:
+            the refinement weighs only the pairs whose angular residual under the RANSAC pose is
+            below it (``W = P`` there, 0 elsewhere; an item with no such pair keeps ``W = P``).
+            A diffuse ``P`` puts most of its mass on wrong pairs, and those within a few
+            degrees of the RANSAC pose pull the refined pose off it even with a robust kernel
+            (docs/experiments.md has the measurement). The gate is chosen once, from the RANSAC
+            pose, and is not differentiated; the gradient to the kept entries of ``P`` is exact.
 
     Forward: ``net(batch)`` with a collated batch dict, or ``net(p2d=..., p3d=..., mask2d=...,
     mask3d=...)``; returns :class:`BlindPnPOutput`. Extra keyword arguments: ``refine`` (force on
@@ -204,6 +212,7 @@ class BlindPnPNet(nn.Module):
         ransac_threshold: float = 0.01,
         ransac_refine_steps: int = 5,
         refine_in_training: bool = False,
+        refine_gate: float | None = None,
     ) -> None:
         super().__init__()
         if matcher not in MATCHERS:
@@ -232,6 +241,9 @@ class BlindPnPNet(nn.Module):
             refine_steps=int(ransac_refine_steps),
         )
         self.refine_in_training = bool(refine_in_training)
+        if refine_gate is not None and not (0.0 < float(refine_gate) < math.pi / 2):
+            raise ValueError(f"BlindPnPNet: refine_gate must be None or an angle in (0, pi/2) radians, got {refine_gate!r}")
+        self.refine_gate = None if refine_gate is None else float(refine_gate)
         # Stage timings (seconds) of the last forward when ``profile`` is on (bench/train_step.py).
         self.profile = False
         self.last_timings: dict[str, float] = {}
@@ -407,7 +419,10 @@ class BlindPnPNet(nn.Module):
 
     def _refine(self, out: BlindPnPOutput, bearings, points, mask2d, mask3d) -> BlindPnPOutput:
         P = out.P
-        res = self.pnp(P, bearings.to(P.dtype), points.to(P.dtype), out.R0, out.t0, mask2d, mask3d)
+        bearings, points = bearings.to(P.dtype), points.to(P.dtype)
+        if self.refine_gate is not None:
+            P = P * _consensus_mask(bearings, points, out.R0, out.t0, self.refine_gate).to(P.dtype)
+        res = self.pnp(P, bearings, points, out.R0, out.t0, mask2d, mask3d)
         return replace(out, R=res.R, t=res.t, pnp_status=res.status, pnp_iterations=res.iterations, refined=True)
 
     def _unpack(self, batch, p2d, p3d, mask2d, mask3d):
@@ -431,6 +446,19 @@ class BlindPnPNet(nn.Module):
         if mask3d is None:
             mask3d = torch.ones(B, n, dtype=torch.bool, device=p3d.device)
         return p2d, p3d, mask2d, mask3d
+
+
+@torch.no_grad()
+def _consensus_mask(bearings: torch.Tensor, points: torch.Tensor, R: torch.Tensor, t: torch.Tensor,
+                    gate: float) -> torch.Tensor:
+    """(B, m, n) bool: pairs whose angle between bearing ``b_i`` (B, m, 3) and the ray to
+    ``R p_j + t`` is below ``gate`` radians (so also in front of the camera); all True for an
+    item without such a pair (or without a finite pose), which then keeps its full weights."""
+    x = points @ R.transpose(1, 2) + t[:, None, :]
+    rays = torch.nn.functional.normalize(x, dim=-1, eps=1e-12)
+    keep = (bearings @ rays.transpose(1, 2)) > math.cos(gate)
+    none = ~keep.flatten(1).any(1) | ~torch.isfinite(R).flatten(1).all(1) | ~torch.isfinite(t).all(1)
+    return keep | none[:, None, None]
 
 
 def _geometric_inputs(p2d, p3d, mask2d, mask3d) -> tuple[torch.Tensor, torch.Tensor]:

@@ -9,7 +9,7 @@ r"""Training losses of BlindPnPNet.
     sizes), i.e. the average of the row and column negative log-likelihoods of the true match
     under the transport plan's conditionals ``m' P[i, :]`` and ``n' P[:, j]``. Its gradient does
     not shrink with the mass on the true pairs: with the linear loss, a network whose plan puts
-    ~1 % of each row on the true match gets a ~100x weaker signal from those rows (README.md,
+    ~1 % of each row on the true match gets a ~100x weaker signal from those rows (docs/previous_model.md,
     "The main job", has the measured comparison and its command).
     With outlier bins (the network's ``P_aug`` (B, m+1, n+1), :func:`bpnp.nodes.sinkhorn_with_bins`),
     the NLL of SuperGlue / GoMatch: the mean, over every true pair, every 2D outlier and every

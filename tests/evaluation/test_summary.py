@@ -20,9 +20,12 @@ def test_rows_name_the_set_and_carry_the_three_methods(tmp_path, capsys):
     _write(tmp_path / "a" / "runs" / "2026-01-02_00-00-00", 0.8)
     table = summary_table([tmp_path / "a" / "runs" / "2026-01-01_00-00-00"])
     assert table.startswith(HEADER)
-    assert table.splitlines()[-1] == ("| unseen_meshes_out0.25 | 40 | 90.0 % | 0.50 deg | 25.0 % | 50.0 % | 3.00 deg | "
+    assert table.splitlines()[-1] == ("| a | 40 | 90.0 % | 0.50 deg | 25.0 % | 50.0 % | 3.00 deg | "
                                       "100.0 % |")
     assert main(["--latest", str(tmp_path / "a")]) == 0
     assert "| 80.0 % |" in capsys.readouterr().out  # the newest run
+    (tmp_path / "loose").mkdir()
+    (tmp_path / "loose" / "metrics.json").write_text((tmp_path / "a" / "runs" / "2026-01-01_00-00-00" / "metrics.json").read_text())
+    assert summary_table([tmp_path / "loose"]).splitlines()[-1].startswith("| unseen_meshes_out0.25 | 40 |")
     assert main([str(tmp_path / "missing")]) == 2
     assert "no metrics.json" in capsys.readouterr().err

@@ -43,6 +43,12 @@ def test_cli_reads_the_run_config(tmp_path, capsys):
     assert "validation split: 2 instances; match accuracy " in out and "robust_scale 0.0001: success" in out and "best: robust_scale=" in out
     assert main([str(run), "--ckpt", str(ckpt), "--scales", "1e-4", "--set", "ransac_hypotheses=64"]) == 0
     assert "robust_scale 0.0001: success" in capsys.readouterr().out
+    assert main([str(run), "--ckpt", str(ckpt), "--scales", "1e-4", "--gates", "none", "0.02"]) == 0
+    out = capsys.readouterr().out
+    assert "refine_gate None robust_scale 0.0001: success" in out and "refine_gate 0.02 robust_scale 0.0001: success" in out
+    assert "best: refine_gate=" in out
+    assert main([str(run), "--ckpt", str(ckpt), "--gates", "wide"]) == 2
+    assert "--gates: expected angles" in capsys.readouterr().err
     assert main([str(run), "--ckpt", str(ckpt), "--set", "ransac_hypotheses"]) == 2
     assert "--set expects KEY=VALUE" in capsys.readouterr().err
     assert main([str(tmp_path / "nowhere")]) == 2

@@ -243,3 +243,46 @@ def test_keyword_inputs_and_validation():
     with pytest.raises(ValueError, match="cost_override"):
         net(batch, cost_override=torch.zeros(1, 3, 3))
     assert math.isclose(float(a.P.detach().sum()), 1.0, rel_tol=1e-4)
+
+
+def test_bins_put_each_points_inlier_probability_into_what_ransac_samples():
+    """With bins, the P that RANSAC samples from (and the refinement weighs) is the real block of
+    the augmented plan, renormalised: each row's mass is proportional to that 2D point's inlier
+    probability (each column's to the 3D point's), so likely outliers are rarely sampled."""
+    batch = _batch(b=2, outliers_2d=0.3, outliers_3d=0.3)
+    net = _small_net(bins="shared").eval()
+    with torch.no_grad():
+        out = net(batch, refine=False, generator=_gen())
+    rows = out.P.sum(2)
+    cols = out.P.sum(1)
+    assert torch.allclose(rows, out.inlier2d / out.inlier2d.sum(1, keepdim=True), atol=1e-6)
+    assert torch.allclose(cols, out.inlier3d / out.inlier3d.sum(1, keepdim=True), atol=1e-6)
+    # not trivially uniform: the inlier probabilities (and so the sampling weights) differ by point
+    assert float(out.inlier2d.std(1).min()) > 0
+    # the plain node instead gives every real row the same mass, outlier or not
+    plain = _small_net(bins="none").eval()(batch, refine=False, generator=_gen())
+    m_real = batch["mask2d"].sum(1, keepdim=True).float()
+    assert torch.allclose(plain.P.sum(2), batch["mask2d"].float() / m_real, atol=1e-5)
+
+
+def test_refine_gate_keeps_the_pairs_near_the_ransac_pose():
+    """Without bins the plain refinement (rho = identity) is biased by the mass P puts on wrong
+    pairs; weighing only the pairs within the gate of the RANSAC pose removes that bias, and the
+    gradient still reaches the kept entries of P."""
+    batch = _batch(b=4, m=(50, 80), outliers_2d=0.2, outliers_3d=0.3)
+    M = _true_cost(batch)
+    args = (batch["R"], batch["t"], batch["p3d"], batch["match"], batch["mask2d"], batch["mask3d"])
+    plain = _small_net(robust="none", bins="none").eval()(batch, cost_override=M, generator=_gen())
+    gated = _small_net(robust="none", bins="none", refine_gate=0.01).eval()(batch, cost_override=M, generator=_gen())
+    e_plain, e_gated = pose_errors(plain.R, plain.t, *args), pose_errors(gated.R, gated.t, *args)
+    assert torch.equal(plain.R0, gated.R0)  # same RANSAC pose
+    assert e_gated["rot_err_deg"].mean() < 0.3 * e_plain["rot_err_deg"].mean()
+    assert torch.all(e_gated["success"])
+    Mg = M.clone().requires_grad_(True)
+    out = _small_net(bins="none", refine_gate=0.01).train()(batch, cost_override=Mg, refine=True, generator=_gen())
+    from bpnp.training.losses import pose_loss
+
+    pose_loss(out.R, out.t, batch["R"], batch["t"], rot_cap=math.pi, t_cap=math.inf).sum().backward()
+    assert torch.isfinite(Mg.grad).all() and float(Mg.grad.abs().sum()) > 0
+    with pytest.raises(ValueError, match="refine_gate must be None or an angle"):
+        _small_net(refine_gate=2.0)
