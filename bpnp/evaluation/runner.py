@@ -42,6 +42,7 @@ from bpnp.data.collate import collate_scenes
 from bpnp.evaluation.baselines import BaselinePose, hungarian_pose, oracle_pose
 from bpnp.geometry.metrics import pose_errors
 from bpnp.geometry.ransac import seeded_generator
+from bpnp.training.losses import match_accuracy  # the training metric, for one instance
 from bpnp.nodes import PnPRefine
 
 __all__ = ["METHODS", "EvalSettings", "Overlay", "evaluate_instances", "instance_errors"]
@@ -155,16 +156,6 @@ def _precision(pairs_2d: np.ndarray, pairs_3d: np.ndarray, match: np.ndarray) ->
     return float(np.mean(np.asarray(match)[pairs_2d] == pairs_3d))
 
 
-def _row_argmax_accuracy(P: torch.Tensor, match: np.ndarray) -> float:
-    """Fraction of the true pairs ``(i, match[i])`` whose 3D point is row i's maximum of ``P``
-    (m, n); NaN without true pairs. (The training metric ``match_acc``, for one instance.)"""
-    rows = np.flatnonzero(match >= 0)
-    if rows.size == 0:
-        return float("nan")
-    best = P.argmax(1).cpu().numpy()
-    return float(np.mean(best[rows] == match[rows]))
-
-
 def _baseline_nodes(model: Any) -> tuple[PnPRefine, dict[str, Any]]:
     refine = getattr(model, "pnp", None)
     if not isinstance(refine, PnPRefine):
@@ -276,7 +267,7 @@ def _model_records(out: Any, dt: float, timings: Mapping[str, float], base: Mapp
     pairs, _ = _topk_pairs(out.P[0].detach(), max(base["num_true_inliers"], 1))
     prec = _precision(pairs[:, 0], pairs[:, 1], match)
     shared = {"ransac_inliers": int(out.ransac_inliers[0]), "pair_precision": prec,
-              "match_acc": _row_argmax_accuracy(out.P[0].detach(), match),
+              "match_acc": float(match_accuracy(out.P[:1].detach().cpu(), torch.as_tensor(match)[None])[0]),
               "ransac_status": int(out.ransac_status[0])}
     recs = [{**base, "method": "model", **instance_errors(out.R[0].detach().cpu(), out.t[0].detach().cpu(), scene),
              **shared, "time_s": dt, "pnp_status": int(out.pnp_status[0])}]
