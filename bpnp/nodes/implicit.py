@@ -35,7 +35,13 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from bpnp.nodes.linalg import SINGULAR_MODES, conjugate_gradient, solve_kkt, solve_spd
+from bpnp.nodes.linalg import (
+    SINGULAR_MODES,
+    conjugate_gradient,
+    constraint_basis,
+    solve_kkt,
+    solve_spd,
+)
 from bpnp.nodes.status import Status
 
 BACKWARD_MODES = ("implicit", "unrolled")
@@ -92,7 +98,7 @@ def implicit_vjp(
     solver: str = "auto",
     singular: str = "damp",
     dense_max_dim: int = 64,
-    cg_tol: float = 1e-10,
+    cg_tol: float | None = None,
     cg_max_iter: int = 500,
     force_fallback: torch.Tensor | None = None,
     hessian: torch.Tensor | None = None,
@@ -107,6 +113,10 @@ def implicit_vjp(
         constraints: optional ``constraints(*xs, y) -> (B, p)``, equality constraints ``h = 0``.
         solver: ``"dense"``, ``"cg"`` or ``"auto"`` (dense when ``prod(shape) <= dense_max_dim``).
         singular: per-item fallback ``"damp"``, ``"min_norm"`` or ``"zero"``.
+        cg_tol: relative residual tolerance of the conjugate gradient; default ``None`` is
+            :func:`~bpnp.nodes.linalg.default_cg_tol` of the dtype (1e-10 in float64, 1.2e-6 in
+            float32); smaller values are raised to ``eps`` of the dtype.
+        cg_max_iter: conjugate-gradient iteration limit (status ``MAX_ITER`` beyond).
         force_fallback: optional (B,) bool, items that take the fallback regardless (dense,
             unconstrained solves only), e.g. those a forward solver found degenerate.
         hessian: optional (B, d, d) exact Hessian of the objective in ``y`` at the solution,
@@ -147,7 +157,12 @@ def implicit_vjp(
                 [torch.autograd.grad(hval[:, k].sum(), z, retain_graph=True)[0] for k in range(p)], dim=1
             )  # (B, p, d)
             gf = torch.autograd.grad(objective(*xs_const, as_y(z)).sum(), z)[0]
-            nu = -torch.linalg.lstsq(A.transpose(1, 2), gf.unsqueeze(-1)).solution.squeeze(-1)  # (B, p)
+            # LAPACK rejects a batch with one non-finite item outright: solve the finite ones
+            # (the others end NONFINITE / ZEROED below, per item).
+            ok = torch.isfinite(A).flatten(1).all(1) & torch.isfinite(gf).all(1)
+            A_ok = torch.where(ok[:, None, None], A, torch.zeros_like(A))
+            gf_ok = torch.where(ok[:, None], gf, torch.zeros_like(gf))
+            nu = -torch.linalg.lstsq(A_ok.transpose(1, 2), gf_ok.unsqueeze(-1)).solution.squeeze(-1)  # (B, p)
             nu = nu.detach()
             A = A.detach()
 
@@ -178,18 +193,30 @@ def implicit_vjp(
 
             project = None
             if A is not None:
-                gram = A @ A.transpose(1, 2)
+                # Projector onto the tangent space {u : A u = 0} from an orthonormal basis of the
+                # rows of A, per item: an item whose constraint Jacobian is rank deficient (e.g.
+                # the unit circle at x = 1, where dh/dy = 2y = 0) has no tangent space to speak
+                # of; it gets w = mu = 0 and status ZEROED, as in the dense path, instead of a
+                # batched solve with a singular Gram matrix raising for the whole batch.
+                Q, Rq, sq, a_ok = constraint_basis(A)
 
                 def project(u):
-                    coef = torch.linalg.solve(gram, (A @ u.unsqueeze(-1)))
-                    return u - (A.transpose(1, 2) @ coef).squeeze(-1)
+                    return u - (Q @ (Q.transpose(1, 2) @ u.unsqueeze(-1))).squeeze(-1)
 
             w, status = conjugate_gradient(hvp, v, project, tol=cg_tol, max_iter=cg_max_iter, mode=singular)
             mu = None
             if A is not None:
-                # mu from the first KKT row: A^T mu = v - H w.
+                # mu from the first KKT row, A^T mu = v - H w, by the same QR:
+                # A^T = Q R diag(1/s), so mu = diag(s) R^-1 Q^T (v - H w).
                 res = (v - hvp(w)).unsqueeze(-1)
-                mu = torch.linalg.lstsq(A.transpose(1, 2), res).solution.squeeze(-1)
+                mu = sq * torch.linalg.solve_triangular(Rq, Q.transpose(1, 2) @ res, upper=True).squeeze(-1)
+                a_finite = torch.isfinite(A).flatten(1).all(1)
+                rank_bad = ~a_ok
+                w = torch.where(rank_bad[:, None], torch.zeros_like(w), w)
+                mu = torch.where(rank_bad[:, None], torch.zeros_like(mu), mu)
+                status = torch.where(rank_bad & a_finite & (status != int(Status.NONFINITE)),
+                                     torch.full_like(status, int(Status.ZEROED)), status)
+                status = torch.where(a_finite, status, torch.full_like(status, int(Status.NONFINITE)))
             w, mu = w.detach(), (mu.detach() if mu is not None else None)
 
         if not x_diff:
@@ -292,6 +319,11 @@ class ImplicitNode(nn.Module):
             ``"cg"`` (matrix-free conjugate gradient).
         singular: per-item fallback for singular systems: ``"damp"``, ``"min_norm"``, ``"zero"``.
         dense_max_dim: largest ``prod(y.shape[1:])`` solved densely in ``"auto"``.
+        cg_tol: conjugate-gradient relative residual tolerance; ``None`` (default) picks it by
+            dtype: 1e-10 in float64, 1.2e-6 (10 eps) in float32. (It was 1e-10 for every dtype,
+            below float32 rounding: with equality constraints the iterations went on in noise
+            and returned wrong gradients with status ``OK``.)
+        cg_max_iter: conjugate-gradient iteration limit.
 
     After each backward pass, :attr:`last_backward_status` holds the (B,) status codes.
 
@@ -309,7 +341,7 @@ class ImplicitNode(nn.Module):
         linear_solver: str = "auto",
         singular: str = "damp",
         dense_max_dim: int = 64,
-        cg_tol: float = 1e-10,
+        cg_tol: float | None = None,
         cg_max_iter: int = 500,
     ) -> None:
         super().__init__()

@@ -5,17 +5,25 @@ r"""Batched (weighted, ridge-regularised) linear least squares as a declarative 
 
 is reduced to the plain problem :math:`\min_x \|\tilde A x - \tilde b\|^2` with
 :math:`\tilde A = [\,\mathrm{diag}(\sqrt\omega) A;\ \sqrt\beta I\,]`,
-:math:`\tilde b = [\,\mathrm{diag}(\sqrt\omega) b;\ 0\,]` (plain differentiable torch ops, so the
-gradients to the weights and to :math:`\beta` follow by the chain rule), which is solved by a
-reduced QR factorisation :math:`\tilde A = QR` with :math:`R` cached for the backward pass.
+:math:`\tilde b = [\,\mathrm{diag}(\sqrt\omega) b;\ 0\,]`, which is solved by a reduced QR
+factorisation of the column-scaled matrix :math:`\tilde A C = QR`, :math:`C = \mathrm{diag}(1 /
+\|\tilde a_{:,j}\|)` (Jacobi scaling: the rank test does not depend on the units of the unknowns),
+with :math:`R` cached for the backward pass.
 
-Backward (the lecture's closed form): with :math:`v = \partial L / \partial x`,
-:math:`w = (\tilde A^\top \tilde A)^{-1} v = R^{-1} R^{-\top} v` (two triangular solves),
-residual :math:`r = \tilde b - \tilde A x`,
+Backward (the lecture's closed form, from the normal equations
+:math:`N x = A^\top \Omega b`, :math:`N = A^\top \Omega A + \beta I`): with
+:math:`v = \partial L / \partial x`, :math:`w = N^{-1} v = C R^{-1} R^{-\top} C v` (two triangular
+solves) and the *unweighted* residual :math:`r = b - A x`,
 
 .. math::
-    \frac{\partial L}{\partial \tilde b} = \tilde A w, \qquad
-    \frac{\partial L}{\partial \tilde A} = r\, w^\top - (\tilde A w)\, x^\top .
+    \frac{\partial L}{\partial b} = \Omega A w, \qquad
+    \frac{\partial L}{\partial A} = \Omega\,(r\, w^\top - (A w)\, x^\top), \qquad
+    \frac{\partial L}{\partial \omega_k} = (a_k^\top w)\, r_k, \qquad
+    \frac{\partial L}{\partial \beta} = -w^\top x .
+
+The last two are not taken through :math:`\sqrt\omega` and :math:`\sqrt\beta` (whose derivative
+is infinite at 0, which gave NaN for :math:`\beta = 0`): they are finite at :math:`\omega_k = 0`
+and :math:`\beta = 0`, where they are the one-sided derivatives (the only feasible side).
 
 Rank-deficient items (a diagonal entry of :math:`R` below ``rcond`` times the largest) get the
 minimum-norm solution in the forward pass, a zero gradient, and status ``DEGENERATE``; see
@@ -41,40 +49,72 @@ def _check(A: torch.Tensor, b: torch.Tensor) -> None:
         raise TypeError(f"A and b must be floating point, got {A.dtype} and {b.dtype}")
 
 
-class _QRSolve(torch.autograd.Function):
+class _WeightedLstsq(torch.autograd.Function):
+    """``x = argmin sum_k w_k (a_k^T x - b_k)^2 + beta ||x||^2`` per item, closed-form backward.
+
+    The weights and the ridge enter the factorisation through ``sqrt`` (rows ``sqrt(w_k) a_k``
+    and ``sqrt(beta) I``), but they are *not* differentiated through that ``sqrt``, whose
+    derivative is infinite at 0: the gradients to ``w`` and ``beta`` come from the normal
+    equations directly and are finite there (see :func:`least_squares`).
+    """
+
     @staticmethod
-    def forward(ctx, A, b, rcond):
-        Q, R = torch.linalg.qr(A, mode="reduced")  # (B, m, n), (B, n, n)
+    def forward(ctx, A, b, weights, ridge, augment, rcond):
+        B, m, n = A.shape
+        At, bt = A, b
+        if weights is not None:
+            sw = weights.sqrt()
+            At, bt = A * sw.unsqueeze(-1), b * sw
+        if augment:
+            eye = torch.eye(n, dtype=A.dtype, device=A.device)
+            At = torch.cat([At, ridge.sqrt()[:, None, None] * eye], dim=1)
+            bt = torch.cat([bt, torch.zeros(B, n, dtype=b.dtype, device=b.device)], dim=1)
+        # Column (Jacobi) scaling: the rank test and the solve see unit columns, so an item is
+        # not called rank deficient because its unknowns have different units (columns 1e4 and
+        # 1e-4 apart in float32 were: cond 1e8, from units alone).
+        norm = At.norm(dim=1)  # (B, n)
+        c = torch.where(norm > 0, 1.0 / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.ones_like(norm))
+        Q, R = torch.linalg.qr(At * c[:, None, :], mode="reduced")  # (B, M, n), (B, n, n)
         diag = torch.diagonal(R, dim1=-2, dim2=-1).abs()
         full_rank = diag.amin(-1) > rcond * diag.amax(-1).clamp_min(torch.finfo(A.dtype).tiny)
         full_rank &= torch.isfinite(R).flatten(1).all(1)
         # Triangular solves on rank-deficient items would divide by ~0: give them identity R
         # here and the min-norm solution below.
-        eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)
+        eye = torch.eye(n, dtype=R.dtype, device=R.device)
         R_safe = torch.where(full_rank[:, None, None], R, eye)
-        qtb = (Q.transpose(1, 2) @ b.unsqueeze(-1))
-        x = torch.linalg.solve_triangular(R_safe, qtb, upper=True).squeeze(-1)
+        qtb = Q.transpose(1, 2) @ bt.unsqueeze(-1)
+        x = c * torch.linalg.solve_triangular(R_safe, qtb, upper=True).squeeze(-1)
         if not bool(full_rank.all()):
             bad = ~full_rank
-            x[bad] = (torch.linalg.pinv(A[bad]) @ b[bad].unsqueeze(-1)).squeeze(-1)
-        ctx.save_for_backward(A, b, R_safe, x, full_rank)
+            x[bad] = (torch.linalg.pinv(At[bad]) @ bt[bad].unsqueeze(-1)).squeeze(-1)
+        ctx.save_for_backward(A, b, weights, R_safe, c, x, full_rank)
         ctx.mark_non_differentiable(full_rank)
         return x, full_rank
 
     @staticmethod
     def backward(ctx, v, _unused):
-        A, b, R, x, full_rank = ctx.saved_tensors
-        # w = R^-1 R^-T v: the QR factor is reused, so no normal equations are formed.
-        z = torch.linalg.solve_triangular(R.transpose(1, 2), v.unsqueeze(-1), upper=False)
-        w = torch.linalg.solve_triangular(R, z, upper=True)  # (B, n, 1)
-        Aw = A @ w  # (B, m, 1)
-        r = b.unsqueeze(-1) - A @ x.unsqueeze(-1)  # (B, m, 1)
-        gA = r @ w.transpose(1, 2) - Aw @ x.unsqueeze(1)
-        gb = Aw.squeeze(-1)
-        keep = full_rank[:, None, None]
-        gA = torch.where(keep, gA, torch.zeros_like(gA))
-        gb = torch.where(keep[..., 0], gb, torch.zeros_like(gb))
-        return gA, gb, None
+        A, b, weights, R, c, x, full_rank = ctx.saved_tensors
+        need_A, need_b, need_w, need_r = ctx.needs_input_grad[:4]
+        # w = N^-1 v with N = A^T W A + beta I = diag(1/c) R^T R diag(1/c): the QR factor of the
+        # scaled matrix is reused, so no normal equations are formed.
+        z = torch.linalg.solve_triangular(R.transpose(1, 2), (c * v).unsqueeze(-1), upper=False)
+        w = c * torch.linalg.solve_triangular(R, z, upper=True).squeeze(-1)  # (B, n)
+        w = torch.where(full_rank[:, None], w, torch.zeros_like(w))  # rank deficient: no gradient
+        Aw = (A @ w.unsqueeze(-1)).squeeze(-1)  # (B, m)
+        r = b - (A @ x.unsqueeze(-1)).squeeze(-1)  # (B, m), unweighted residual
+        om = weights if weights is not None else None
+        gA = gb = gw = gr = None
+        if need_A:
+            gA = r.unsqueeze(-1) * w.unsqueeze(1) - Aw.unsqueeze(-1) * x.unsqueeze(1)
+            gA = gA if om is None else om.unsqueeze(-1) * gA
+        if need_b:
+            gb = Aw if om is None else om * Aw
+        if need_w:
+            # N dx = a_k (b_k - a_k^T x) dw_k: finite at w_k = 0 (the one-sided derivative).
+            gw = Aw * r
+        if need_r:
+            gr = -(w * x).sum(-1)  # N dx = -x dbeta
+        return gA, gb, gw, gr, None, None
 
 
 def least_squares(
@@ -91,8 +131,13 @@ def least_squares(
         b: (B, m) targets.
         weights: optional (B, m) non-negative row weights (0 removes a row, e.g. padding).
         ridge: ridge strength ``>= 0``, a float or a (B,) tensor (differentiable).
-        rcond: relative threshold on ``|diag R|`` below which an item is rank-deficient;
-            default ``m * eps`` of the dtype.
+        rcond: relative threshold on ``|diag R|`` of the column-scaled matrix below which an item
+            is rank-deficient; default ``m * eps`` of the dtype (rows including the ridge's).
+
+    Gradients are finite everywhere on the feasible set: to a weight ``w_k = 0`` (a removed or
+    padded row) the one-sided derivative ``(a_k^T N^-1 v)(b_k - a_k^T x)`` of adding that row
+    back, with ``N = A^T W A + ridge I`` (not 0: the loss does depend on the weight), and to
+    ``ridge = 0`` the one-sided ``-x^T N^-1 v``. Rank-deficient items get zero gradients.
 
     Returns:
         ``(x, status)``: (B, n) solutions and (B,) status codes (``OK`` or ``DEGENERATE``).
@@ -110,21 +155,19 @@ def least_squares(
             raise ValueError(f"weights must have shape (B, m) = {(B, m)}, got {tuple(weights.shape)}")
         if bool((weights < 0).any()):
             raise ValueError("weights must be non-negative")
-        s = weights.clamp_min(0).sqrt()
-        A = A * s.unsqueeze(-1)
-        b = b * s
+        weights = weights.to(A.dtype)
     ridge_t = torch.as_tensor(ridge, dtype=A.dtype, device=A.device)
     if bool((ridge_t < 0).any()):
         raise ValueError(f"ridge must be non-negative, got {ridge}")
-    if ridge_t.requires_grad or bool((ridge_t > 0).any()):
-        root = ridge_t.expand(B).sqrt() if ridge_t.ndim == 0 else ridge_t.sqrt()
-        eye = torch.eye(n, dtype=A.dtype, device=A.device)
-        A = torch.cat([A, root[:, None, None] * eye], dim=1)
-        b = torch.cat([b, torch.zeros(B, n, dtype=b.dtype, device=b.device)], dim=1)
-    elif m < n:
+    if ridge_t.ndim not in (0, 1) or (ridge_t.ndim == 1 and ridge_t.shape[0] != B):
+        raise ValueError(f"ridge must be a float, a 0-d tensor or a (B,) = ({B},) tensor, got shape {tuple(ridge_t.shape)}")
+    augment = bool(ridge_t.requires_grad or bool((ridge_t > 0).any()))
+    if not augment and m < n:
         raise ValueError(f"underdetermined system: A has {m} rows < {n} columns; use ridge > 0")
-    rcond = A.shape[1] * float(torch.finfo(A.dtype).eps) if rcond is None else rcond
-    x, full_rank = _QRSolve.apply(A, b, rcond)
+    ridge_b = ridge_t.expand(B) if ridge_t.ndim == 0 else ridge_t
+    rows = m + (n if augment else 0)
+    rcond = rows * float(torch.finfo(A.dtype).eps) if rcond is None else rcond
+    x, full_rank = _WeightedLstsq.apply(A, b, weights, ridge_b, augment, rcond)
     status = torch.where(full_rank, int(Status.OK), int(Status.DEGENERATE)).long()
     return x, status
 

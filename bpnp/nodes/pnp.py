@@ -42,6 +42,7 @@ from bpnp.nodes.implicit import implicit_vjp
 from bpnp.nodes.linalg import SINGULAR_MODES
 from bpnp.nodes.robust import RobustKernel
 from bpnp.nodes.status import Status
+from bpnp.so3 import skew, so3_exp
 
 
 class PnPResult(NamedTuple):
@@ -53,31 +54,6 @@ class PnPResult(NamedTuple):
     status: torch.Tensor
     iterations: torch.Tensor
     objective: torch.Tensor
-
-
-def skew(w: torch.Tensor) -> torch.Tensor:
-    """Cross-product matrices ``[w]_x`` of (*, 3) vectors, shape (*, 3, 3)."""
-    o = torch.zeros_like(w[..., 0])
-    x, y, z = w.unbind(-1)
-    return torch.stack([o, -z, y, z, o, -x, -y, x, o], dim=-1).reshape(*w.shape[:-1], 3, 3)
-
-
-def so3_exp(w: torch.Tensor) -> torch.Tensor:
-    """Rotation matrices ``Exp(w)`` of axis-angle vectors (*, 3) (radians), shape (*, 3, 3).
-
-    Rodrigues' formula with series coefficients near 0. We do not use kornia's version here:
-    its small-angle branch is first order (``I + [w]_x``), so its second derivative at ``w = 0``
-    is wrong, and the implicit backward differentiates twice at exactly ``w = 0``.
-    """
-    theta2 = (w * w).sum(-1, keepdim=True).unsqueeze(-1)
-    small = theta2 < 1e-6
-    safe = torch.where(small, torch.ones_like(theta2), theta2)
-    theta = torch.sqrt(safe)
-    A = torch.where(small, 1 - theta2 / 6 + theta2 * theta2 / 120, torch.sin(theta) / theta)
-    B = torch.where(small, 0.5 - theta2 / 24 + theta2 * theta2 / 720, (1 - torch.cos(theta)) / safe)
-    K = skew(w)
-    eye = torch.eye(3, dtype=w.dtype, device=w.device).expand(K.shape)
-    return eye + A * K + B * (K @ K)
 
 
 def _camera_points(R: torch.Tensor, t: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -96,8 +72,13 @@ def pnp_objective(
 
     For ``rho`` = identity it is evaluated as ``sum W - sum_j a_j . u_j`` with ``a = W^T B``, whose
     derivative to ``W`` is the outer product ``-B u^T`` (one matmul, no (m, n) error matrix).
+
+    Paired form (``W`` of shape (B, K), bearings and points (B, K, 3), one per pair):
+    ``F = sum_k W_k rho(1 - b_k . N(R p_k + t))``, O(K) (the dense form with a diagonal ``W``).
     """
     u, _ = _unit(_camera_points(R, t, points))
+    if W.ndim == 2:
+        return (W * kernel.rho(1 - (bearings * u).sum(-1))).sum(1)
     if kernel.is_identity:
         return W.sum((1, 2)) - ((W.transpose(1, 2) @ bearings) * u).sum((1, 2))
     E = torch.baddbmm(torch.ones_like(W), bearings, u.transpose(1, 2), alpha=-1)
@@ -110,12 +91,31 @@ def _derivatives(W, bearings, x, kernel, linear=None):
 
     ``linear = (a (B,n,3), wsum (B,n), mass (B,))`` precomputed from ``W`` when ``rho`` is the
     identity: then this costs O(n), no (m, n) matrix is touched.
+
+    Paired form: ``W`` (B, K) with bearings and camera points (B, K, 3), pair ``k`` joining
+    ``b_k`` and ``x_k`` (see :func:`pnp_objective`): the dense formulas with a diagonal ``W``,
+    O(K) (``a_k = W_k rho'_k b_k``, ``C_k = W_k rho''_k b_k b_k^T``).
+
+    Per point the O(mn) part reduces to ``a_j = sum_i W_ij rho'_ij b_i``, ``wsum_j = sum_i W_ij
+    rho'_ij`` and, for a robust kernel, ``C_j = sum_i W_ij rho''_ij b_i b_i^T``; the O(n) rest is
+    :func:`_chart_derivatives`.
     """
     u, r = _unit(x)
-    if linear is not None:
+    if W.ndim == 2:
+        beta = (bearings * u).sum(-1)  # (B, K)
+        rho, d1, d2 = kernel.all(1 - beta)
+        F = (W * rho).sum(1)
+        wsum = W * d1
+        a = wsum[..., None] * bearings
+        # C_k = W rho'' b b^T is rank one: proj C proj = W rho'' v v^T with v = b - beta u, and
+        # the chart maps v to g(v) = (x × b, v) (x × u = 0).
+        v = bearings - beta[..., None] * u
+        gv = torch.cat([torch.cross(x, bearings, dim=-1), v], -1)
+        second = [(gv, gv, W * d2)]
+    elif linear is not None:
         a, wsum, mass = linear
         F = mass - (a * u).sum((1, 2))
-        C = None
+        second = []
     else:
         E = torch.baddbmm(torch.ones_like(W), bearings, u.transpose(1, 2), alpha=-1)  # 1 - B U^T
         rho, d1, d2 = kernel.all(E)
@@ -126,38 +126,70 @@ def _derivatives(W, bearings, x, kernel, linear=None):
         a = (bearings.transpose(1, 2) @ Wt).transpose(1, 2)  # (B, n, 3): a_j = sum_i Wt_ij b_i
         wsum = Wt.sum(1)  # (B, n)
         bb = (bearings[..., :, None] * bearings[..., None, :]).flatten(2)  # (B, m, 9)
-        C = (bb.transpose(1, 2) @ (W * d2)).transpose(1, 2).reshape(*a.shape[:2], 3, 3)
-    au = (a * u).sum(-1, keepdim=True)
-    q = (a - au * u) / r  # gradient of a_j . u_j w.r.t. x_j
-    gx = -q  # dF/dx_j
-    eye = torch.eye(3, dtype=x.dtype, device=x.device)
-    uu = u[..., :, None] * u[..., None, :]
-    r2 = (r * r)[..., None]
-    Hau = (-(a[..., :, None] * u[..., None, :] + u[..., :, None] * a[..., None, :]) - au[..., None] * eye + 3 * au[..., None] * uu) / r2
-    proj = eye - uu
-    K = -Hau  # d2F/dx_j^2 from the first-order kernel term
-    if C is not None:
-        # Second-order kernel term: sum_i W rho'' (grad e)(grad e)^T, grad_x e_ij = -proj b_i / r,
-        # with C_j = sum_i W_ij rho''_ij b_i b_i^T.
-        K = K + proj @ C @ proj / r2
-    X = skew(x)
-    # Second-order term of Exp(omega) x contracted with dF/dx: 1/2 (g x^T + x g^T) (g . x = 0).
-    Q = 0.5 * (gx[..., :, None] * x[..., None, :] + x[..., :, None] * gx[..., None, :])
-    H = torch.zeros(*x.shape[:1], 6, 6, dtype=x.dtype, device=x.device)
-    H[:, :3, :3] = (-X @ K @ X + Q).sum(1)
-    H[:, :3, 3:] = (X @ K).sum(1)
-    H[:, 3:, :3] = (-K @ X).sum(1)
-    H[:, 3:, 3:] = K.sum(1)
-    Kgn = wsum[..., None, None] * proj / r2
-    Hgn = torch.zeros_like(H)
-    Hgn[:, :3, :3] = (-X @ Kgn @ X).sum(1)
-    Hgn[:, :3, 3:] = (X @ Kgn).sum(1)
-    Hgn[:, 3:, :3] = (-Kgn @ X).sum(1)
-    Hgn[:, 3:, 3:] = Kgn.sum(1)
-    g = torch.cat([(torch.cross(x, gx, dim=-1)).sum(1), gx.sum(1)], dim=-1)
+        C = (bb.transpose(1, 2) @ (W * d2)).transpose(1, 2)  # (B, n, 9): C_j = sum_i W rho'' b_i b_i^T
+        # proj C proj = sum_cd C_cd (proj e_c)(proj e_d)^T, and the chart maps proj e_c to
+        # g_c = (x × e_c, e_c - u_c u): nine weighted rank-one terms, six by symmetry.
+        zero = torch.zeros_like(x[..., 0])
+        x0, x1, x2 = x.unbind(-1)
+        cross_e = (torch.stack([zero, x2, -x1], -1), torch.stack([-x2, zero, x0], -1), torch.stack([x1, -x0, zero], -1))
+        eye = torch.eye(3, dtype=x.dtype, device=x.device)
+        G = [torch.cat([cross_e[c], eye[c] - u[..., c:c + 1] * u], -1) for c in range(3)]
+        second = [(G[c], G[c], C[..., 4 * c]) for c in range(3)]
+        second += [(G[c], G[d], 2 * C[..., 3 * c + d]) for c in range(3) for d in range(c + 1, 3)]  # symmetrised below
+    g, H, Hgn = _chart_derivatives(x, u, r, a, wsum, second)
+    return F, g, H, Hgn
+
+
+def _chart_derivatives(x, u, r, a, wsum, second):
+    r"""Gradient (B,6), exact and Gauss-Newton Hessians (B,6,6) in the chart, from per-point sums.
+
+    Args:
+        x: (B, n, 3) camera points; ``u = x / r`` (B, n, 3), ``r`` (B, n, 1).
+        a: (B, n, 3) ``a_j = sum_i W_ij rho'_ij b_i``; wsum: (B, n) ``sum_i W_ij rho'_ij``.
+        second: the kernel's second-order term ``sum_j proj C_j proj / r_j^2`` in the chart, as
+            ``(p, q, w)`` triples meaning ``sum_j w_j / r_j^2 p_j q_j^T`` with p, q (B, n, 6), w
+            (B, n) (empty for ``rho`` = identity); the total must be symmetric after
+            symmetrisation (a ``(p, q)`` term with ``p != q`` stands for half of ``p q^T + q p^T``).
+
+    The Hessian of ``F`` in ``x_j`` is ``K_j = (a u^T + u a^T + alpha I - 3 alpha u u^T) / r^2 +
+    proj C proj / r^2`` with ``alpha = a . u``. The chart's Jacobian ``J = [-[x]_x, I]`` maps a
+    rank-one ``p q^T`` to ``g(p) g(q)^T`` with ``g(p) = (x × p, p)`` (so ``g(u) = (0, u)``), and
+    ``J^T J = [[|x|^2 I - x x^T, [x]_x], [-[x]_x, I]]``: every sum over points is a (6, n) @ (n, 6)
+    product, no per-point 3x3 matrix. The retraction's second order adds ``1/2 (g_x x^T + x
+    g_x^T)`` to the rotation block (``g_x . x = 0``); the Gauss-Newton Hessian is ``sum wsum / r^2
+    J^T (I - u u^T) J``.
+    """
+    inv = 1.0 / (r * r).squeeze(-1)  # (B, n)
+    alpha = (a * u).sum(-1)
+    gx = -(a - alpha[..., None] * u) / r  # dF/dx_j
+    ga = torch.cat([torch.cross(x, a, dim=-1), a], -1)  # g(a), (B, n, 6)
+    gu = torch.cat([torch.zeros_like(u), u], -1)  # g(u)
+
+    def outer(p, w, q):  # sum_j w_j p_j q_j^T, (B, 6, 6)
+        return (p * w[..., None]).transpose(1, 2) @ q
+
+    def jtj(c):  # sum_j c_j J_j^T J_j, (B, 6, 6)
+        xx = (x * c[..., None]).transpose(1, 2) @ x
+        eye = torch.eye(3, dtype=x.dtype, device=x.device)
+        out = torch.empty(*c.shape[:1], 6, 6, dtype=x.dtype, device=x.device)
+        out[:, :3, :3] = xx.diagonal(dim1=1, dim2=2).sum(-1)[:, None, None] * eye - xx
+        Xs = skew((c[..., None] * x).sum(1))
+        out[:, :3, 3:] = Xs
+        out[:, 3:, :3] = -Xs
+        out[:, 3:, 3:] = c.sum(1)[:, None, None] * eye
+        return out
+
+    S = outer(ga, inv, gu)
+    H = S + S.transpose(1, 2) - 3 * outer(gu, alpha * inv, gu) + jtj(alpha * inv)
+    for p, q, w in second:
+        H = H + outer(p, w * inv, q)
+    Sx = gx.transpose(1, 2) @ x  # sum_j g_j x_j^T
+    H[:, :3, :3] += 0.5 * (Sx + Sx.transpose(1, 2))
+    Hgn = jtj(wsum * inv) - outer(gu, wsum * inv, gu)
+    g = torch.cat([torch.cross(x, gx, dim=-1).sum(1), gx.sum(1)], dim=-1)
     H = 0.5 * (H + H.transpose(1, 2))
     Hgn = 0.5 * (Hgn + Hgn.transpose(1, 2))
-    return F, g, H, Hgn
+    return g, H, Hgn
 
 
 def _retract(R, t, delta):
@@ -171,9 +203,9 @@ def _validate(W, bearings, points, R0, t0):
             raise TypeError(f"{name} must be a tensor, got {type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"{name} must be floating point, got {x.dtype}")
-    if W.ndim != 3:
-        raise ValueError(f"W must have shape (B, m, n), got {tuple(W.shape)}")
-    B, m, n = W.shape
+    if W.ndim not in (2, 3):
+        raise ValueError(f"W must have shape (B, m, n) (dense) or (B, K) (pairs), got {tuple(W.shape)}")
+    B, m, n = W.shape if W.ndim == 3 else (*W.shape, W.shape[1])
     expected = {"bearings": (B, m, 3), "points": (B, n, 3), "R0": (B, 3, 3), "t0": (B, 3)}
     for name, x in (("bearings", bearings), ("points", points), ("R0", R0), ("t0", t0)):
         if tuple(x.shape) != expected[name]:
@@ -184,6 +216,38 @@ def _validate(W, bearings, points, R0, t0):
         raise ValueError(f"inputs must share one dtype and device, got {sorted(map(str, dtypes))} / {sorted(map(str, devices))}")
 
 
+def gather_pairs(W: torch.Tensor, bearings: torch.Tensor, points: torch.Tensor, k: int,
+                 score: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``k`` entries of each row of ``W`` as pairs for :class:`PnPRefine`'s paired form.
+
+    Args:
+        W: (B, m, n) weights >= 0 (e.g. the plan ``P``; 0 on padding).
+        bearings: (B, m, 3) unit bearings of the rows.
+        points: (B, n, 3) 3D points of the columns.
+        k: pairs kept per row, ``>= 1`` (capped at ``n``).
+        score: (B, m, n) ranking of the entries (the ``k`` largest of each row are kept); None =
+            ``W`` itself. Not differentiated.
+
+    Returns:
+        ``(Wk (B, m k), bearings_k (B, m k, 3), points_k (B, m k, 3))``: pair ``i k + r`` joins row
+        ``i`` and one of its ``k`` best columns. The choice is piecewise constant and not
+        differentiated; the gathers are, so the gradient of a loss of the paired solution
+        reaches ``W`` at the kept entries exactly (0 elsewhere) and the bearings and points
+        summed over their pairs. O(mn) once, for the top-k.
+    """
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"gather_pairs: k must be an int >= 1, got {k!r}")
+    B, m, n = W.shape
+    if score is not None and score.shape != W.shape:
+        raise ValueError(f"gather_pairs: score must have W's shape {tuple(W.shape)}, got {tuple(score.shape)}")
+    k = min(k, n)
+    idx = (W if score is None else score).detach().topk(k, dim=2, sorted=False).indices  # (B, m, k)
+    Wk = W.gather(2, idx).reshape(B, m * k)
+    bk = bearings[:, :, None, :].expand(B, m, k, 3).reshape(B, m * k, 3)
+    pk = points.gather(1, idx.reshape(B, m * k, 1).expand(B, m * k, 3))
+    return Wk, bk, pk
+
+
 class PnPRefine(nn.Module):
     """Robust weighted angular pose refinement (see the module docstring for the maths).
 
@@ -191,13 +255,23 @@ class PnPRefine(nn.Module):
         robust: kernel name, one of ``none``, ``huber``, ``geman_mcclure``, ``tanh``.
         robust_scale: kernel scale in units of ``1 - cos(angle)``.
         max_iter: LM iteration limit per item.
-        xtol: stop when the step ``|omega| + |v| / mean depth`` is below this; default
-            ``1e-12`` in float64 and ``1e-6`` in float32.
-        gtol: stop when ``|grad F| <= gtol * sum(W)``; default like ``xtol``.
+        xtol: stop when an accepted step, or the undamped Newton step at the current pose,
+            ``|omega| + |v| / mean depth`` (radians) is below this; default ``1e-12`` in float64
+            and ``1e-6`` in float32 (the Newton step is a scale-free distance to the optimum;
+            float32 reaches ~1e-5 deg from the float64 optimum of the same inputs).
+        gtol: also stop when ``|grad F| <= gtol * sum(W)``; default ``1e-12`` in float64 and
+            ``1e-9`` in float32. This absolute test is not scale free (a distant scene has a
+            gradient ``(extent/depth)^2`` times smaller at the same distance from the optimum),
+            so its float32 default is below float32 rounding and the Newton-step test decides.
+            ``gtol=1e-6`` gives the former float32 behaviour: up to ~2e-3 deg from the optimum
+            on ordinary scenes (2e-2 deg on distant ones) instead of ~3e-5 deg, for about half
+            an LM iteration fewer per item on average.
         damping: initial LM damping, relative to the Hessian diagonal.
-        degenerate_rcond: an item whose scaled Gauss-Newton Hessian has an eigenvalue ratio
-            below this (and never below ``100 eps`` of the working dtype, ~1.2e-5 in float32) is
-            reported ``DEGENERATE`` (pose not determined by the weighted points, e.g. collinear).
+        degenerate_rcond: an item whose Jacobi-scaled Gauss-Newton Hessian has an eigenvalue
+            ratio below this (and never below ``4 eps`` of the working dtype, ~4.8e-7 in float32)
+            is reported ``DEGENERATE`` (pose not determined by the weighted points, e.g.
+            collinear, or not at working precision: in float32 a scene whose depth is more than
+            ~200 times its extent).
         backward: ``"implicit"`` or ``"unrolled"`` (autograd through the LM iterations).
         singular: backward fallback for degenerate items, ``"damp"``, ``"min_norm"`` or ``"zero"``.
         degenerate_check_every: every this many iterations, items found degenerate stop iterating
@@ -241,8 +315,9 @@ class PnPRefine(nn.Module):
         """Batched LM; differentiable torch ops (used as is by ``backward="unrolled"``)."""
         B = W.shape[0]
         dtype = W.dtype
-        xtol = self.xtol if self.xtol is not None else (1e-12 if dtype == torch.float64 else 1e-6)
-        gtol = self.gtol if self.gtol is not None else xtol
+        f64 = dtype == torch.float64
+        xtol = self.xtol if self.xtol is not None else (1e-12 if f64 else 1e-6)
+        gtol = self.gtol if self.gtol is not None else (1e-12 if f64 else 1e-9)
         finite = (
             torch.isfinite(W).flatten(1).all(1)
             & torch.isfinite(bearings).flatten(1).all(1)
@@ -252,21 +327,21 @@ class PnPRefine(nn.Module):
         )
         zero3 = torch.zeros(B, 3, dtype=dtype, device=W.device)
         eye3 = torch.eye(3, dtype=dtype, device=W.device).expand(B, 3, 3)
-        Wc = torch.where(finite[:, None, None], W, torch.zeros_like(W))
+        Wc = torch.where(finite.reshape((-1,) + (1,) * (W.ndim - 1)), W, torch.zeros_like(W))  # W (B,m,n) or (B,K)
         bc = torch.where(finite[:, None, None], bearings, torch.zeros_like(bearings))
         pc = torch.where(finite[:, None, None], points, torch.zeros_like(points))
         # Items with bad inputs keep their initial pose (if that is finite) and are not iterated.
         pose_ok = torch.isfinite(R0).flatten(1).all(1) & torch.isfinite(t0).all(1)
         R = torch.where(pose_ok[:, None, None], R0, eye3)
         t = torch.where(pose_ok[:, None], t0, zero3)
-        mass = Wc.sum((1, 2))
+        mass = Wc.flatten(1).sum(1)
 
         mu = torch.full((B,), self.damping, dtype=dtype, device=W.device)
         active = finite & (mass > 0)
         iterations = torch.zeros(B, dtype=torch.long, device=W.device)
         eye6 = torch.eye(6, dtype=dtype, device=W.device)
         # rho = identity: a = W^T B once, then every iteration is O(n).
-        linear = (Wc.transpose(1, 2) @ bc, Wc.sum(1), mass) if self.kernel.is_identity else None
+        linear = (Wc.transpose(1, 2) @ bc, Wc.sum(1), mass) if self.kernel.is_identity and W.ndim == 3 else None
         F, g, H, Hgn = _derivatives(Wc, bc, _camera_points(R, t, pc), self.kernel, linear)
         for it in range(1, self.max_iter + 1):
             if not bool(active.any()):
@@ -284,6 +359,22 @@ class PnPRefine(nn.Module):
                 bad = torch.zeros_like(active)
             delta = -torch.cholesky_solve(g.unsqueeze(-1), L).squeeze(-1)
             delta = torch.where((active & ~bad)[:, None] & torch.isfinite(delta), delta, torch.zeros_like(delta))
+            # Distance to the optimum, scale free: the undamped Newton step at the current pose
+            # (where the exact Hessian is positive definite), in the units of xtol. Near the
+            # optimum in float32 LM steps are often rejected (F and g are at rounding level), so
+            # an accepted small step may never come; the Newton step still says we are there.
+            # A gradient test |g| <= gtol sum(W) alone is not enough: a distant scene (small
+            # angular extent) has a gradient (extent/depth)^2 times smaller at the same distance.
+            L0, info0 = torch.linalg.cholesky_ex(H.detach())
+            newton = torch.cholesky_solve(g.detach().unsqueeze(-1), L0).squeeze(-1)
+            newton_step = newton[:, :3].norm(dim=1) + newton[:, 3:].norm(dim=1) / depth.detach()
+            near = (info0 == 0) & torch.isfinite(newton_step) & (newton_step < xtol)
+            # Converged at the current pose: stop before evaluating a candidate (its O(mn) cost
+            # would only confirm it).
+            active = active & ~near
+            if not bool(active.any()):
+                break
+            delta = torch.where(active[:, None], delta, torch.zeros_like(delta))
             R_new, t_new = _retract(R, t, delta)
             F_new, g_new, H_new, Hgn_new = self._candidate(Wc, bc, pc, R_new, t_new, linear, active, (F, g, H, Hgn))
             # Near the optimum F changes by less than its rounding error (F ~ sum of m*n terms),
@@ -305,7 +396,12 @@ class PnPRefine(nn.Module):
             small_step = accept & (step.detach() < xtol)
             small_grad = g.detach().norm(dim=1) <= gtol * mass
             stalled = mu > 1e12  # no decrease possible at working precision
-            active = active & ~(small_step | small_grad | stalled)
+            # At the precision floor: a (near-Newton) step from a pose within 10 xtol of the
+            # optimum was rejected with F flat to rounding. Nothing measurable is left to gain,
+            # and waiting for mu to grow to the stall limit would cost ~40 O(mn) iterations
+            # (float32, robust kernels, distant scenes).
+            floor = active & ~accept & flat.detach() & (info0 == 0) & (newton_step < 10 * xtol)
+            active = active & ~(small_step | small_grad | stalled | floor)
             if self.degenerate_check_every and it % self.degenerate_check_every == 0:
                 # An item whose weights do not determine the pose (e.g. the near-uniform W of an
                 # untrained network, whose optimum runs off to infinity along the mean bearing)
@@ -322,13 +418,21 @@ class PnPRefine(nn.Module):
     def _degenerate(self, Hgn: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
         """(B,) bool: the weighted points do not determine all six pose parameters (the
         diagonally scaled Gauss-Newton Hessian has an eigenvalue ratio <= rcond), or no mass."""
-        dtype = Hgn.dtype
-        s = torch.diagonal(Hgn, dim1=1, dim2=2).detach().clamp_min(torch.finfo(dtype).tiny).rsqrt()
-        ev = torch.linalg.eigvalsh(s[:, :, None] * Hgn.detach() * s[:, None, :])
-        # An exactly singular Hessian evaluated in float32 has an eigenvalue ratio of ~eps, not 0
-        # (collinear points: ~1e-7), so the threshold is never below 100 eps of the working dtype.
-        rcond = max(float(self.degenerate_rcond), 100 * torch.finfo(dtype).eps)
-        return (ev[:, 0] <= rcond * ev[:, -1].clamp_min(torch.finfo(dtype).tiny)) | (mass <= 0)
+        eps = torch.finfo(Hgn.dtype).eps
+        # The 6x6 eigenproblem in float64 whatever the working dtype (negligible cost): then the
+        # only rounding left is that of forming Hgn, which puts an exactly singular float32
+        # Hessian (collinear points, 20 to 1000 of them) at a ratio of <= 0.5 eps, not ~1 eps.
+        wide = torch.float64 if Hgn.device.type != "mps" else Hgn.dtype  # MPS has no float64
+        H64 = Hgn.detach().to(wide)
+        s = torch.diagonal(H64, dim1=1, dim2=2).clamp_min(torch.finfo(wide).tiny).rsqrt()
+        ev = torch.linalg.eigvalsh(s[:, :, None] * H64 * s[:, None, :])
+        # Never below 4 eps of the working dtype: a scaled condition number above 1/(4 eps)
+        # leaves the weakest pose direction undetermined at working precision. In float32 that
+        # is a scene of depth/extent >~ 200; a distant but well-posed scene below that is not
+        # degenerate (it was at 100 eps: depth/extent >~ 30, and the early stop of
+        # degenerate_check_every then left its pose, and gradient, 10-30 % wrong).
+        rcond = max(float(self.degenerate_rcond), 4 * eps)
+        return (ev[:, 0] <= rcond * ev[:, -1].clamp_min(torch.finfo(wide).tiny)) | (mass <= 0)
 
     def _candidate(self, W, bearings, points, R, t, linear, active, current):
         """Derivatives at the candidate poses of the items still iterating only: the O(mn) work
@@ -353,8 +457,20 @@ class PnPRefine(nn.Module):
         mask2d: torch.Tensor | None = None,
         mask3d: torch.Tensor | None = None,
     ) -> PnPResult:
+        """Dense: ``W`` (B, m, n), bearings (B, m, 3), points (B, n, 3), optional masks (see the
+        class docstring); every iteration is O(mn) with a robust kernel.
+
+        Paired: ``W`` (B, K) >= 0, bearings (B, K, 3) and points (B, K, 3) gathered per pair
+        (:func:`gather_pairs`), no masks (give padded pairs ``W = 0``); minimises
+        ``sum_k W_k rho(1 - b_k . N(R p_k + t))`` in O(K) per iteration, with the same solver
+        and the same exact implicit backward (to ``W`` and to the gathered bearings and points,
+        which autograd carries back through the gather)."""
         _validate(W, bearings, points, R0, t0)
-        B, m, n = W.shape
+        if W.ndim == 2:
+            if mask2d is not None or mask3d is not None:
+                raise ValueError("PnPRefine: masks are for a dense W (B, m, n); in the paired form (W of shape "
+                                 "(B, K)) give padded pairs W = 0 instead")
+        B, m, n = W.shape if W.ndim == 3 else (*W.shape, W.shape[1])
         for name, mask, size in (("mask2d", mask2d, m), ("mask3d", mask3d, n)):
             if mask is not None and (not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool
                                      or tuple(mask.shape) != (B, size) or mask.device != W.device):
@@ -404,7 +520,7 @@ class _PnPFunction(torch.autograd.Function):
         degenerate = status == int(Status.DEGENERATE)
         # The forward's analytic Hessian (exact, O(mn) once) replaces a torch.func Hessian of the
         # O(mn) objective in six directions.
-        linear = (W.transpose(1, 2) @ bearings, W.sum(1), W.sum((1, 2))) if kernel.is_identity else None
+        linear = (W.transpose(1, 2) @ bearings, W.sum(1), W.sum((1, 2))) if kernel.is_identity and W.ndim == 3 else None
         _, _, H, _ = _derivatives(W, bearings, _camera_points(R, t, points), kernel, linear)
         grads, bstatus = implicit_vjp(
             local_objective, xs, torch.zeros_like(v), v, solver="dense", singular=node.singular,

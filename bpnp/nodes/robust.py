@@ -31,7 +31,7 @@ class RobustKernel:
 
     Example:
         >>> k = RobustKernel("geman_mcclure", 0.01)
-        >>> float(k.rho(torch.tensor(0.01)))
+        >>> round(float(k.rho(torch.tensor(0.01))), 6)  # s e / (s + e) at e = s: s / 2 (rounded: float32)
         0.005
     """
 

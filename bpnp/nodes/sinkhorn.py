@@ -19,7 +19,10 @@ the batch iterates. ``backward="implicit"`` needs no graph, so it runs the same 
 iteration as mat-vec scalings on a kernel that absorbs the log potentials whenever a scaling leaves
 a safe range (stabilised scaling, :func:`_sinkhorn_scaling`): same stopping rule, same plan, about
 ten times faster. A zero entry of ``r`` or ``c`` marks a padded row or column anywhere; its
-entries of :math:`P` and of every gradient are exactly 0.
+entries of :math:`P` and of every gradient are exactly 0. Both forms shift each row of ``M`` by
+its minimum first (the plan is invariant; ``-lam M`` of a large ``M`` would keep few digits in
+float32), absorb potentials only into items still iterating, and report the marginal error
+measured on the returned plan (:class:`SinkhornInfo`).
 
 **Backward (implicit).** Perturbing :math:`M` gives :math:`dP = P\odot(-\lambda\,dM + d\alpha_i
 + d\beta_j)` with :math:`(d\alpha, d\beta)` restoring the marginals. For an incoming gradient
@@ -87,7 +90,12 @@ BIN_MODES = ("shared", "per_side")  # one bin cost for both sides, or [row -> bi
 
 @dataclass
 class SinkhornInfo:
-    """Per-item diagnostics of the last forward pass (all (B,) tensors)."""
+    """Per-item diagnostics of the last forward pass (all (B,) tensors).
+
+    ``marginal_error`` is measured on the returned plan: the larger of its L1 row and column
+    marginal errors, relative to the mass. ``converged`` (status ``OK``) means it is within
+    ``max(tol, 10 eps)``; ``backward_status`` is set by the implicit backward (``NONFINITE`` for a
+    non-finite incoming gradient on the item's real entries)."""
 
     iterations: torch.Tensor
     converged: torch.Tensor
@@ -167,10 +175,41 @@ def _check_options(lam: float, backward: str, singular: str) -> None:
         raise ValueError(f"lam must be positive, got {lam}")
 
 
-def _info(active, row, col, finite_item, iterations, err) -> SinkhornInfo:
+def _row_shifted(M: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``M`` minus its smallest kept entry per row (a constant, not differentiated).
+
+    The plan does not change when a row of ``M`` is shifted (the row potential absorbs it), but
+    ``-lam * M`` formed from a large ``M`` keeps only its leading digits: ``M + 1000`` in float32
+    has a spacing of 6e-5, times ``lam`` = 10 a relative error of 6e-4 in the plan. The
+    difference to the row minimum is exact (Sterbenz) for entries within a factor 2 of it.
+    """
+    big = torch.where(keep, M.detach(), torch.full_like(M, float("inf"))).amin(2, keepdim=True)
+    big = torch.where(torch.isfinite(big), big, torch.zeros_like(big))
+    return M - big
+
+
+def _measured_error(P, r, c, mass):
+    """(B,) L1 marginal error of the returned plan itself, rows and columns, relative to the mass
+    (the iterations' own estimate can miss the rounding of forming the plan)."""
+    row_err = (P.detach().sum(2) - r).abs().sum(1)
+    col_err = (P.detach().sum(1) - c).abs().sum(1)
+    return torch.maximum(row_err, col_err) / mass
+
+
+def _info(active, row, col, finite_item, iterations, err, tol=None, measured=None) -> SinkhornInfo:
     """Per-item diagnostics shared by both forward algorithms: items still active at the end hit
-    max_iter; items with no real row or column are degenerate; non-finite costs win over both."""
+    max_iter; items with no real row or column are degenerate; non-finite costs win over both.
+
+    With ``measured`` (the marginal error of the returned plan), that is the reported error, and
+    an item whose iterations stopped on their estimate but whose plan misses ``tol`` (by more
+    than rounding, ``10 eps``) is not converged (status ``MAX_ITER``): e.g. float32 with
+    ``lam`` = 1e4, where exponents of 1e4 keep three digits after the point."""
     converged = ~active
+    if measured is not None:
+        eps = torch.finfo(measured.dtype).eps
+        floor = max(float(tol), 10 * eps) if tol is not None and tol >= 0 else float("inf")
+        converged = converged & (measured <= floor)
+        err = measured
     status = torch.where(converged, int(Status.OK), int(Status.MAX_ITER)).long()
     empty = ~(row.any(1) & col.any(1))
     status = torch.where(empty, torch.full_like(status, int(Status.DEGENERATE)), status)
@@ -189,7 +228,8 @@ def _sinkhorn_iterations(M, r, c, lam, max_iter, tol):
     row, col = r > 0, c > 0
     real = row[:, :, None] & col[:, None, :]
     finite_item = torch.where(real, torch.isfinite(M), torch.ones_like(real)).flatten(1).all(1)
-    logK = -lam * torch.where(real & finite_item[:, None, None], M, torch.zeros_like(M))
+    keep = real & finite_item[:, None, None]
+    logK = -lam * torch.where(keep, _row_shifted(M, keep), torch.zeros_like(M))
     log_r = torch.log(torch.where(row, r, torch.ones_like(r)))
     log_c = torch.log(torch.where(col, c, torch.ones_like(c)))
     mass = r.sum(1).clamp_min(torch.finfo(dtype).tiny)
@@ -216,7 +256,8 @@ def _sinkhorn_iterations(M, r, c, lam, max_iter, tol):
         iterations = iterations + active.long()
     P = torch.exp(logK + alpha[:, :, None] + beta[:, None, :])
     P = torch.where(real & finite_item[:, None, None], P, torch.zeros_like(P))
-    return P, _info(active, row, col, finite_item, iterations, err)
+    measured = _measured_error(P, r, c, mass)
+    return P, _info(active, row, col, finite_item, iterations, err, tol, measured)
 
 
 def _sinkhorn_scaling(M, r, c, lam, max_iter, tol):
@@ -240,7 +281,7 @@ def _sinkhorn_scaling(M, r, c, lam, max_iter, tol):
     real = row[:, :, None] & col[:, None, :]
     finite_item = torch.where(real, torch.isfinite(M), torch.ones_like(real)).flatten(1).all(1)
     keep = real & finite_item[:, None, None]
-    logK = torch.where(keep, -lam * torch.where(keep, M, torch.zeros_like(M)), torch.full_like(M, neg))
+    logK = torch.where(keep, -lam * torch.where(keep, _row_shifted(M, keep), torch.zeros_like(M)), torch.full_like(M, neg))
     # Start from row-max-shifted potentials so that every real row has an entry of 1.
     alpha = torch.where(row, -logK.amax(2).clamp_min(neg), torch.full_like(r, neg))
     beta = torch.where(col, torch.zeros_like(c), torch.full_like(c, neg))
@@ -270,14 +311,20 @@ def _sinkhorn_scaling(M, r, c, lam, max_iter, tol):
         iterations = iterations + active.long()
         lu = torch.where(row, torch.log(u.clamp_min(tiny)), torch.zeros_like(u))
         lv = torch.where(col, torch.log(v.clamp_min(tiny)), torch.zeros_like(v))
-        if bool((lu.abs() > absorb).any()) or bool((lv.abs() > absorb).any()):
-            alpha = torch.where(row, alpha + lu, alpha)
-            beta = torch.where(col, beta + lv, beta)
-            Kt = kernel()
-            u, v = row.to(dtype), col.to(dtype)
+        # Absorb per item, and only items still iterating: re-forming the kernel of a converged
+        # item from its potentials rounds differently (float32, large lam: exponents ~lam keep
+        # few digits) and would change its plan after its error was measured.
+        need = active & (((lu.abs() > absorb) & row).any(1) | ((lv.abs() > absorb) & col).any(1))
+        if bool(need.any()):
+            alpha = torch.where(need[:, None] & row, alpha + lu, alpha)
+            beta = torch.where(need[:, None] & col, beta + lv, beta)
+            Kt = torch.where(need[:, None, None], kernel(), Kt)
+            u = torch.where(need[:, None], row.to(dtype), u)
+            v = torch.where(need[:, None], col.to(dtype), v)
     P = u[:, :, None] * Kt * v[:, None, :]
     P = torch.where(keep, P, torch.zeros_like(P))
-    return P, _info(active, row, col, finite_item, iterations, err)
+    measured = _measured_error(P, r, c, mass)
+    return P, _info(active, row, col, finite_item, iterations, err, tol, measured)
 
 
 def _ot_backward(P, G, row, col, lam, need_marginals, singular):
@@ -332,8 +379,14 @@ class _SinkhornFunction(torch.autograd.Function):
     def backward(ctx, G):
         P, row, col = ctx.saved_tensors
         need_r, need_c = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        G = torch.nan_to_num(G, nan=0.0, posinf=0.0, neginf=0.0)
+        # A non-finite incoming gradient on an item's real entries makes that item NONFINITE with
+        # zero gradients (not silently 0 with status OK); at padding (P = 0 exactly, a constant)
+        # it is ignored.
+        real = row[:, :, None] & col[:, None, :]
+        g_ok = torch.where(real, torch.isfinite(G), torch.ones_like(real)).flatten(1).all(1)
+        G = torch.where(real & g_ok[:, None, None], G, torch.zeros_like(G))
         gM, ga, gb, status = _ot_backward(P, G, row, col, ctx.lam, need_r or need_c, ctx.singular)
+        status = torch.where(g_ok, status, torch.full_like(status, int(Status.NONFINITE)))
         info = ctx.holder.get("info")
         if info is not None:
             info.backward_status = status
@@ -359,7 +412,9 @@ def sinkhorn(
         lam: inverse temperature lambda > 0 (larger = closer to a hard assignment).
         max_iter: iteration limit per item.
         tol: stop an item when its L1 row-marginal error divided by its mass is <= tol; a
-            negative ``tol`` runs exactly ``max_iter`` iterations (for benchmarks).
+            negative ``tol`` runs exactly ``max_iter`` iterations (for benchmarks). The returned
+            plan's own error (rows and columns) is then measured: an item above
+            ``max(tol, 10 eps)`` (float32 with a very large ``lam``) is ``MAX_ITER``, not ``OK``.
         backward: ``"implicit"`` (Schur-complement solve, memory independent of iterations) or
             ``"unrolled"`` (autograd through the iterations).
         singular: per-item fallback if the backward system is singular (``"damp"``,

@@ -18,19 +18,26 @@ class Status(IntEnum):
     OK = 0
     """Converged (forward) or the linear system was solved exactly (backward)."""
     MAX_ITER = 1
-    """The forward solver stopped at its iteration limit before meeting its tolerance."""
+    """The forward solver stopped before meeting its tolerance: at its iteration limit, or
+    (Sinkhorn) with a plan whose marginal error, measured on the returned plan, is above the
+    tolerance at working precision (float32 with a very large ``lam``). Backward (conjugate
+    gradient): the iteration limit was reached before the residual tolerance."""
     DAMPED = 2
-    """Backward: the system was singular or indefinite; a damped system was solved instead."""
+    """Backward: the system was singular, indefinite, or (after Jacobi scaling) more
+    ill-conditioned than the working precision resolves (condition number above ~1/sqrt(eps));
+    a damped system was solved instead."""
     MIN_NORM = 3
     """Backward: the system was singular; the minimum-norm (pseudo-inverse) solution was used."""
     ZEROED = 4
     """Backward: the system could not be solved; the gradient of this item was set to zero."""
     DEGENERATE = 5
-    """Forward: the problem is degenerate (e.g. too few weighted points); the answer is finite
-    but not unique."""
+    """Forward: the problem is degenerate (e.g. too few weighted points), or not determined at
+    working precision (e.g. a float32 pose of a very distant scene); the answer is finite but not
+    unique."""
     NONFINITE = 6
     """The item's inputs or incoming gradient contained NaN or Inf; its outputs/gradients are
-    zero or its initial value."""
+    zero or its initial value. (Backward statuses say it for a non-finite incoming gradient in
+    every node; entries at padding, where the output is a constant 0, are ignored.)"""
 
 
 def status_counts(status: torch.Tensor) -> dict[str, int]:
