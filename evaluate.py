@@ -25,29 +25,39 @@ os.environ.setdefault("BPNP_ROOT", str(ROOT))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-#: Exit code for bad inputs (argparse's convention for usage errors).
-EXIT_USER_ERROR = 2
-
-
 def run(cfg: DictConfig, out_dir: str | Path | None = None) -> int:
-    """Evaluate; return 0, or print ``error: <message>`` and return 2 for a user error."""
-    from bpnp.evaluation.app import USER_ERRORS, run_evaluation
+    """Evaluate; return 0, or print one ``error:`` line and return the exit code of
+    the shared error policy (:mod:`bpnp.runtime.cli`: 2 for bad input, 1 for a failed write).
+    Every config value is checked first (:func:`bpnp.runtime.config.check_eval_config`), and
+    that the run directory can be written; a run directory that a failed run left holding
+    nothing but Hydra's files is removed."""
+    from bpnp.evaluation.app import run_evaluation
+    from bpnp.runtime.cli import check_writable_dir, console, is_unused_run_dir, remove_unused_run_dir, run_with_error_policy
+    from bpnp.runtime.config import check_eval_config
 
-    try:
-        run_evaluation(cfg, out_dir)
-    except USER_ERRORS as exc:
-        message = " ".join(str(exc).split("\n")).strip() or type(exc).__name__
-        print(f"error: {message}", file=sys.stderr)
-        return EXIT_USER_ERROR
-    except OSError as exc:  # disk full or a failed write of the results: one line, exit code 1
-        detail = f"{exc.strerror}: {exc.filename}" if exc.strerror and exc.filename else str(exc)
-        print(f"error: I/O error: {detail}", file=sys.stderr)
-        return 1
-    return 0
+    if out_dir is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        out_dir = HydraConfig.get().runtime.output_dir
+    fresh = is_unused_run_dir(out_dir)
+    log = console("bpnp.evaluate").info
+
+    def work():
+        check_eval_config(cfg)
+        check_writable_dir(out_dir, "run directory")  # now, not after the evaluation has run
+        return run_evaluation(cfg, out_dir, log=log)
+
+    code, _ = run_with_error_policy(work)
+    if code and fresh:
+        remove_unused_run_dir(out_dir)
+    return code
 
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="evaluate")
 def main(cfg: DictConfig) -> None:
+    import logging
+
+    logging.captureWarnings(True)  # warnings reach evaluate.log too (configs/hydra/job_logging/bpnp.yaml)
     code = run(cfg)
     if code:
         # SystemExit is not an Exception, so Hydra lets it through without a traceback.
@@ -55,17 +65,22 @@ def main(cfg: DictConfig) -> None:
 
 
 def check_command_line(argv: list[str]) -> str | None:
-    """One-line message if the overrides do not compose with configs/evaluate.yaml, else None."""
-    from bpnp.training.utils import config_error
+    """One-line message if the overrides do not compose with configs/evaluate.yaml or give a bad
+    value (:func:`bpnp.runtime.config.check_eval_config`), else None."""
+    from bpnp.runtime.cli import config_error
+    from bpnp.runtime.config import check_eval_config
 
-    return config_error(ROOT / "configs", "evaluate", list(argv))
+    return config_error(ROOT / "configs", "evaluate", list(argv), validate=check_eval_config)
 
 
 def cli(argv: list[str] | None = None) -> None:
-    """``python evaluate.py ...``: an override of a key that does not exist (or any override that
-    does not compose) is one ``error:`` line and exit code 2, like every other bad input."""
+    """``python evaluate.py ...``: an override of a key that does not exist, any override that
+    does not compose, or a bad value is one ``error:`` line and exit code 2 (like every other bad
+    input), before Hydra creates the run directory."""
     message = check_command_line(sys.argv[1:] if argv is None else argv)
     if message:
+        from bpnp.runtime.cli import EXIT_USER_ERROR
+
         print(f"error: {message}", file=sys.stderr)
         sys.exit(EXIT_USER_ERROR)
     main()

@@ -19,7 +19,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from bpnp.data.scenes import save_scene
-from bpnp.evaluation.checkpoint import save_weights_only
+from bpnp.runtime.checkpoint import save_weights_only
 from bpnp.evaluation.report import CSV_COLUMNS
 from bpnp.models.network import BlindPnPNet
 
@@ -69,7 +69,9 @@ def test_end_to_end(tmp_path, scene_dir, lightning_ckpt):  # noqa: F811
     proc = _subprocess(f"ckpt_path={lightning_ckpt}", "data=scenes", f"data.path={scene_dir}",
                        f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert str(run_dir) in proc.stdout
+    assert str(run_dir) in proc.stdout and "[evaluate] config (resolved)" in proc.stdout
+    log = (run_dir / "evaluate.log").read_text()  # the console log, kept in the run dir
+    assert "[evaluate] config (resolved)" in log and f"[evaluate] run dir: {run_dir}" in log and "wrote" in log
 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     _check_contract(metrics)
@@ -103,6 +105,7 @@ def test_wrong_checkpoint_path_is_one_line(tmp_path, scene_dir):
     assert "Traceback" not in proc.stderr
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert errors == [f"error: checkpoint not found: {tmp_path / 'missing.ckpt'}"], proc.stderr
+    assert not (tmp_path / "run").exists()  # the failed run leaves no (empty) run directory behind
 
 
 def _run_error(cli, capsys, tmp_path, *overrides) -> str:
@@ -174,9 +177,12 @@ def test_net_overrides_reach_the_network(cli, capsys, tmp_path, scene_dir, light
     does not have is one clear error line, exit 2."""
     common = (f"ckpt_path={lightning_ckpt}", "data=scenes", f"data.path={scene_dir}", "sweep.enabled=false",
               "baselines=[]", "plots.enabled=false")
-    code = cli.run(_compose(*common, "net_overrides={robust_scale: 1.0e-4, ransac_hypotheses: 64}"), tmp_path / "run")
+    code = cli.run(_compose(*common, "net_overrides={refine: {robust_scale: 1.0e-4}, ransac: {num_hypotheses: 64}}"), tmp_path / "run")
     assert code == 0, capsys.readouterr().err
     meta = json.loads((tmp_path / "run" / "metrics.json").read_text())["meta"]
-    assert meta["net_overrides"] == {"robust_scale": 1.0e-4, "ransac_hypotheses": 64}
+    assert meta["net_overrides"] == {"refine": {"robust_scale": 1.0e-4}, "ransac": {"num_hypotheses": 64}}
     err = _run_error(cli, capsys, tmp_path, *common, "net_overrides={no_such_knob: 1}")
     assert "no_such_knob" in err
+    err = _run_error(cli, capsys, tmp_path, *common, "net_overrides={robust_scal: 1.0e-4}")  # a typo is a typo,
+    assert err.startswith("error: net_overrides.robust_scal: unknown network setting")  # not "incompatible checkpoint"
+    assert cli.check_command_line([*common, "net_overrides={robust_scal: 1.0e-4}"]) == err[len("error: "):]

@@ -36,7 +36,6 @@ __all__ = [
     "qvec_to_rotmat",
     "read_model",
     "find_model_files",
-    "instances_from_model",
 ]
 
 
@@ -129,14 +128,6 @@ class ColmapModel:
     def image_ids(self) -> list[int]:
         """Sorted image ids."""
         return sorted(self.images)
-
-
-def instances_from_model(model: ColmapModel, **kwargs):
-    """Same as :func:`bpnp.data.instances.instances_from_model` (kept here as INTERFACES.md lists
-    it under ``colmap``; imported lazily because ``instances`` builds on this module)."""
-    from bpnp.data.instances import instances_from_model as build
-
-    return build(model, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------

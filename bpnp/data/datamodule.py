@@ -163,8 +163,9 @@ class BlindPnPDataModule(pl.LightningDataModule):
                             ("val_length", val_length), ("test_length", test_length)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))):
                 raise ValueError(f"BlindPnPDataModule: {name} must be an integer, got {value!r}")
-        if int(batch_size) < 1 or int(num_workers) < 0 or int(pad_multiple) < 1:
-            raise ValueError("BlindPnPDataModule: need batch_size >= 1, num_workers >= 0, pad_multiple >= 1")
+        for name, value, low in (("batch_size", batch_size, 1), ("num_workers", num_workers, 0), ("pad_multiple", pad_multiple, 1)):
+            if int(value) < low:
+                raise ValueError(f"BlindPnPDataModule: {name} must be >= {low}, got {value}")
         self.source = source
         self.batch_size = int(batch_size)
         self.eval_batch_size = int(eval_batch_size or batch_size)

@@ -1,6 +1,6 @@
 """Map-style datasets of scene dicts, one per data source, plus an outlier-augmentation wrapper.
 
-Every item is a scene dict (DESIGN.md keys, numpy arrays) with an extra ``"index"`` (int), the
+Every item is a scene dict (the scene-file keys of docs/data.md, numpy arrays) with an extra ``"index"`` (int), the
 item's position in its dataset, which :func:`bpnp.data.collate.collate_scenes` turns into
 ``batch["index"]``. Each dataset has ``names``: a human-readable name per item for reports.
 

@@ -142,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m bpnp.data.export",
         description="Write a scene set: one .npz blind-PnP instance per file (keys p2d, p3d, R, t, "
-                    "match, K, image_size; see data/README.md) plus index.json.",
+                    "match, K, image_size; see docs/data.md) plus index.json.",
         epilog="examples:" + __doc__.split("Examples::", 1)[1].split("Files are named", 1)[0].rstrip(),
         formatter_class=_Formatter,
     )

@@ -1,4 +1,4 @@
-"""Scene files: one blind-PnP instance per ``.npz`` (the DESIGN.md contract), and directories of them.
+"""Scene files: one blind-PnP instance per ``.npz`` (the contract of docs/data.md), and directories of them.
 
 Keys (``K`` and ``image_size`` optional):
 

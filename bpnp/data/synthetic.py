@@ -821,7 +821,7 @@ def make_instance(cfg: SyntheticConfig, seed: int, index: int) -> dict[str, np.n
             ``mesh`` family the mesh files) only.
 
     Returns:
-        Scene dict (DESIGN.md contract): ``p2d`` (m, 2), ``p3d`` (n, 3), ``R`` (3, 3), ``t`` (3,),
+        Scene dict (the scene-file keys of docs/data.md): ``p2d`` (m, 2), ``p3d`` (n, 3), ``R`` (3, 3), ``t`` (3,),
         ``K`` (3, 3) float64; ``match`` (m,) int64 (-1 = 2D outlier); ``image_size`` (2,) int64.
     """
     if int(seed) < 0 or int(index) < 0:

@@ -8,7 +8,7 @@ module                            job
 ``bpnp.evaluation.report``        summary metrics, ``metrics.json``, per-instance CSV
 ``bpnp.evaluation.plots``         error CDFs, sweep curve, correspondence overlays (Agg)
 ``bpnp.evaluation.sweep``         the same scenes with added 2D/3D outliers
-``bpnp.evaluation.checkpoint``    network from a Lightning .ckpt or a weights-only file
+``bpnp.runtime.checkpoint``    network from a Lightning .ckpt or a weights-only file
 ``bpnp.evaluation.app``           ``evaluate.py``'s work: config -> run directory
 ================================  =========================================================
 

@@ -10,8 +10,8 @@ Run directory contents (``hydra.run.dir``, default ``logs/eval/runs/<time>``)::
     plots/overlay_<k>_<name>.png correspondence overlays of the first instances
 
 Errors a user can cause (bad paths, bad files, an incompatible checkpoint, a bad data config)
-raise one of :data:`USER_ERRORS`, each with a one-line message naming the problem; ``evaluate.py``
-prints ``error: <message>`` and exits with code 2 for them.
+raise one of :func:`bpnp.runtime.cli.user_errors`, each with a one-line message naming the problem;
+``evaluate.py`` prints ``error: <message>`` and exits with code 2 for them.
 """
 
 from __future__ import annotations
@@ -30,23 +30,17 @@ from bpnp.data.cameras import UnsupportedCameraError
 from bpnp.data.colmap import ColmapFormatError
 from bpnp.data.scenes import SceneFileError
 from bpnp.evaluation import plots
-from bpnp.evaluation.checkpoint import CheckpointError, load_network
+from bpnp.runtime.checkpoint import load_network
+from bpnp.runtime.cli import ConfigError
 from bpnp.evaluation.report import summarize_methods, write_metrics_json, write_records_csv
 from bpnp.evaluation.runner import EvalSettings, evaluate_instances
 from bpnp.evaluation.sweep import parse_fractions, run_sweep
 
-__all__ = ["EvaluationConfigError", "USER_ERRORS", "build_dataset", "resolve_device", "run_evaluation"]
+__all__ = ["EvaluationConfigError", "build_dataset", "resolve_device", "run_evaluation"]
 
 
-class EvaluationConfigError(ValueError):
-    """An evaluation setting (device, data config, thresholds...) cannot be used as given."""
-
-
-#: Exceptions that mean "bad input", reported as one line (no traceback) by ``evaluate.py``.
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    EvaluationConfigError, CheckpointError, SceneFileError, ColmapFormatError, UnsupportedCameraError,
-    PickleFormatError, FileNotFoundError,
-)
+#: An evaluation setting (device, data config, thresholds...) that cannot be used as given.
+EvaluationConfigError = ConfigError
 
 
 def _plain(cfg: Any) -> Any:
@@ -180,7 +174,7 @@ def run_evaluation(cfg: DictConfig | Mapping[str, Any], out_dir: str | Path | No
         the metrics dict written to ``metrics.json``.
 
     Raises:
-        one of :data:`USER_ERRORS` for bad inputs (see the module docstring).
+        one of :func:`bpnp.runtime.cli.user_errors` for bad inputs (see the module docstring).
     """
     if out_dir is None:
         from hydra.core.hydra_config import HydraConfig
@@ -203,6 +197,10 @@ def run_evaluation(cfg: DictConfig | Mapping[str, Any], out_dir: str | Path | No
         raise EvaluationConfigError(f"sweep: {exc}" if "sweep" not in str(exc) else str(exc)) from exc
 
     log(f"[evaluate] run dir: {out_dir}")
+    from bpnp.runtime.config import compact_yaml
+
+    log("[evaluate] config (resolved):\n" + compact_yaml(c, ["ckpt_path", "device", "seed", "max_instances", "net_overrides",
+                                                           "baselines", "data", "sweep"]))
     net_overrides = _plain(c.get("net_overrides")) or {}
     net = load_network(ckpt_path, device, overrides=net_overrides)
     dataset, names = build_dataset(c["data"])
@@ -248,6 +246,7 @@ def run_evaluation(cfg: DictConfig | Mapping[str, Any], out_dir: str | Path | No
     _log_to_loggers(c, metrics, files, out_dir)
     log(f"[evaluate] model: success {metrics.get('success_rate', float('nan')):.3f}, median rot "
         f"{metrics.get('median_rot_err_deg', float('nan')):.3g} deg; wrote {path}")
+    log(f"[evaluate] run dir: {out_dir} (metrics.json, instances.csv, plots/)")
     return metrics
 
 
@@ -269,7 +268,7 @@ def _log_to_loggers(cfg: Any, metrics: Mapping[str, Any], files: Mapping[str, Pa
     W&B also gets the plots and the per-instance tables. Offline by default (configs/logger)."""
     if not cfg.get("logger"):
         return
-    from bpnp.training.utils import instantiate_group
+    from bpnp.runtime.config import instantiate_group
 
     # The logger configs write to ${paths.output_dir}; point them at the run dir *before*
     # resolving, so that they also resolve outside a Hydra run (tests compose the configs).

@@ -6,8 +6,9 @@
 - :func:`plot_sweep`: success rate against added-outlier fraction, one line per method.
 - :func:`plot_overlay`: 2D keypoints against the 3D points projected with the *true* pose; for
   the top correspondences of ``P`` a line joins each 2D point to the projection of the 3D point
-  it was matched to, green when the pair is a true correspondence, red otherwise (a correct pair
-  is a short green line, up to noise). Crosses mark the 3D points projected with the estimated
+  it was matched to: green for a true pair (a short line, up to noise), red for a 2D inlier
+  matched to a wrong 3D point, dotted purple for a 2D outlier given a match; the legend names
+  and counts each kind. Crosses mark the 3D points projected with the estimated
   pose. Pixels when the scene has ``K``, camera-normalised units otherwise.
 """
 
@@ -22,7 +23,11 @@ matplotlib.use("Agg")  # before pyplot: headless servers and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-__all__ = ["plot_error_cdfs", "plot_sweep", "plot_overlay"]
+__all__ = ["plot_error_cdfs", "plot_sweep", "plot_overlay", "overlay_figure", "PAIR_KINDS"]
+
+#: Pairs of the overlay by kind: (kind, colour, line style, legend label).
+PAIR_KINDS = (("true", "tab:green", "-", "true pairs"), ("wrong", "tab:red", "-", "wrong pairs (2D inlier)"),
+              ("outlier", "tab:purple", ":", "outlier pairs (2D outlier)"))
 
 #: Errors below this are drawn at it (log axis).
 _FLOOR = {"rot_err_deg": 1e-4, "center_err_rel": 1e-6}
@@ -129,6 +134,11 @@ def plot_overlay(overlay: Any, path: str | Path) -> Path:
     Returns:
         ``path``.
     """
+    return _save(overlay_figure(overlay), path)
+
+
+def overlay_figure(overlay: Any):
+    """The figure :func:`plot_overlay` saves (open; ``plt.close`` it when done)."""
     K = overlay.K
     p2d = _to_pixels(overlay.p2d, K)
     proj_gt, front_gt = _project(overlay.R_gt, overlay.t_gt, overlay.p3d)
@@ -141,14 +151,16 @@ def plot_overlay(overlay: Any, path: str | Path) -> Path:
     ax.scatter(p2d[inl, 0], p2d[inl, 1], s=6, c="tab:blue", label="2D inliers")
     ax.scatter(p2d[~inl, 0], p2d[~inl, 1], s=6, c="tab:orange", label="2D outliers")
     pairs = np.asarray(overlay.pairs, dtype=np.int64).reshape(-1, 2)
-    correct = overlay.match[pairs[:, 0]] == pairs[:, 1]
-    for ok, color in ((True, "tab:green"), (False, "tab:red")):
-        sel = (correct == ok) & front_gt[pairs[:, 1]]
+    truth = overlay.match[pairs[:, 0]]
+    kinds = np.where(truth < 0, "outlier", np.where(truth == pairs[:, 1], "true", "wrong"))
+    correct = kinds == "true"
+    for kind, color, ls, label in PAIR_KINDS:
+        sel = (kinds == kind) & front_gt[pairs[:, 1]]
         if np.any(sel):
             a, b = p2d[pairs[sel, 0]], proj_gt[pairs[sel, 1]]
             segs = np.stack([a, b], axis=1)
-            ax.plot(segs[:, :, 0].T, segs[:, :, 1].T, color=color, lw=0.8, alpha=0.8)
-            ax.plot([], [], color=color, label=f"{'correct' if ok else 'wrong'} top pairs ({int(sel.sum())})")
+            ax.plot(segs[:, :, 0].T, segs[:, :, 1].T, color=color, ls=ls, lw=0.8, alpha=0.8)
+        ax.plot([], [], color=color, ls=ls, label=f"{label} ({int(np.sum(kinds == kind))})")
     matched = np.unique(overlay.match[inl])
     sel = matched[front_est[matched]]
     ax.scatter(proj_est[sel, 0], proj_est[sel, 1], s=10, marker="x", c="k", lw=0.6,
@@ -167,5 +179,5 @@ def plot_overlay(overlay: Any, path: str | Path) -> Path:
     ax.set_ylabel("v (px)" if K is not None else "y (normalised)")
     prec = float(np.mean(correct)) if len(correct) else float("nan")
     ax.set_title(f"{overlay.name}: top {len(pairs)} pairs of P, {prec:.0%} correct", fontsize=10)
-    ax.legend(fontsize=7, loc="upper right")
-    return _save(fig, path)
+    ax.legend(fontsize=7, loc="upper right", title="line: keypoint -> matched 3D point (true pose)", title_fontsize=7)
+    return fig

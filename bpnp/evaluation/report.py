@@ -1,7 +1,7 @@
 """Per-instance records -> summary metrics, ``metrics.json`` and a per-instance CSV.
 
 A *record* is one (instance, method) result: a flat dict with the keys of :data:`CSV_COLUMNS`
-(errors as defined by the DESIGN.md metrics contract, times in seconds). :func:`summarize`
+(errors as defined in docs/metrics.md, times in seconds). :func:`summarize`
 turns the records of one method into the contract summary:
 
 ==========================  ====================================================================

@@ -42,7 +42,7 @@ from bpnp.data.collate import collate_scenes
 from bpnp.evaluation.baselines import BaselinePose, hungarian_pose, oracle_pose
 from bpnp.geometry.metrics import pose_errors
 from bpnp.geometry.ransac import seeded_generator
-from bpnp.training.losses import match_accuracy  # the training metric, for one instance
+from bpnp.geometry.correspondences import match_accuracy  # the training metric, for one instance
 from bpnp.nodes import PnPRefine
 
 __all__ = ["METHODS", "EvalSettings", "Overlay", "evaluate_instances", "instance_errors"]
@@ -113,7 +113,7 @@ def _sync(device: torch.device) -> None:
 
 
 def instance_errors(R: np.ndarray | torch.Tensor, t: np.ndarray | torch.Tensor, scene: Mapping[str, Any]) -> dict[str, Any]:
-    """Contract errors (DESIGN.md metrics) of one estimate on one scene, float64 on the CPU.
+    """Contract errors (docs/metrics.md) of one estimate on one scene, float64 on the CPU.
 
     Args:
         R: (3, 3) estimated rotation; t: (3,) translation (numpy or CPU tensors).
@@ -196,7 +196,7 @@ def evaluate_instances(
 
     Args:
         model: see the module docstring; put in ``eval()`` mode here.
-        dataset: indexable of scene dicts (numpy arrays, DESIGN.md keys).
+        dataset: indexable of scene dicts (numpy arrays, the scene-file keys of docs/data.md).
         names: a name per dataset item (CSV ``scene`` column).
         settings: :class:`EvalSettings`.
         frac: (2D, 3D) added-outlier fractions, recorded in each record (for sweeps).

@@ -6,7 +6,7 @@
 One row per run: its task name (``task_name`` of ``evaluate.py``, e.g. ``eval_unseen_meshes_out0.25``;
 for a run directory outside ``<task>/runs/`` the test set's name), the test set's size, and for
 the network, the RANSAC pose alone (``ransac`` baseline) and the true matches (``oracle``
-baseline): success rate (DESIGN.md definition), median rotation error in degrees, and the
+baseline): success rate (docs/metrics.md definition), median rotation error in degrees, and the
 network's match accuracy (true pairs that are their row's maximum of P). This is how the result
 tables of docs/results.md are made; it reads the files only.
 """

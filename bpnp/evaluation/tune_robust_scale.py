@@ -3,7 +3,7 @@
     python -m bpnp.evaluation.tune_robust_scale logs/bpnp_synthetic/runs/<run>
     python -m bpnp.evaluation.tune_robust_scale <run> --ckpt <run>/checkpoints/last.ckpt --scales 1e-3 1e-4
     python -m bpnp.evaluation.tune_robust_scale <run> --ckpt <other run>/checkpoints/last.ckpt   # compare runs on one split
-    python -m bpnp.evaluation.tune_robust_scale <run> --set ransac_hypotheses=2048   # other inference settings fixed
+    python -m bpnp.evaluation.tune_robust_scale <run> --set ransac.num_hypotheses=2048   # other inference settings fixed
     python -m bpnp.evaluation.tune_robust_scale <run> --gates none 0.01 0.02   # also the refinement's gate (radians)
 
 Rebuilds the validation split exactly as training did (the run's ``.hydra/config.yaml``: data
@@ -14,8 +14,8 @@ plus the RANSAC pose's and the match accuracy (true pairs that are their row's m
 does not depend on the scale). ``--ckpt`` may come from another run, which puts checkpoints of
 different runs on the same validation split; ``--set`` fixes other inference settings (RANSAC
 hypotheses, ...) for every scale. The test split is never touched, so the chosen values can be
-written into a weights-only checkpoint (``export_weights --set robust_scale=...``) or passed as
-``evaluate.py net_overrides={robust_scale: ...}`` without selecting on test data.
+written into a weights-only checkpoint (``export_weights --set refine.robust_scale=...``) or passed as
+``evaluate.py net_overrides={refine.robust_scale: ...}`` without selecting on test data.
 
 Why a separate step: the scale is an inference setting of the refinement. With a diffuse
 correspondence matrix, wrong pairs within a few degrees bias the refined pose, and the best
@@ -30,21 +30,21 @@ from pathlib import Path
 
 import torch
 
-from bpnp.evaluation.checkpoint import CheckpointError, load_network, parse_set_overrides
+from bpnp.runtime.checkpoint import CheckpointError, load_network, parse_set_overrides
 
 
 def validation_success(net, loader, scales: list[float], seed: int = 0,
                        inliers: dict[str, float] | None = None,
                        gates: list[float | None] | None = None) -> tuple[dict, float, float]:
-    """Success rate (DESIGN.md definition) of ``net`` over ``loader`` for each refinement scale
-    (keys: the scales; with ``gates``, ``(gate, scale)`` pairs for each ``refine_gate`` in
+    """Success rate (docs/metrics.md definition) of ``net`` over ``loader`` for each refinement scale
+    (keys: the scales; with ``gates``, ``(gate, scale)`` pairs for each ``refine.gate`` in
     ``gates``, None = no gate), of the RANSAC pose, and the mean per-item match accuracy; RANSAC draws from
     ``seed * 1_000_003 + batch_index`` (as validation). A network with outlier bins also fills
     ``inliers`` (when given) with the mean per-item precision / recall of its inlier decision
     (``precision_2d``, ``recall_2d``, ``precision_3d``, ``recall_3d``)."""
     from bpnp.geometry.metrics import pose_errors
     from bpnp.geometry.ransac import seeded_generator
-    from bpnp.training.losses import inlier_precision_recall, match_accuracy
+    from bpnp.geometry.correspondences import inlier_precision_recall, match_accuracy
 
     keys = list(scales) if gates is None else [(g, s) for g in gates for s in scales]
     hits = {key: [] for key in keys}
@@ -56,9 +56,7 @@ def validation_success(net, loader, scales: list[float], seed: int = 0,
             out = net(batch, generator=seeded_generator(seed, k, "cpu"), refine=False)
             for key in keys:
                 gate, s = (None, key) if gates is None else key
-                if gates is not None:
-                    net.refine_gate = gate
-                net.pnp.kernel.scale = float(s)
+                net.configure(refine={"robust_scale": float(s), **({} if gates is None else {"gate": gate})})
                 refined = net.refine_pose(out, batch)
                 hits[key].append(pose_errors(refined.R, refined.t, *args)["success"].float())
         ransac.append(pose_errors(out.R0, out.t0, *args)["success"].float())
@@ -83,9 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ckpt", default=None, help="checkpoint to tune (default <run_dir>/checkpoints/last.ckpt)")
     ap.add_argument("--scales", type=float, nargs="+", default=[1e-3, 3e-4, 1e-4, 5e-5])
     ap.add_argument("--gates", nargs="+", default=None, metavar="RADIANS|none",
-                    help="also try these refine_gate values (radians, or none), every one with every scale")
+                    help="also try these refine.gate values (radians, or none), every one with every scale")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                    help="another network (inference) setting for every scale, e.g. ransac_hypotheses=2048 (repeatable)")
+                    help="another network (inference) setting for every scale, e.g. ransac.num_hypotheses=2048 (repeatable)")
     args = ap.parse_args(argv)
     run = Path(args.run_dir)
     cfg_path = run / ".hydra" / "config.yaml"
@@ -98,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = OmegaConf.load(cfg_path)
     try:
         net = load_network(args.ckpt or run / "checkpoints" / "last.ckpt", overrides=parse_set_overrides(args.overrides))
-    except (CheckpointError, ValueError) as exc:
+    except (CheckpointError, ValueError) as exc:  # SettingError is a ValueError
         print(f"error: {exc}", file=sys.stderr)
         return 2
     dm = instantiate(cfg.data)
@@ -120,15 +118,15 @@ def main(argv: list[str] | None = None) -> int:
         print("outlier bins' inlier decision (p > 0.5): " + ", ".join(f"{k} {v:.3f}" for k, v in sorted(inliers.items())))
     if gates is None:
         for s in args.scales:
-            print(f"robust_scale {s:g}: success {success[s]:.3f}")
+            print(f"refine.robust_scale {s:g}: success {success[s]:.3f}")
         best = max(args.scales, key=lambda s: (success[s], s))  # ties: the larger scale (wider basin)
-        print(f"best: robust_scale={best:g}")
+        print(f"best: refine.robust_scale={best:g}")
         return 0
     for g, s in success:
-        print(f"refine_gate {g if g is None else f'{g:g}'} robust_scale {s:g}: success {success[(g, s)]:.3f}")
+        print(f"refine.gate {g if g is None else f'{g:g}'} refine.robust_scale {s:g}: success {success[(g, s)]:.3f}")
     # ties: no gate before a gate, a wider gate before a narrower one, the larger scale
     g, s = max(success, key=lambda k: (success[k], k[0] is None, k[0] or 0.0, k[1]))
-    print(f"best: refine_gate={'null' if g is None else f'{g:g}'} robust_scale={s:g}")
+    print(f"best: refine.gate={'null' if g is None else f'{g:g}'} refine.robust_scale={s:g}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Geometry of blind PnP: rotations (kornia-backed), bearings and projection, P3P, batched
+"""Geometry of blind PnP: rotations, bearings and projection, P3P, batched
 RANSAC and the pose-error metrics of the evaluation contract.
 
 Conventions: ``x_cam = R X + t`` (world to camera), camera-normalised 2D points, unit bearings
@@ -18,10 +18,10 @@ from bpnp.geometry.metrics import auc, error_auc, median_matched_depth, pose_err
 from bpnp.geometry.p3p import P3PSolutions, p3p
 from bpnp.geometry.ransac import RansacResult, RansacStatus, default_top_k, ransac_pnp
 from bpnp.geometry.rotations import (
+    chordal_distance,
+    geodesic_angle,
     project_to_so3,
     random_rotation,
-    rotation_angle,
-    rotation_angle_between,
     skew,
     so3_exp,
     so3_log,
@@ -33,9 +33,11 @@ __all__ = [
     "RansacStatus",
     "auc",
     "bearings_to_normalised",
+    "chordal_distance",
     "default_top_k",
     "denormalise_keypoints",
     "error_auc",
+    "geodesic_angle",
     "median_matched_depth",
     "normalise_keypoints",
     "p3p",
@@ -44,8 +46,6 @@ __all__ = [
     "project_to_so3",
     "random_rotation",
     "ransac_pnp",
-    "rotation_angle",
-    "rotation_angle_between",
     "skew",
     "so3_exp",
     "so3_log",

@@ -1,4 +1,4 @@
-"""Pose-error metrics (the definitions are a contract: docs DESIGN.md, "Metrics").
+"""Pose-error metrics (the definitions are a contract: docs/metrics.md).
 
 Per instance, for an estimate ``(R, t)`` against ``(R_gt, t_gt)`` (world-to-camera,
 ``x_cam = R X + t``):
@@ -156,7 +156,7 @@ def pose_errors(
     rot_threshold_deg: float = 5.0,
     center_threshold_rel: float = 0.05,
 ) -> dict[str, torch.Tensor]:
-    r"""Per-instance pose errors and success, exactly as the DESIGN.md contract defines them.
+    r"""Per-instance pose errors and success, exactly as docs/metrics.md defines them.
 
     - ``rot_err_deg = degrees(acos(clamp((tr(R^T R_gt) - 1) / 2, -1, 1)))``, in [0, 180].
     - ``t_err = ||t - t_gt||`` (units of the scene).

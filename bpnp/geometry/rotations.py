@@ -7,9 +7,9 @@ Conventions (shared by all of :mod:`bpnp.geometry`):
   **radians**; ``so3_exp(omega) = expm(skew(omega))``;
 - any number of leading batch dimensions ``*`` is accepted unless a docstring says otherwise.
 
-The exp/log maps are thin wrappers over kornia so that the whole project shares one
-implementation (and kornia's care at the identity, where ``sqrt`` would otherwise give NaN
-gradients).
+``skew``, ``so3_exp`` and the named distances ``geodesic_angle`` / ``chordal_distance`` are
+:mod:`bpnp.so3`'s (the project's one rotation vocabulary), re-exported here; the logarithm wraps
+kornia.
 """
 
 from __future__ import annotations
@@ -18,19 +18,18 @@ import math  # noqa: F401  (used by the doctest examples)
 from collections.abc import Sequence
 
 import torch
-from kornia.geometry.conversions import (
-    axis_angle_to_rotation_matrix,
-    quaternion_to_rotation_matrix,
-    rotation_matrix_to_axis_angle,
-)
+from kornia.geometry.conversions import quaternion_to_rotation_matrix, rotation_matrix_to_axis_angle
+
+from bpnp.so3 import angle_from_chordal, chordal_distance, geodesic_angle, skew, so3_exp
 
 __all__ = [
     "so3_exp",
     "so3_log",
     "skew",
     "random_rotation",
-    "rotation_angle",
-    "rotation_angle_between",
+    "geodesic_angle",
+    "chordal_distance",
+    "angle_from_chordal",
     "project_to_so3",
 ]
 
@@ -67,33 +66,6 @@ def _check_float(x: torch.Tensor, name: str) -> None:
 
 
 # --------------------------------------------------------------------------------------------
-def so3_exp(omega: torch.Tensor) -> torch.Tensor:
-    r"""Exponential map of SO(3): rotation vector to rotation matrix (Rodrigues).
-
-    Wraps :func:`kornia.geometry.conversions.axis_angle_to_rotation_matrix`.
-
-    Args:
-        omega: rotation vectors of shape :math:`(*, 3)`, axis times angle in **radians**.
-            ``+theta`` about ``+z`` maps ``x_hat`` to ``y_hat`` (right-hand rule).
-
-    Returns:
-        rotation matrices of shape :math:`(*, 3, 3)`. Finite gradients at ``omega = 0``.
-
-    Raises:
-        TypeError: if ``omega`` is not a floating-point tensor.
-        ValueError: if the last dimension is not 3.
-
-    Example:
-        >>> so3_exp(torch.tensor([0.0, 0.0, math.pi / 2])).round(decimals=4) + 0.0  # + 0.0: no -0.
-        tensor([[ 0., -1.,  0.],
-                [ 1.,  0.,  0.],
-                [ 0.,  0.,  1.]])
-    """
-    _check_trailing(omega, "omega", (3,))
-    _check_float(omega, "omega")
-    return axis_angle_to_rotation_matrix(omega)
-
-
 def so3_log(R: torch.Tensor) -> torch.Tensor:
     r"""Logarithm map of SO(3): rotation matrix to rotation vector.
 
@@ -118,30 +90,6 @@ def so3_log(R: torch.Tensor) -> torch.Tensor:
     _check_trailing(R, "R", (3, 3))
     _check_float(R, "R")
     return rotation_matrix_to_axis_angle(R)
-
-
-def skew(v: torch.Tensor) -> torch.Tensor:
-    r"""Cross-product matrix: ``skew(v) @ w == cross(v, w)``.
-
-    Args:
-        v: vectors of shape :math:`(*, 3)`.
-
-    Returns:
-        skew-symmetric matrices of shape :math:`(*, 3, 3)`.
-
-    Raises:
-        ValueError: if the last dimension is not 3.
-
-    Example:
-        >>> skew(torch.tensor([1.0, 2.0, 3.0]))
-        tensor([[ 0., -3.,  2.],
-                [ 3.,  0., -1.],
-                [-2.,  1.,  0.]])
-    """
-    _check_trailing(v, "v", (3,))
-    x, y, z = v.unbind(-1)
-    o = torch.zeros_like(x)
-    return torch.stack([o, -z, y, z, o, -x, -y, x, o], dim=-1).reshape(*v.shape[:-1], 3, 3)
 
 
 def random_rotation(
@@ -191,56 +139,6 @@ def random_rotation(
     # not uniformly; replace it to keep the distribution exact.
     q = torch.where(q.norm(dim=-1, keepdim=True) > 1e-12, q, torch.ones_like(q))
     return quaternion_to_rotation_matrix(q).to(device=out_device, dtype=dtype)
-
-
-def rotation_angle(R1: torch.Tensor, R2: torch.Tensor) -> torch.Tensor:
-    r"""Geodesic angle between rotations, ``angle(R1^T R2)``, in **radians** in :math:`[0, \pi]`.
-
-    Computed as ``atan2(||vee(E - E^T)|| / 2, (tr(E) - 1) / 2)`` with ``E = R1^T R2``, which is
-    accurate at every angle: ``acos`` of the trace alone loses half the digits near 0 (its slope
-    is infinite there) and ``asin`` of the skew part loses them near :math:`\pi`. The cosine is
-    clamped to ``[-1, 1]`` first, so slightly non-orthonormal inputs never give NaN. For the
-    evaluation metric of the project, whose formula is fixed, see
-    :func:`bpnp.geometry.metrics.pose_errors`.
-
-    Args:
-        R1: rotation matrices of shape :math:`(*, 3, 3)`.
-        R2: rotation matrices of shape :math:`(*, 3, 3)`, broadcastable with ``R1``.
-
-    Returns:
-        angles of shape :math:`(*)` in radians. Non-finite inputs give NaN.
-
-    Raises:
-        TypeError: if an input is not a floating-point tensor.
-        ValueError: if an input is not of shape ``(*, 3, 3)`` or the batch shapes do not
-            broadcast.
-
-    Example:
-        >>> Rz = so3_exp(torch.tensor([0.0, 0.0, 0.5]))
-        >>> rotation_angle(torch.eye(3), Rz)
-        tensor(0.5000)
-    """
-    _check_trailing(R1, "R1", (3, 3))
-    _check_trailing(R2, "R2", (3, 3))
-    _check_float(R1, "R1")
-    _check_float(R2, "R2")
-    try:
-        torch.broadcast_shapes(R1.shape[:-2], R2.shape[:-2])
-    except RuntimeError as exc:
-        raise ValueError(
-            f"R1 and R2 batch shapes must broadcast, got {tuple(R1.shape)} and {tuple(R2.shape)}"
-        ) from exc
-    E = R1.transpose(-1, -2) @ R2
-    cos = ((E.diagonal(dim1=-2, dim2=-1).sum(-1) - 1.0) / 2.0).clamp(-1.0, 1.0)
-    sin_vec = torch.stack(
-        [E[..., 2, 1] - E[..., 1, 2], E[..., 0, 2] - E[..., 2, 0], E[..., 1, 0] - E[..., 0, 1]], dim=-1
-    )
-    sin = (sin_vec.norm(dim=-1) / 2.0).clamp(max=1.0)
-    return torch.atan2(sin, cos)
-
-
-# The name used in docs/INTERFACES.md.
-rotation_angle_between = rotation_angle
 
 
 def project_to_so3(M: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,8 @@ Pipeline per batch (all items at once, everything masked):
      encoding of each point's k nearest neighbours (:mod:`bpnp.models.local_geometry`).
 2. Features are L2-normalised, the cost is ``M_ij = ||f2d_i - f3d_j||`` in ``[0, 2]``.
 3. Optimal transport (implicit backward) gives the joint probability matrix ``P``. With
-   ``bins="none"``: :class:`~bpnp.nodes.SinkhornOT` with uniform marginals over the real points,
-   so every point is forced into matches. With ``bins="shared"`` / ``"per_side"``: a learnable
+   ``sinkhorn.bins="none"``: :class:`~bpnp.nodes.SinkhornOT` with uniform marginals over the real points,
+   so every point is forced into matches. With ``"shared"`` / ``"per_side"``: a learnable
    outlier bin row and column (:func:`~bpnp.nodes.sinkhorn_with_bins`); ``P`` is then the
    real-by-real block renormalised to sum 1, and ``inlier2d`` / ``inlier3d`` (one minus each
    point's bin mass) are the points' inlier probabilities. Because a likely outlier's row keeps
@@ -26,7 +26,7 @@ Pipeline per batch (all items at once, everything masked):
    (not differentiated).
 5. :class:`~bpnp.nodes.PnPRefine` minimises the ``P``-weighted robust angular error from
    ``(R0, t0)``; ``(R, t)`` is differentiable w.r.t. ``P`` by the implicit function theorem.
-   In training it runs only when asked (``refine_in_training`` or the caller's ``refine=True``,
+   In training it runs only when asked (``refine.in_training`` or the caller's ``refine=True``,
    which the LightningModule sets once the pose loss is on); otherwise ``(R, t) = (R0, t0)``.
 
 Padding never changes a result and permuting the 2D (3D) points permutes the rows (columns)
@@ -49,13 +49,10 @@ from bpnp.models.context_norm import masked_rms_radius
 from bpnp.models.encoders import PointEncoder
 from bpnp.models.stn import STN3d
 from bpnp.nodes import PnPRefine, SinkhornOT, SinkhornOTWithBins, split_bins, uniform_marginals
+from bpnp.models.settings import BINS, MATCHERS, RansacSettings, RefineSettings, SinkhornSettings, check_net_config
+from bpnp.nodes.pnp import gather_pairs
 
 __all__ = ["BlindPnPNet", "BlindPnPOutput", "NOT_RUN", "MATCHERS", "BINS", "feature_cost"]
-
-#: Per-point feature networks of :class:`BlindPnPNet` (``matcher``).
-MATCHERS = ("attention", "bpnpnet")
-#: Outlier-bin variants of the OT node (``bins``).
-BINS = ("none", "shared", "per_side")
 
 #: ``pnp_status`` of items whose refinement did not run (training without refinement).
 NOT_RUN = -1
@@ -151,31 +148,20 @@ class BlindPnPNet(nn.Module):
         normalize_3d: ``bpnpnet`` only: similarity-normalise the 3D points before the 3D branch
             (the attention matcher always does).
         sync_batchnorm: synchronise the STN's masked batch-norm statistics across DDP ranks.
-        bins: outlier bins of the OT node: ``"none"`` (uniform marginals, the original),
-            ``"shared"`` (one learnable bin cost) or ``"per_side"`` (one per side).
-        bin_init: initial bin cost (the cost scale is [0, 2]: a perfect match costs 0, unrelated
-            unit features about 1.4).
-        lam: Sinkhorn inverse temperature.
-        sinkhorn_max_iter, sinkhorn_tol: Sinkhorn stopping rule (per item).
         backward: ``"implicit"`` or ``"unrolled"`` for both declarative nodes.
-        robust, robust_scale: refinement kernel and scale (units of 1 - cos(angle)). Default
-            Geman-McClure at 1e-3 (about 2.6 degrees): the soft P spreads mass over wrong pairs
-            (outlier rows/columns must send their marginal somewhere), and with the original's
-            plain weighted error (``robust="none"``) that mass biases the pose by 10-20 degrees
-            at 20 % 2D / 30 % 3D outliers even when the true pairs have zero cost
-            (tests/models/test_network.py).
-        pnp_max_iter: refinement LM iterations.
-        ransac_hypotheses, ransac_top_k, ransac_threshold, ransac_refine_steps: RANSAC settings
-            (``ransac_top_k=None``: ``min(1000, ceil(1.5 m))`` per item; threshold in radians).
-        refine_in_training: run the refinement in training mode even when the caller does not
-            ask for it (it always runs in eval mode).
-        refine_gate: None (the refinement weighs every pair by ``P``) or an angle in radians:
-            the refinement weighs only the pairs whose angular residual under the RANSAC pose is
-            below it (``W = P`` there, 0 elsewhere; an item with no such pair keeps ``W = P``).
-            A diffuse ``P`` puts most of its mass on wrong pairs, and those within a few
-            degrees of the RANSAC pose pull the refined pose off it even with a robust kernel
-            (docs/experiments.md has the measurement). The gate is chosen once, from the RANSAC
-            pose, and is not differentiated; the gradient to the kept entries of ``P`` is exact.
+        sinkhorn: the OT node's settings, :class:`bpnp.models.settings.SinkhornSettings`
+            (``lam``, ``max_iter``, ``tol``, ``bins``, ``bin_init``), a mapping or the dataclass.
+        ransac: :class:`~bpnp.models.settings.RansacSettings` (``num_hypotheses``, ``top_k``,
+            ``threshold``, ``refine_steps``).
+        refine: :class:`~bpnp.models.settings.RefineSettings` (``robust``, ``robust_scale``,
+            ``max_iter``, ``gate``, ``top_k``, ``in_training``). With ``gate`` the refinement
+            weighs only the pairs whose angular residual under the RANSAC pose is below it (a
+            diffuse ``P`` puts most of its mass on wrong pairs, and those within a few degrees of
+            the RANSAC pose pull the refined pose off it even with a robust kernel;
+            docs/experiments.md); with ``top_k`` it keeps the ``k`` largest entries of each row of
+            the (gated) ``P`` and solves the paired problem over those ``m k`` pairs, O(m k) per
+            iteration (:func:`bpnp.nodes.pnp.gather_pairs`). Both choices are made once and not
+            differentiated; the gradient to the kept entries of ``P`` is exact, 0 elsewhere.
 
     Forward: ``net(batch)`` with a collated batch dict, or ``net(p2d=..., p3d=..., mask2d=...,
     mask3d=...)``; returns :class:`BlindPnPOutput`. Extra keyword arguments: ``refine`` (force on
@@ -198,28 +184,17 @@ class BlindPnPNet(nn.Module):
         use_stn: bool = True,
         normalize_3d: bool = True,
         sync_batchnorm: bool = False,
-        bins: str = "shared",
-        bin_init: float = 1.0,
-        lam: float = 10.0,
-        sinkhorn_max_iter: int = 100,
-        sinkhorn_tol: float = 1e-6,
         backward: str = "implicit",
-        robust: str = "geman_mcclure",
-        robust_scale: float = 1e-3,
-        pnp_max_iter: int = 50,
-        ransac_hypotheses: int = 512,
-        ransac_top_k: int | None = None,
-        ransac_threshold: float = 0.01,
-        ransac_refine_steps: int = 5,
-        refine_in_training: bool = False,
-        refine_gate: float | None = None,
+        sinkhorn: Mapping[str, Any] | SinkhornSettings | None = None,
+        ransac: Mapping[str, Any] | RansacSettings | None = None,
+        refine: Mapping[str, Any] | RefineSettings | None = None,
     ) -> None:
         super().__init__()
-        if matcher not in MATCHERS:
-            raise ValueError(f"BlindPnPNet: matcher must be one of {MATCHERS}, got {matcher!r}")
-        if bins not in BINS:
-            raise ValueError(f"BlindPnPNet: bins must be one of {BINS}, got {bins!r}")
-        self.matcher_name, self.bins = matcher, bins
+        check_net_config(dict(matcher=matcher, feature_dim=feature_dim, depth=depth, knn=knn, heads=heads,
+                              knn_scale=knn_scale, cn_eps=cn_eps, use_stn=use_stn, normalize_3d=normalize_3d,
+                              sync_batchnorm=sync_batchnorm, backward=backward), prefix="BlindPnPNet")
+        self.sinkhorn_settings = _group(SinkhornSettings, sinkhorn, "sinkhorn")
+        self.matcher_name, self.bins, self.backward = matcher, self.sinkhorn_settings.bins, backward
         self.stn = None
         if matcher == "attention":
             self.matcher = AttentionMatcher(width=feature_dim, blocks=depth, heads=heads, knn=knn)
@@ -228,25 +203,39 @@ class BlindPnPNet(nn.Module):
             self.encoder3d = PointEncoder(3, feature_dim, depth, cn_eps, knn, knn_scale)
             self.stn = STN3d(sync_batchnorm=sync_batchnorm) if use_stn else None
         self.normalize_3d = bool(normalize_3d)
-        ot = dict(lam=lam, max_iter=sinkhorn_max_iter, tol=sinkhorn_tol, backward=backward)
-        if bins == "none":
+        sk = self.sinkhorn_settings
+        ot = dict(lam=sk.lam, max_iter=sk.max_iter, tol=sk.tol, backward=backward)
+        if sk.bins == "none":
             self.sinkhorn = SinkhornOT(**ot)
         else:
-            self.sinkhorn = SinkhornOTWithBins(bins=bins, bin_init=bin_init, **ot)
-        self.pnp = PnPRefine(robust=robust, robust_scale=robust_scale, max_iter=pnp_max_iter, backward=backward)
-        self.ransac_kwargs = dict(
-            num_hypotheses=int(ransac_hypotheses),
-            top_k=None if ransac_top_k is None else int(ransac_top_k),
-            threshold=float(ransac_threshold),
-            refine_steps=int(ransac_refine_steps),
-        )
-        self.refine_in_training = bool(refine_in_training)
-        if refine_gate is not None and not (0.0 < float(refine_gate) < math.pi / 2):
-            raise ValueError(f"BlindPnPNet: refine_gate must be None or an angle in (0, pi/2) radians, got {refine_gate!r}")
-        self.refine_gate = None if refine_gate is None else float(refine_gate)
+            self.sinkhorn = SinkhornOTWithBins(bins=sk.bins, bin_init=sk.bin_init, **ot)
+        self.configure(ransac=ransac or {}, refine=refine or {})
         # Stage timings (seconds) of the last forward when ``profile`` is on (bench/train_step.py).
         self.profile = False
         self.last_timings: dict[str, float] = {}
+
+    def configure(self, ransac: Mapping[str, Any] | RansacSettings | None = None,
+                  refine: Mapping[str, Any] | RefineSettings | None = None) -> None:
+        """Set the inference settings (RANSAC, refinement) of a built network, validated; the
+        weights are untouched. A mapping updates the given keys of the group's current settings
+        (its defaults in the constructor).
+        Used by the constructor and by tools that compare settings on one network
+        (``bpnp.evaluation.tune_robust_scale``)."""
+        if ransac is not None:
+            self.ransac_settings = _group(RansacSettings, ransac, "ransac", getattr(self, "ransac_settings", None))
+            r = self.ransac_settings
+            self.ransac_kwargs = dict(num_hypotheses=r.num_hypotheses, top_k=r.top_k, threshold=r.threshold,
+                                      refine_steps=r.refine_steps)
+        if refine is not None:
+            self.refine_settings = f = _group(RefineSettings, refine, "refine", getattr(self, "refine_settings", None))
+            self.pnp = PnPRefine(robust=f.robust, robust_scale=f.robust_scale, max_iter=f.max_iter, backward=self.backward)
+            self.refine_in_training, self.refine_gate, self.refine_top_k = f.in_training, f.gate, f.top_k
+
+    def settings(self) -> dict[str, Any]:
+        """The geometric layers' settings in effect, as the nested config (``sinkhorn``,
+        ``ransac``, ``refine``) that rebuilds them."""
+        return {"sinkhorn": self.sinkhorn_settings.to_dict(), "ransac": self.ransac_settings.to_dict(),
+                "refine": self.refine_settings.to_dict()}
 
     # -- pieces ---------------------------------------------------------------------------------
     def features(self, p2d: torch.Tensor, p3d: torch.Tensor, mask2d: torch.Tensor, mask3d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -310,10 +299,15 @@ class BlindPnPNet(nn.Module):
                                  f"got {mask.dtype} of shape {tuple(mask.shape)}")
             if mask.device != x.device:
                 raise ValueError(f"BlindPnPNet: {key} is on {mask.device} but the points are on {x.device}")
+        bads = []
         for key, x, mask in (("p2d", p2d, mask2d), ("p3d", p3d, mask3d)):
             bad = ~torch.isfinite(x).all(-1)
-            if mask is not None:
-                bad = bad & mask  # padding may hold anything
+            bads.append((key, bad if mask is None else bad & mask))  # padding may hold anything
+        # One host sync per batch for both sets (on an accelerator each bool() waits for the
+        # device); the message is built only when something is wrong.
+        if not bool(torch.stack([bad.any() for _, bad in bads]).any()):
+            return B, m, n
+        for key, bad in bads:
             if bool(bad.any()):
                 items = bad.any(1).nonzero()[:, 0].tolist()
                 shown = ", ".join(map(str, items[:5])) + (", ..." if len(items) > 5 else "")
@@ -422,7 +416,19 @@ class BlindPnPNet(nn.Module):
         bearings, points = bearings.to(P.dtype), points.to(P.dtype)
         if self.refine_gate is not None:
             P = P * _consensus_mask(bearings, points, out.R0, out.t0, self.refine_gate).to(P.dtype)
-        res = self.pnp(P, bearings, points, out.R0, out.t0, mask2d, mask3d)
+        if self.refine_top_k is None:
+            res = self.pnp(P, bearings, points, out.R0, out.t0, mask2d, mask3d)
+        else:  # sparse: the top-k pairs of each row, chosen once; padding keeps weight 0
+            real = mask2d[:, :, None] & mask3d[:, None, :]
+            P = torch.where(real, P, torch.zeros((), dtype=P.dtype, device=P.device))
+            # Solved in float64 (the casts are differentiable; O(m k) numbers): in float32 the
+            # residual 1 - b.u of a narrow kernel (robust_scale 5e-5) is resolved to ~1e-7 only,
+            # and LM needs a median of 22 iterations where float64 needs 4 (on validation,
+            # bench/refine_pairs.py prints both).
+            wide = torch.float64 if P.device.type != "mps" else P.dtype
+            pairs = [x.to(wide) for x in gather_pairs(P, bearings, points, self.refine_top_k)]
+            res = self.pnp(*pairs, out.R0.to(wide), out.t0.to(wide))
+            res = res._replace(R=res.R.to(P.dtype), t=res.t.to(P.dtype))
         return replace(out, R=res.R, t=res.t, pnp_status=res.status, pnp_iterations=res.iterations, refined=True)
 
     def _unpack(self, batch, p2d, p3d, mask2d, mask3d):
@@ -449,6 +455,15 @@ class BlindPnPNet(nn.Module):
 
 
 @torch.no_grad()
+def _group(cls, value, name: str, current=None):
+    """A settings dataclass from a mapping over ``current`` (validated; ``BlindPnPNet.<name>.<key>``
+    in errors), or the dataclass as given."""
+    if isinstance(value, cls):
+        return value
+    base = current.to_dict() if current is not None else {}
+    return cls.from_mapping({**base, **dict(value or {})}, f"BlindPnPNet.{name}")
+
+
 def _consensus_mask(bearings: torch.Tensor, points: torch.Tensor, R: torch.Tensor, t: torch.Tensor,
                     gate: float) -> torch.Tensor:
     """(B, m, n) bool: pairs whose angle between bearing ``b_i`` (B, m, 3) and the ray to

@@ -10,8 +10,9 @@ Two formats are accepted:
   network's weights (with or without the ``net.`` prefix). :func:`save_weights_only` writes one.
 
 Only the network is rebuilt (not the LightningModule, its loss or optimizer), with
-:func:`bpnp.training.module.build_net`, exactly as training builds it. Every problem raises
-:class:`CheckpointError` with one line naming the file and the problem.
+:func:`build_net`, the builder training uses too. Every problem raises :class:`CheckpointError`
+with one line naming the file and the problem. :func:`state_dict_mismatch` and
+:func:`net_config_mismatch` are the checks ``train.py`` runs before resuming or fine-tuning.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ import torch
 import yaml
 from torch import nn
 
-__all__ = ["CheckpointError", "load_checkpoint_dict", "network_config", "load_network", "network_from_dict",
-           "save_weights_only", "parse_set_overrides"]
+from bpnp.models.settings import SettingError, merge_overrides, upgrade_flat_config
+
+__all__ = ["CheckpointError", "build_net", "load_checkpoint_dict", "network_config", "load_network", "network_from_dict",
+           "save_weights_only", "parse_set_overrides", "state_dict_mismatch", "net_config_mismatch"]
 
 #: Prefix of the network's parameters in the LightningModule's state dict (``self.net``).
 NET_PREFIX = "net."
@@ -33,6 +36,19 @@ NET_PREFIX = "net."
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, unreadable, or does not fit the network it describes."""
+
+
+def build_net(net: Mapping[str, Any] | nn.Module | None) -> nn.Module:
+    """A network from keyword arguments (optionally with ``_target_``, default
+    :class:`bpnp.models.network.BlindPnPNet`) or an existing module (returned as is)."""
+    if isinstance(net, nn.Module):
+        return net
+    from hydra.utils import get_class
+
+    cfg = dict(net or {})
+    target = cfg.pop("_target_", "bpnp.models.network.BlindPnPNet")
+    cfg.pop("_partial_", None)
+    return get_class(target)(**cfg)
 
 
 def load_checkpoint_dict(path: str | Path) -> dict[str, Any]:
@@ -51,6 +67,10 @@ def load_checkpoint_dict(path: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint not found: {path}")
 
     def unreadable(exc: BaseException) -> CheckpointError:
+        with open(path, "rb") as f:
+            head = f.read(24)
+        if not head.startswith((b"PK\x03\x04", b"\x80")):  # neither torch.save's zip nor a legacy pickle
+            return CheckpointError(f"{path}: not a PyTorch checkpoint file (it starts with {head!r})")
         first = (str(exc).strip().splitlines() or [""])[0]
         return CheckpointError(f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {first})")
 
@@ -89,14 +109,18 @@ def network_config(ckpt: Mapping[str, Any], name: str = "<checkpoint>") -> dict[
 
 
 def legacy_network_defaults(cfg: Mapping[str, Any], state: Mapping[str, Any]) -> dict[str, Any]:
-    """Fill in the settings a checkpoint written before ``matcher`` and ``bins`` existed left
-    implicit: its weights are the original encoders (``encoder2d.*``), without bins, built with
-    that era's code defaults (depth 12, no kNN stem). Settings the config states win."""
-    cfg = dict(cfg)
+    """The network config of a checkpoint in today's form. Older checkpoints hold the flat
+    setting names of before the ``sinkhorn`` / ``ransac`` / ``refine`` groups (moved into them,
+    :func:`bpnp.models.settings.upgrade_flat_config`), and those written before ``matcher`` and
+    ``bins`` existed leave implicit that their weights are the original encoders (``encoder2d.*``),
+    without bins, built with that era's code defaults (depth 12, no kNN stem). Settings the
+    config states win."""
+    cfg = upgrade_flat_config(cfg)
     if "matcher" not in cfg and any(str(k).startswith("encoder2d.") for k in state):
         cfg = {"matcher": "bpnpnet", "depth": 12, "knn": 0, **cfg}
-    if "bins" not in cfg and not any(str(k).endswith("bin_cost") for k in state):
-        cfg["bins"] = "none"
+    sinkhorn = dict(cfg.get("sinkhorn") or {})
+    if "bins" not in sinkhorn and not any(str(k).endswith("bin_cost") for k in state):
+        cfg["sinkhorn"] = {**sinkhorn, "bins": "none"}
     return cfg
 
 
@@ -122,9 +146,10 @@ def load_network(path: str | Path, device: torch.device | str = "cpu",
     Args:
         path: Lightning ``.ckpt`` or weights-only file (see the module docstring).
         device: where to put the network.
-        overrides: network keyword arguments replacing the checkpoint's (inference settings such
-            as ``robust_scale``, ``ransac_hypotheses``; a key that changes weight shapes fails
-            the strict load).
+        overrides: settings over the checkpoint's, dotted or nested
+            (``{"refine.robust_scale": 1e-4, "ransac.num_hypotheses": 2048}``), validated by
+            :func:`bpnp.models.settings.merge_overrides`; a key that changes weight shapes fails
+            the strict load.
 
     Returns:
         The network (``BlindPnPNet`` unless the config names another ``_target_``), in
@@ -133,6 +158,7 @@ def load_network(path: str | Path, device: torch.device | str = "cpu",
     Raises:
         CheckpointError: missing or unreadable file, no network config, a config the network
             class rejects, or weights that do not fit it (missing/unexpected keys, shapes).
+        SettingError: an override with an unknown key or a bad value (named).
     """
     return network_from_dict(load_checkpoint_dict(path), str(path), device, overrides)
 
@@ -141,10 +167,10 @@ def network_from_dict(ckpt: Mapping[str, Any], name: str = "<checkpoint>", devic
                       overrides: Mapping[str, Any] | None = None) -> nn.Module:
     """:func:`load_network` on a checkpoint dict already read by :func:`load_checkpoint_dict`
     (``name`` is the file named in errors); for callers that also need the dict's config."""
-    from bpnp.training.module import build_net  # the same builder training uses
-
     state = _network_state(ckpt, name)
-    cfg = {**legacy_network_defaults(network_config(ckpt, name), state), **dict(overrides or {})}
+    cfg = legacy_network_defaults(network_config(ckpt, name), state)
+    if overrides:  # a bad override is the user's error, named by its key (SettingError), not the checkpoint's
+        cfg = merge_overrides(cfg, overrides, prefix="net_overrides")
     try:
         net = build_net(cfg)
     except (TypeError, ValueError, ImportError, AttributeError) as exc:
@@ -188,8 +214,9 @@ def _parse_value(text: str):
 
 
 def parse_set_overrides(items: list[str]) -> dict[str, Any]:
-    """``["KEY=VALUE", ...]`` (the ``--set`` options of the command-line tools) -> network keyword
-    overrides for :func:`load_network`. Raises ValueError on an item without ``=`` or key."""
+    """``["KEY=VALUE", ...]`` (the ``--set`` options of the command-line tools, dotted keys such as
+    ``refine.robust_scale=1e-4``) -> overrides for :func:`load_network`. Raises ValueError on an
+    item without ``=`` or key."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -197,3 +224,56 @@ def parse_set_overrides(items: list[str]) -> dict[str, Any]:
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
         out[key.strip()] = _parse_value(value)
     return out
+
+
+def state_dict_mismatch(model_state: dict, ckpt_state: dict, limit: int = 3) -> str | None:
+    """None if ``ckpt_state`` fits ``model_state`` exactly (same keys and shapes), else a short
+    description of the first differences."""
+    missing = [k for k in model_state if k not in ckpt_state]
+    unexpected = [k for k in ckpt_state if k not in model_state]
+    shapes = [f"{k} {tuple(ckpt_state[k].shape)} vs {tuple(model_state[k].shape)}"
+              for k in model_state if k in ckpt_state and hasattr(ckpt_state[k], "shape")
+              and tuple(ckpt_state[k].shape) != tuple(model_state[k].shape)]
+
+    def few(xs: list[str]) -> str:
+        return ", ".join(xs[:limit]) + (f", ... ({len(xs)} in all)" if len(xs) > limit else "")
+
+    parts = []
+    if shapes:
+        parts.append(f"shape mismatch (checkpoint vs model) {few(shapes)}")
+    if missing:
+        parts.append(f"missing weights {few(missing)}")
+    if unexpected:
+        parts.append(f"unexpected weights {few(unexpected)}")
+    return "; ".join(parts) or None
+
+
+#: Network settings that change what the weights compute without changing their shapes, so that
+#: a weights-only load cannot notice a mismatch (keys and shapes are checked separately).
+WEIGHT_MEANING_KEYS = ("knn_scale", "normalize_3d", "cn_eps")
+
+
+def net_config_mismatch(model_net: Any, ckpt_net: Any) -> str | None:
+    """None if the network settings of :data:`WEIGHT_MEANING_KEYS` agree between the model's
+    config and a checkpoint's (a key absent on either side is the ``BlindPnPNet`` default; the
+    stem's scale only matters with a stem), else a short description naming the override that
+    would make them agree."""
+    import inspect
+
+    from bpnp.models.network import BlindPnPNet
+
+    defaults = {k: p.default for k, p in inspect.signature(BlindPnPNet).parameters.items()}
+    model_net, ckpt_net = dict(model_net or {}), dict(ckpt_net or {})
+
+    def get(cfg: dict, key: str) -> Any:
+        return cfg.get(key, defaults.get(key))
+
+    diffs = []
+    for key in WEIGHT_MEANING_KEYS:
+        if key == "knn_scale" and not (get(model_net, "knn") and get(ckpt_net, "knn")):
+            continue
+        ours, theirs = get(model_net, key), get(ckpt_net, key)
+        if ours != theirs:
+            diffs.append(f"model.net.{key}={ours!r} but the checkpoint's network has {theirs!r} "
+                         f"(override model.net.{key}={theirs})")
+    return "; ".join(diffs) or None

@@ -19,7 +19,8 @@ from pytorch_lightning.loggers import WandbLogger
 
 from bpnp.geometry.bearings import project, transform
 
-__all__ = ["PoseVisualisation", "BPnPProgressBar", "LastCheckpoint", "draw_correspondences", "draw_P", "draw_error_cdfs"]
+__all__ = ["PoseVisualisation", "BPnPProgressBar", "LastCheckpoint", "RunIdentity", "draw_correspondences", "draw_P",
+           "draw_error_cdfs", "pair_kinds", "PAIR_STYLES"]
 
 
 def _figure(w: float, h: float):
@@ -31,18 +32,36 @@ def _figure(w: float, h: float):
     return fig
 
 
+#: Line colours of a pair (2D keypoint -> 3D point) by what it is, shared by the overlays.
+PAIR_STYLES = {"true": dict(c="tab:green", ls="-"), "wrong": dict(c="tab:red", ls="-"),
+               "outlier": dict(c="tab:purple", ls=":")}
+
+
+def pair_kinds(match: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """``"true"`` (the 3D point is the keypoint's true match), ``"wrong"`` (a 2D inlier matched to
+    another 3D point) or ``"outlier"`` (a 2D outlier, which has no true match, given one)."""
+    match, rows, cols = np.asarray(match), np.asarray(rows, dtype=np.int64), np.asarray(cols, dtype=np.int64)
+    truth = match[rows]
+    return np.where(truth < 0, "outlier", np.where(truth == cols, "true", "wrong"))
+
+
 def draw_correspondences(p2d: np.ndarray, p3d: np.ndarray, match: np.ndarray, P: np.ndarray, R_gt: np.ndarray,
                          t_gt: np.ndarray, R: np.ndarray, t: np.ndarray, max_lines: int = 60, title: str = ""):
     """Figure of one instance in the (camera-normalised) image plane.
 
-    Keypoints (grey), the 3D points projected with the estimated pose (orange x), and for the
-    ``max_lines`` most confident rows of ``P`` a line from the keypoint to the true projection of
-    the 3D point it is matched to: green if that is its true match, red otherwise. Inputs are the
-    real (unpadded) points of the instance.
+    Keypoints (grey: 2D inliers, purple: 2D outliers), the 3D points projected with the
+    estimated pose (orange x), and for the ``max_lines`` most confident rows of ``P`` a line from
+    the keypoint to the true projection of the 3D point it is matched to, coloured by
+    :data:`PAIR_STYLES`: green when that is its true match, red when a 2D inlier is matched to a
+    wrong 3D point, dotted purple when a 2D outlier is given a match. The legend counts each.
+    Inputs are the real (unpadded) points of the instance.
     """
     fig = _figure(5.5, 4.5)
     ax = fig.add_subplot(1, 1, 1)
-    ax.scatter(p2d[:, 0], p2d[:, 1], s=6, c="0.55", label="keypoints")
+    inl = np.asarray(match) >= 0
+    ax.scatter(p2d[inl, 0], p2d[inl, 1], s=6, c="0.55", label=f"2D inliers ({int(inl.sum())})")
+    if (~inl).any():
+        ax.scatter(p2d[~inl, 0], p2d[~inl, 1], s=6, c="tab:purple", alpha=0.5, label=f"2D outliers ({int((~inl).sum())})")
     est = project(transform(torch.from_numpy(R)[None], torch.from_numpy(t)[None], torch.from_numpy(p3d)[None]))[0].numpy()
     gt = project(transform(torch.from_numpy(R_gt)[None], torch.from_numpy(t_gt)[None], torch.from_numpy(p3d)[None]))[0].numpy()
     lo, hi = p2d.min(0) - 0.05, p2d.max(0) + 0.05
@@ -52,34 +71,65 @@ def draw_correspondences(p2d: np.ndarray, p3d: np.ndarray, match: np.ndarray, P:
         j = P.argmax(1)
         conf = P.max(1)
         rows = np.argsort(-conf)[:max_lines]
-        for i in rows:
-            ok = match[i] == j[i]
-            ax.plot([p2d[i, 0], gt[j[i], 0]], [p2d[i, 1], gt[j[i], 1]], lw=0.8, c="tab:green" if ok else "tab:red", alpha=0.8)
-        acc = float(np.mean(match[rows] == j[rows])) if len(rows) else float("nan")
+        kinds = pair_kinds(match, rows, j[rows])
+        for kind, style in PAIR_STYLES.items():
+            sel = rows[kinds == kind]
+            for i in sel:
+                ax.plot([p2d[i, 0], gt[j[i], 0]], [p2d[i, 1], gt[j[i], 1]], lw=0.8, alpha=0.8, **style)
+            ax.plot([], [], lw=1.0, label=f"{kind} ({len(sel)})", **style)
+        acc = float(np.mean(kinds == "true")) if len(rows) else float("nan")
         title = f"{title}  top-{len(rows)} match precision {acc:.2f}"
     ax.set_xlim(lo[0], hi[0])
     ax.set_ylim(hi[1], lo[1])  # image y points down
     ax.set_aspect("equal")
     ax.set_title(title, fontsize=8)
-    ax.legend(fontsize=6, loc="lower right")
+    ax.legend(fontsize=6, loc="lower right", title="line: keypoint -> matched 3D point (true pose)", title_fontsize=6)
     fig.tight_layout()
     return fig
 
 
-def draw_P(P: np.ndarray, match: np.ndarray, title: str = ""):
-    """Image of the joint probability matrix (times m) with its columns reordered so that the
-    ground-truth matches of the rows lie on the diagonal (unmatched rows/columns last)."""
+def _spread(idx: np.ndarray, k: int) -> np.ndarray:
+    """``k`` entries of ``idx`` evenly spread over it (all of them if it has no more)."""
+    if len(idx) <= k:
+        return idx
+    return idx[np.unique(np.linspace(0, len(idx) - 1, k).round().astype(np.int64))]
+
+
+def draw_P(P: np.ndarray, match: np.ndarray, title: str = "", max_rows: int = 64, max_cols: int = 96):
+    """Image of the joint probability matrix (times m), at a resolution where every entry is a
+    few pixels: at most ``max_rows`` 2D points (evenly spread over the inliers, sorted by their
+    true match, then over the outliers, in proportion) and ``max_cols`` 3D points: the true matches
+    of the rows shown first, so that correct mass lies on the diagonal, then the columns where
+    the rows put their largest entry, then others. White lines separate inlier from outlier rows
+    and true-match columns from the rest."""
     m, n = P.shape
-    rows = np.concatenate([np.flatnonzero(match >= 0), np.flatnonzero(match < 0)])
-    matched_cols = match[match >= 0]
-    rest = np.setdiff1d(np.arange(n), matched_cols, assume_unique=False)
-    cols = np.concatenate([matched_cols, rest])
-    fig = _figure(4.5, 4.5)
+    match = np.asarray(match)
+    inliers = np.flatnonzero(match >= 0)
+    inliers = inliers[np.argsort(match[inliers], kind="stable")]
+    outliers = np.flatnonzero(match < 0)
+    k_in = min(len(inliers), max(1, round(max_rows * len(inliers) / max(m, 1)))) if len(inliers) else 0
+    rows = np.concatenate([_spread(inliers, k_in), _spread(outliers, max_rows - k_in)]).astype(np.int64)
+    diag = match[rows][match[rows] >= 0][:max_cols]
+    chosen = list(dict.fromkeys(diag.tolist()))
+    if rows.size and P.size:
+        for j in P[rows].argmax(1):
+            if len(chosen) >= max_cols:
+                break
+            if j not in chosen:
+                chosen.append(int(j))
+    rest = np.setdiff1d(np.arange(n), chosen)
+    cols = np.array(chosen + _spread(rest, max(0, max_cols - len(chosen))).tolist(), dtype=np.int64)
+    fig = _figure(6.0, 5.0)
     ax = fig.add_subplot(1, 1, 1)
-    im = ax.imshow(P[rows][:, cols] * m, cmap="viridis", interpolation="nearest", vmin=0.0)
+    im = ax.imshow(P[rows][:, cols] * m if rows.size and cols.size else np.zeros((1, 1)), cmap="viridis",
+                   interpolation="nearest", vmin=0.0, aspect="auto")
     fig.colorbar(im, ax=ax, fraction=0.046)
-    ax.set_xlabel("3D points (true matches first)")
-    ax.set_ylabel("2D points")
+    if 0 < k_in < len(rows):
+        ax.axhline(k_in - 0.5, c="w", lw=0.6)
+    if 0 < len(diag) < len(cols):
+        ax.axvline(len(diag) - 0.5, c="w", lw=0.6)
+    ax.set_xlabel(f"{len(cols)} of {n} 3D points (the rows' true matches first, then their argmax, then others)", fontsize=7)
+    ax.set_ylabel(f"{len(rows)} of {m} 2D points ({k_in} inliers by true match, then outliers)", fontsize=7)
     ax.set_title(title or "P x m", fontsize=8)
     fig.tight_layout()
     return fig
@@ -206,17 +256,25 @@ class PoseVisualisation(pl.Callback):
 
 class BPnPProgressBar(TQDMProgressBar):
     """TQDM bar with short names: ``loss``, ``rot`` (training batch mean rotation error, deg),
-    ``val_rot``/``val_succ`` once validation has run; drops ``v_num``."""
+    and once validation has run ``val_rot_med`` (MEDIAN validation rotation error, deg: the
+    metric the best checkpoint is chosen on, ``val/rot_err_deg_median``) and ``val_succ``
+    (validation success rate); drops ``v_num``. The validation mean (``val/rot_err_deg``, one
+    failure at 180 degrees outweighs many successes) is in the logs, not on the bar."""
 
-    RENAME = {"train/loss": "loss", "train/rot_err_deg": "rot", "val/rot_err_deg": "val_rot", "val/success": "val_succ",
+    RENAME = {"train/loss": "loss", "train/rot_err_deg": "rot", "val/success": "val_succ",
               "train/skipped_steps": "skipped"}
+    #: Shown from ``trainer.callback_metrics`` (logged without ``prog_bar``), under these names.
+    EXTRA = {"val/rot_err_deg_median": "val_rot_med"}
+    #: Logged with ``prog_bar`` but not shown.
+    HIDE = ("v_num", "val/rot_err_deg")
 
     def get_metrics(self, trainer, pl_module) -> dict[str, Any]:
         items = super().get_metrics(trainer, pl_module)
-        items.pop("v_num", None)
-        out = {}
-        for k, v in items.items():
-            out[self.RENAME.get(k, k)] = v
+        out = {self.RENAME.get(k, k): v for k, v in items.items() if k not in self.HIDE}
+        for key, name in self.EXTRA.items():
+            value = trainer.callback_metrics.get(key)
+            if value is not None and getattr(value, "numel", lambda: 1)() == 1:
+                out[name] = float(value)
         return out
 
 
@@ -246,3 +304,17 @@ class LastCheckpoint(ModelCheckpoint):
         # whose results (best scores of the other checkpoint callback) belong in last.ckpt.
         if not (trainer.fast_dev_run or trainer.sanity_checking or trainer.state.fn != "fit"):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+class RunIdentity(pl.Callback):
+    """Records which run wrote a checkpoint (:func:`bpnp.training.utils.run_identity`: task name,
+    experiment, debug preset) under ``checkpoint["bpnp_run"]``, so that ``train.py`` can refuse
+    to resume a checkpoint of another experiment or preset. Added by ``train.py`` itself."""
+
+    def __init__(self, identity: Mapping[str, Any]) -> None:
+        self.identity = dict(identity)
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        from bpnp.training.utils import RUN_IDENTITY_KEY
+
+        checkpoint[RUN_IDENTITY_KEY] = dict(self.identity)

@@ -34,24 +34,12 @@ from dataclasses import dataclass
 
 import torch
 
+from bpnp.geometry.correspondences import (correspondence_matrix, inlier_precision_recall, match_accuracy,
+                                           outlier_labels, true_pairs)
+from bpnp.so3 import angle_from_chordal, chordal_distance
+
 __all__ = ["correspondence_matrix", "correspondence_loss", "bin_nll_loss", "outlier_labels", "inlier_precision_recall",
-           "match_accuracy", "CORR_KINDS", "rotation_angle", "pose_loss", "BlindPnPLoss", "LossTerms"]
-
-
-def correspondence_matrix(match: torch.Tensor, n: int, mask2d: torch.Tensor | None = None, mask3d: torch.Tensor | None = None,
-                          dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Ground-truth correspondence matrix ``C`` (B, m, n) from ``match`` (B, m) (-1 = none).
-
-    ``C[b, i, match[b, i]] = 1`` for real 2D points with ``match >= 0`` (and a real 3D point);
-    everything else is 0.
-    """
-    if match.ndim != 2:
-        raise ValueError(f"match must have shape (B, m), got {tuple(match.shape)}")
-    B, m = match.shape
-    idx, valid = _true_pairs(match, n, mask2d, mask3d)
-    C = torch.zeros(B, m, n, dtype=dtype, device=match.device)
-    C.scatter_(2, idx[..., None], valid[..., None].to(dtype))
-    return C
+           "match_accuracy", "CORR_KINDS", "pose_loss", "BlindPnPLoss", "LossTerms"]
 
 
 CORR_KINDS = ("linear", "nll")
@@ -59,19 +47,6 @@ CORR_KINDS = ("linear", "nll")
 #: Floor of P inside the log of the NLL loss: far below any plan entry that carries signal, above
 #: float32's denormal range (so the backward's 1/P stays finite and normal).
 _NLL_P_FLOOR = 1e-30
-
-
-def _true_pairs(match: torch.Tensor, n: int, mask2d: torch.Tensor | None,
-                mask3d: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(idx, valid), both (B, m): the matched 3D index of each 2D point (clamped into range) and
-    whether (i, match[i]) is a true pair of two real points."""
-    valid = match >= 0
-    if mask2d is not None:
-        valid = valid & mask2d
-    idx = match.clamp(0, max(n - 1, 0))
-    if mask3d is not None:
-        valid = valid & torch.gather(mask3d, 1, idx)
-    return idx, valid
 
 
 def correspondence_loss(P: torch.Tensor, match: torch.Tensor, mask2d: torch.Tensor | None = None,
@@ -82,7 +57,7 @@ def correspondence_loss(P: torch.Tensor, match: torch.Tensor, mask2d: torch.Tens
     ``nll``: mean over true pairs of ``-log(sqrt(m' n') P_ij)`` (0 for an item without true pairs).
     """
     B, m, n = P.shape
-    idx, valid = _true_pairs(match, n, mask2d, mask3d)
+    idx, valid = true_pairs(match, n, mask2d, mask3d)
     p_true = torch.gather(P, 2, idx[..., None])[..., 0]
     w = valid.to(P.dtype)
     if kind == "linear":
@@ -94,23 +69,6 @@ def correspondence_loss(P: torch.Tensor, match: torch.Tensor, mask2d: torch.Tens
     log_scale = 0.5 * torch.log((m_real * n_real).clamp_min(1.0))
     nll = -(torch.log(p_true.clamp_min(_NLL_P_FLOOR)) + log_scale[:, None])
     return (nll * w).sum(1) / w.sum(1).clamp_min(1.0)
-
-
-def outlier_labels(match: torch.Tensor, n: int, mask2d: torch.Tensor | None = None,
-                   mask3d: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ground-truth outliers of each side: ``(out2d (B, m), out3d (B, n))`` bool.
-
-    A real 2D point is an outlier when it has no true pair (``match = -1``, or its target is
-    padding); a real 3D point is an outlier when no real 2D point's true pair ends on it.
-    Padded points are neither.
-    """
-    B, m = match.shape
-    idx, valid = _true_pairs(match, n, mask2d, mask3d)
-    real2d = mask2d if mask2d is not None else torch.ones_like(valid)
-    real3d = mask3d if mask3d is not None else torch.ones(B, n, dtype=torch.bool, device=match.device)
-    hits = torch.zeros(B, n, dtype=torch.long, device=match.device)
-    hits.scatter_add_(1, idx, valid.long())
-    return real2d & ~valid, real3d & (hits == 0)
 
 
 def bin_nll_loss(P_aug: torch.Tensor, match: torch.Tensor, mask2d: torch.Tensor | None = None,
@@ -132,7 +90,7 @@ def bin_nll_loss(P_aug: torch.Tensor, match: torch.Tensor, mask2d: torch.Tensor 
     if match.shape != (B, m):
         raise ValueError(f"bin_nll_loss: match must have shape {(B, m)} for P_aug of shape {tuple(P_aug.shape)}, "
                          f"got {tuple(match.shape)}")
-    idx, valid = _true_pairs(match, n, mask2d, mask3d)
+    idx, valid = true_pairs(match, n, mask2d, mask3d)
     out2d, out3d = outlier_labels(match, n, mask2d, mask3d)
     # Row target: the true 3D point for an inlier, the bin column (index n) for an outlier.
     target = torch.where(valid, idx, torch.full_like(idx, n))
@@ -149,54 +107,11 @@ def bin_nll_loss(P_aug: torch.Tensor, match: torch.Tensor, mask2d: torch.Tensor 
     return total / (w_row.sum(1) + w_col.sum(1)).clamp_min(1.0)
 
 
-def inlier_precision_recall(row_inlier: torch.Tensor, col_inlier: torch.Tensor, match: torch.Tensor,
-                            mask2d: torch.Tensor | None = None, mask3d: torch.Tensor | None = None,
-                            threshold: float = 0.5) -> dict[str, torch.Tensor]:
-    """Precision and recall of the bins' inlier decision, per item and side.
-
-    A real point is predicted an inlier when its inlier probability (1 - its bin mass) exceeds
-    ``threshold``. Returns ``{"precision_2d", "recall_2d", "precision_3d", "recall_3d"}``, each
-    (B,), NaN where undefined (no predicted / no true inlier on that side).
-    """
-    B, m = match.shape
-    n = col_inlier.shape[1]
-    out2d, out3d = outlier_labels(match, n, mask2d, mask3d)
-    real2d = mask2d if mask2d is not None else torch.ones_like(out2d)
-    real3d = mask3d if mask3d is not None else torch.ones_like(out3d)
-    result = {}
-    for side, prob, real, out in (("2d", row_inlier, real2d, out2d), ("3d", col_inlier, real3d, out3d)):
-        pred = (prob.detach() > threshold) & real
-        true = real & ~out
-        tp = (pred & true).sum(1).float()
-        result[f"precision_{side}"] = tp / pred.sum(1).float()  # 0/0 = NaN: undefined
-        result[f"recall_{side}"] = tp / true.sum(1).float()
-    return result
-
-
-def match_accuracy(P: torch.Tensor, match: torch.Tensor, mask2d: torch.Tensor | None = None,
-                   mask3d: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-item fraction of true pairs (i, match[i]) whose 3D point is the row maximum of P,
-    shape (B,) (NaN for an item without true pairs). Padded 3D columns never win the argmax."""
-    B, m, n = P.shape
-    idx, valid = _true_pairs(match, n, mask2d, mask3d)
-    scores = P.detach()
-    if mask3d is not None:
-        scores = scores.masked_fill(~mask3d[:, None, :], -1.0)
-    hit = (scores.argmax(2) == idx) & valid
-    return hit.sum(1).to(P.dtype) / valid.sum(1).to(P.dtype)
-
-
-def rotation_angle(R: torch.Tensor, R_gt: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """Geodesic angle (radians) between rotations (*, 3, 3), ``2 asin(||R - R_gt||_F / sqrt 8)``."""
-    d = (R - R_gt).square().sum((-2, -1))
-    s = (torch.sqrt(d + eps) / math.sqrt(8.0)).clamp(max=1.0)
-    return 2.0 * torch.asin(s)
-
-
 def pose_loss(R: torch.Tensor, t: torch.Tensor, R_gt: torch.Tensor, t_gt: torch.Tensor,
               rot_cap: float = math.pi / 2, t_cap: float = 1.0) -> torch.Tensor:
     """Per-item ``min(angle(R, R_gt), rot_cap) + min(||t - t_gt||, t_cap)``, shape (B,)."""
-    ang = rotation_angle(R, R_gt).clamp(max=rot_cap)
+    # The geodesic angle through the chordal distance: its gradient stays finite at R = R_gt.
+    ang = angle_from_chordal(chordal_distance(R, R_gt, eps=1e-12)).clamp(max=rot_cap)
     te = torch.sqrt((t - t_gt).square().sum(-1) + 1e-12).clamp(max=t_cap)
     return ang + te
 

@@ -10,7 +10,7 @@ Constructed from plain mappings (Hydra passes them from ``configs/model/bpnp.yam
 - ``scheduler``: None, or ``_target_`` and its arguments plus Lightning's ``interval``,
   ``frequency``, ``monitor``.
 
-Metrics (names are the DESIGN.md contract): ``{stage}/rot_err_deg``, ``t_err``,
+Metrics (names and definitions: docs/metrics.md): ``{stage}/rot_err_deg``, ``t_err``,
 ``center_err_rel``, ``success`` (means over the epoch, torchmetrics ``MeanMetric``, synchronised
 under DDP) and ``{stage}/{name}_median`` (torchmetrics ``CatMetric``, gathered from every rank
 before the median), for ``stage`` in train / val / test; the RANSAC pose's ``ransac_success`` and
@@ -40,8 +40,10 @@ from torchmetrics import CatMetric, MeanMetric
 from bpnp.geometry.metrics import pose_errors
 from bpnp.geometry.ransac import seeded_generator
 from bpnp.models.network import BlindPnPNet, BlindPnPOutput
+from bpnp.runtime.checkpoint import build_net
 from bpnp.nodes import Status
-from bpnp.training.losses import BlindPnPLoss, inlier_precision_recall, match_accuracy
+from bpnp.geometry.correspondences import inlier_precision_recall, match_accuracy
+from bpnp.training.losses import BlindPnPLoss
 
 __all__ = ["BlindPnPModule", "METRICS", "MEDIAN_METRICS"]
 
@@ -76,13 +78,6 @@ def _instantiate(cfg: Mapping[str, Any], default_target: str, **kwargs: Any) -> 
     target = cfg.pop("_target_", default_target)
     cfg.pop("_partial_", None)
     return get_class(target)(**kwargs, **cfg)
-
-
-def build_net(net: Mapping[str, Any] | nn.Module | None) -> nn.Module:
-    """A network from keyword arguments (optionally with ``_target_``) or an existing module."""
-    if isinstance(net, nn.Module):
-        return net
-    return _instantiate(net or {}, "bpnp.models.network.BlindPnPNet")
 
 
 class BlindPnPModule(pl.LightningModule):

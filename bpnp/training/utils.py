@@ -11,6 +11,7 @@ Run directory layout (``hydra.run.dir``)::
         wandb/offline-run-*/       W&B offline run (``wandb sync <that dir>``)
         plots/                     correspondence / P-matrix / error-CDF PNGs
         wandb_run_id               W&B run id, reused when the run is resumed
+        train.log                  the console log (Hydra's job logging; not the progress bar)
 
 Resume: ``ckpt_path=<run>/checkpoints/last.ckpt`` reopens ``<run>`` as the run directory (the
 ``bpnp_run_dir`` resolver below), Lightning restores epoch, step, optimizer and scheduler, the CSV
@@ -19,7 +20,11 @@ rewritten every N steps and at every epoch end (``LastCheckpoint``), atomically
 (``AtomicCheckpointIO``), and a resume continues exactly where the checkpoint was taken, also
 mid-epoch (data order and training RANSAC are functions of seed, epoch and batch; the datamodule
 skips the batches already trained): ``tests/reliability/test_resume.py``.
-``ckpt_path=last`` picks the most recent run of ``task_name`` that has a ``last.ckpt``.
+``ckpt_path=last`` picks the most recent run of ``task_name`` that has a ``last.ckpt`` (each
+debug preset has its own ``task_name``), and ``train.py`` prints which one it picked. Every
+checkpoint records the run that wrote it (:func:`run_identity`: task name, experiment and debug
+preset, under :data:`RUN_IDENTITY_KEY`); resuming one of another experiment or preset is refused
+unless ``resume_foreign=true`` (:func:`identity_mismatch`).
 """
 
 from __future__ import annotations
@@ -28,141 +33,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
+
+from bpnp.runtime.config import instantiate_group  # noqa: F401  (re-exported: train.py uses utils.instantiate_group)
 
 __all__ = [
-    "register_resolvers", "find_last_checkpoint", "resolve_ckpt_path", "run_dir_for", "instantiate_group",
-    "WANDB_ID_FILE", "TrainConfigError", "config_error", "one_line", "check_writable_dir", "state_dict_mismatch",
+    "register_resolvers", "find_last_checkpoint", "resolve_ckpt_path", "run_dir_for", "WANDB_ID_FILE",
+    "RUN_IDENTITY_KEY", "run_identity", "identity_mismatch", "describe_identity",
 ]
 
 WANDB_ID_FILE = "wandb_run_id"
-
-
-class TrainConfigError(ValueError):
-    """A training setting cannot be used as given (bad value, unwritable directory, a checkpoint
-    that does not fit the model); ``train.py`` prints it as one ``error:`` line, exit code 2."""
-
-
-_NOISE = ("full_key:", "object_type=", "reference_type=", "Config search path", "provider=",
-          "Set the environment variable HYDRA_FULL_ERROR")
-
-
-def one_line(exc: BaseException | str) -> str:
-    """A (possibly multi-line, Hydra/OmegaConf style) error message as one line: Hydra's hints
-    about HYDRA_FULL_ERROR, search paths and OmegaConf's ``full_key``/``object_type`` lines are
-    dropped, a listing after a ``...:`` line is joined with commas."""
-    keep = [ln.strip() for ln in str(exc).splitlines()]
-    keep = [ln for ln in keep if ln and not ln.startswith(_NOISE)]
-    if not keep:
-        return type(exc).__name__ if isinstance(exc, BaseException) else "error"
-    out, listing = keep[0], keep[0].endswith(":")
-    for ln in keep[1:]:
-        if listing and " " not in ln:
-            out += (" " if out.endswith(":") else ", ") + ln
-            continue
-        listing = ln.endswith(":")
-        out += (" " if out[-1] in ".:;," else "; ") + ln
-    return out
-
-
-def config_error(config_dir: str | Path, config_name: str, argv: list[str]) -> str | None:
-    """Compose ``config_name`` with the command-line overrides ``argv`` (Hydra's compose API, no
-    side effects) and return a one-line message if they do not compose (an unknown key such as
-    ``foo.bar=1``, an unknown group option such as ``data=synthtic``, a malformed override), else
-    None. Command lines with Hydra flags (``--multirun``, ``--cfg``, ``-h``...) are left to Hydra.
-    """
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    if any(a.startswith("-") for a in argv):
-        return None
-    try:
-        with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
-            compose(config_name, overrides=list(argv), return_hydra_config=True)
-    except (HydraException, OmegaConfBaseException, ValueError) as exc:
-        import re
-
-        message = one_line(exc)
-        detail = one_line(exc.__cause__) if exc.__cause__ is not None else ""
-        m = re.match(r"Could not override '(.+?)'\. To append to your config use (\S+)", message)
-        k = re.match(r"Key '(.+?)' is not in struct", detail)
-        if m and k:  # the common typo: a key that does not exist
-            return (f"could not override '{m.group(1)}': key '{k.group(1)}' does not exist in the config "
-                    f"(to add a new key on purpose, use {m.group(2)})")
-        if detail and detail not in message:
-            message = f"{message}; {detail}"
-        return message
-    return None
-
-
-def check_writable_dir(path: str | Path, what: str) -> Path:
-    """Create ``path`` if needed and write-test it; :class:`TrainConfigError` naming ``what``
-    otherwise (checked before training, so a bad logger or checkpoint directory fails at once
-    instead of losing logs: W&B silently falls back to the system temp directory)."""
-    import tempfile
-
-    p = Path(path)
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=p, prefix=".write_test_"):
-            pass
-    except OSError as exc:
-        raise TrainConfigError(f"{what}={p}: not a writable directory ({exc.strerror or exc})") from exc
-    return p
-
-
-def state_dict_mismatch(model_state: dict, ckpt_state: dict, limit: int = 3) -> str | None:
-    """None if ``ckpt_state`` fits ``model_state`` exactly (same keys and shapes), else a short
-    description of the first differences."""
-    missing = [k for k in model_state if k not in ckpt_state]
-    unexpected = [k for k in ckpt_state if k not in model_state]
-    shapes = [f"{k} {tuple(ckpt_state[k].shape)} vs {tuple(model_state[k].shape)}"
-              for k in model_state if k in ckpt_state and hasattr(ckpt_state[k], "shape")
-              and tuple(ckpt_state[k].shape) != tuple(model_state[k].shape)]
-
-    def few(xs: list[str]) -> str:
-        return ", ".join(xs[:limit]) + (f", ... ({len(xs)} in all)" if len(xs) > limit else "")
-
-    parts = []
-    if shapes:
-        parts.append(f"shape mismatch (checkpoint vs model) {few(shapes)}")
-    if missing:
-        parts.append(f"missing weights {few(missing)}")
-    if unexpected:
-        parts.append(f"unexpected weights {few(unexpected)}")
-    return "; ".join(parts) or None
-
-
-#: Network settings that change what the weights compute without changing their shapes, so that
-#: a weights-only load cannot notice a mismatch (keys and shapes are checked separately).
-WEIGHT_MEANING_KEYS = ("knn_scale", "normalize_3d", "cn_eps")
-
-
-def net_config_mismatch(model_net: Any, ckpt_net: Any) -> str | None:
-    """None if the network settings of :data:`WEIGHT_MEANING_KEYS` agree between the model's
-    config and a checkpoint's (a key absent on either side is the ``BlindPnPNet`` default; the
-    stem's scale only matters with a stem), else a short description naming the override that
-    would make them agree."""
-    import inspect
-
-    from bpnp.models.network import BlindPnPNet
-
-    defaults = {k: p.default for k, p in inspect.signature(BlindPnPNet).parameters.items()}
-    model_net, ckpt_net = dict(model_net or {}), dict(ckpt_net or {})
-
-    def get(cfg: dict, key: str) -> Any:
-        return cfg.get(key, defaults.get(key))
-
-    diffs = []
-    for key in WEIGHT_MEANING_KEYS:
-        if key == "knn_scale" and not (get(model_net, "knn") and get(ckpt_net, "knn")):
-            continue
-        ours, theirs = get(model_net, key), get(ckpt_net, key)
-        if ours != theirs:
-            diffs.append(f"model.net.{key}={ours!r} but the checkpoint's network has {theirs!r} "
-                         f"(override model.net.{key}={theirs})")
-    return "; ".join(diffs) or None
 
 
 def find_last_checkpoint(runs_dir: str | Path) -> Path | None:
@@ -204,23 +84,50 @@ def run_dir_for(ckpt_path: str | None, runs_dir: str, stamp: str) -> str:
     return str(Path(runs_dir) / stamp)
 
 
+#: Checkpoint entry holding :func:`run_identity` of the run that wrote it (callbacks.RunIdentity).
+RUN_IDENTITY_KEY = "bpnp_run"
+_IDENTITY_KEYS = ("task_name", "experiment", "debug")
+
+
+def run_identity(cfg: Any) -> dict[str, str | None]:
+    """What kind of run this is: ``task_name``, and under Hydra the ``experiment`` and ``debug``
+    presets chosen on the command line (None = none chosen). Stored in every checkpoint."""
+    ident: dict[str, str | None] = {"task_name": str(cfg.get("task_name"))}
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else None
+    except Exception:  # not under Hydra (in-process callers): the task name alone
+        choices = None
+    if choices is not None:
+        for group in ("experiment", "debug"):
+            value = choices.get(group)
+            ident[group] = None if value in (None, "null", "None") else str(value)
+    return ident
+
+
+def describe_identity(ident: Any) -> str:
+    ident = dict(ident or {})
+    parts = [f"{k}={ident[k] if ident[k] is not None else 'none'}" for k in ("experiment", "debug") if k in ident]
+    return " ".join(parts + [f"task_name={ident.get('task_name')}"])
+
+
+def identity_mismatch(saved: Any, current: Any) -> str | None:
+    """None if a checkpoint's :func:`run_identity` (``saved``; None for checkpoints written before
+    it was recorded) agrees with this run's on every key both know, else the difference."""
+    if not isinstance(saved, dict) or not isinstance(current, dict):
+        return None
+    differ = [k for k in _IDENTITY_KEYS if k in saved and k in current and saved[k] != current[k]]
+    if not differ:
+        return None
+    return (f"it was written by a run of {describe_identity(saved)}, this run is "
+            f"{describe_identity(current)}")
+
+
 def register_resolvers() -> None:
     """Register ``${bpnp_run_dir:ckpt_path,runs_dir,stamp}`` (idempotent)."""
     if not OmegaConf.has_resolver("bpnp_run_dir"):
         OmegaConf.register_new_resolver("bpnp_run_dir", lambda c, r, s: run_dir_for(c, str(r), str(s)))
-
-
-def instantiate_group(cfg: DictConfig | None) -> list[Any]:
-    """Instantiate every ``_target_`` entry of a config group mapping (callbacks, loggers)."""
-    from hydra.utils import instantiate
-
-    out: list[Any] = []
-    if not cfg:
-        return out
-    for _, node in cfg.items():
-        if isinstance(node, DictConfig) and "_target_" in node:
-            out.append(instantiate(node))
-    return out
 
 
 def read_wandb_id(run_dir: str | Path) -> str | None:

@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 REAL_DATA = ROOT.parent / "shared" / "data" / "real"
 
 #: Smallest real network: fast on CPU, same class and code path as a trained one.
-TINY_NET = dict(feature_dim=8, depth=1, ransac_hypotheses=64)
+TINY_NET = dict(feature_dim=8, depth=1, ransac={"num_hypotheses": 64})
 
 
 def noise_free_scenes(count: int = 3, seed: int = 0) -> list[dict]:
@@ -33,7 +33,17 @@ class GroundTruthCostNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.net = BlindPnPNet(**TINY_NET)
-        self.pnp, self.ransac_kwargs = self.net.pnp, self.net.ransac_kwargs
+
+    @property
+    def pnp(self):
+        return self.net.pnp
+
+    @property
+    def ransac_kwargs(self):
+        return self.net.ransac_kwargs
+
+    def configure(self, **settings):
+        self.net.configure(**settings)
 
     def forward(self, batch, generator=None, refine=None):
         match = batch["match"]

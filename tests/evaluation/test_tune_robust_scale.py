@@ -5,7 +5,7 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 
 from bpnp.data.datamodule import BlindPnPDataModule
-from bpnp.evaluation.checkpoint import save_weights_only
+from bpnp.runtime.checkpoint import save_weights_only
 from bpnp.evaluation.tune_robust_scale import main, validation_success
 
 from tests.evaluation.conftest import GroundTruthCostNet, TINY_NET
@@ -40,16 +40,16 @@ def test_cli_reads_the_run_config(tmp_path, capsys):
     ckpt = save_weights_only(tmp_path / "w.pt", BlindPnPNet(**TINY_NET), TINY_NET)
     assert main([str(run), "--ckpt", str(ckpt), "--scales", "1e-3", "1e-4"]) == 0
     out = capsys.readouterr().out
-    assert "validation split: 2 instances; match accuracy " in out and "robust_scale 0.0001: success" in out and "best: robust_scale=" in out
-    assert main([str(run), "--ckpt", str(ckpt), "--scales", "1e-4", "--set", "ransac_hypotheses=64"]) == 0
+    assert "validation split: 2 instances; match accuracy " in out and "refine.robust_scale 0.0001: success" in out and "best: refine.robust_scale=" in out
+    assert main([str(run), "--ckpt", str(ckpt), "--scales", "1e-4", "--set", "ransac.num_hypotheses=64"]) == 0
     assert "robust_scale 0.0001: success" in capsys.readouterr().out
     assert main([str(run), "--ckpt", str(ckpt), "--scales", "1e-4", "--gates", "none", "0.02"]) == 0
     out = capsys.readouterr().out
-    assert "refine_gate None robust_scale 0.0001: success" in out and "refine_gate 0.02 robust_scale 0.0001: success" in out
-    assert "best: refine_gate=" in out
+    assert "refine.gate None refine.robust_scale 0.0001: success" in out and "refine.gate 0.02 refine.robust_scale 0.0001: success" in out
+    assert "best: refine.gate=" in out
     assert main([str(run), "--ckpt", str(ckpt), "--gates", "wide"]) == 2
     assert "--gates: expected angles" in capsys.readouterr().err
-    assert main([str(run), "--ckpt", str(ckpt), "--set", "ransac_hypotheses"]) == 2
+    assert main([str(run), "--ckpt", str(ckpt), "--set", "ransac.num_hypotheses"]) == 2
     assert "--set expects KEY=VALUE" in capsys.readouterr().err
     assert main([str(tmp_path / "nowhere")]) == 2
     assert "config.yaml not found" in capsys.readouterr().err

@@ -16,7 +16,7 @@ from bpnp.data.datasets import add_outliers
 from bpnp.geometry.bearings import project, to_bearings
 from bpnp.geometry.metrics import pose_errors
 from bpnp.geometry.ransac import RansacStatus, ransac_pnp
-from bpnp.geometry.rotations import project_to_so3, random_rotation, rotation_angle, so3_exp, so3_log
+from bpnp.geometry.rotations import project_to_so3, random_rotation, geodesic_angle, so3_exp, so3_log
 from bpnp.models.network import BlindPnPNet
 from bpnp.training.losses import BlindPnPLoss
 
@@ -45,7 +45,7 @@ def test_so3_exp_is_a_rotation_and_log_inverts_it(w, tiny, dtype):
     back = so3_exp(log)
     assert torch.allclose(back, R, atol=1e-4 if dtype == torch.float32 else 1e-8)
     # The angle between R and itself is 0; between R and exp(log R) too.
-    assert float(rotation_angle(R, back).max()) < (1e-2 if dtype == torch.float32 else 1e-6)
+    assert float(geodesic_angle(R, back).max()) < (1e-2 if dtype == torch.float32 else 1e-6)
 
 
 @SETTINGS
@@ -158,7 +158,7 @@ def test_gradients_through_the_whole_network_stay_finite(seed, scale, dtype, m, 
     batch = collate_scenes([scene, scene])
     batch = {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in batch.items()}
     torch.manual_seed(seed % 1000)
-    net = BlindPnPNet(feature_dim=8, depth=1, ransac_hypotheses=16, pnp_max_iter=10, backward=backward).to(dtype)
+    net = BlindPnPNet(feature_dim=8, depth=1, ransac={"num_hypotheses": 16}, refine={"max_iter": 10}, backward=backward).to(dtype)
     net.train()
     out = net(batch, refine=True, generator=torch.Generator().manual_seed(seed))
     terms = BlindPnPLoss(pose_start_epoch=0)(out, batch, 0)

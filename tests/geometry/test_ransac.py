@@ -8,7 +8,7 @@ from bpnp.geometry.bearings import to_bearings
 from bpnp.geometry.metrics import pose_errors
 from bpnp.geometry.p3p import p3p
 from bpnp.geometry.ransac import RansacStatus, default_top_k, ransac_pnp, seeded_generator
-from bpnp.geometry.rotations import random_rotation, rotation_angle, so3_exp
+from bpnp.geometry.rotations import random_rotation, geodesic_angle, so3_exp
 
 F64 = torch.float64
 
@@ -55,7 +55,7 @@ def run(P, s, seed=0, **kw):
 
 
 def errors(res, s):
-    rot = rotation_angle(res.R.double(), s["R"])
+    rot = geodesic_angle(res.R.double(), s["R"])
     c = -(res.R.double().transpose(1, 2) @ res.t.double()[..., None])[..., 0]
     c_gt = -(s["R"].transpose(1, 2) @ s["t"][..., None])[..., 0]
     return rot, (c - c_gt).norm(dim=-1), (res.t.double() - s["t"]).norm(dim=-1)
@@ -73,7 +73,7 @@ def test_p3p_exact_batched_float64():
     sol = p3p(xc / xc.norm(dim=-1, keepdim=True), X)
     assert sol.R.shape == (B, 4, 3, 3) and sol.t.shape == (B, 4, 3) and sol.valid.shape == (B, 4)
     assert torch.isfinite(sol.R).all() and torch.isfinite(sol.t).all()
-    err = rotation_angle(sol.R, R[:, None]) + (sol.t - t[:, None]).norm(dim=-1)
+    err = geodesic_angle(sol.R, R[:, None]) + (sol.t - t[:, None]).norm(dim=-1)
     best = torch.where(sol.valid, err, torch.full_like(err, math.inf)).amin(-1)
     assert (best < 1e-6).all(), best.max()
     # Every valid slot is a true solution: rotation, positive depths, exact reprojection.
@@ -218,9 +218,9 @@ def test_agrees_with_opencv_p3p_ransac():
         assert ok
         R_cv = torch.from_numpy(cv2.Rodrigues(rvec)[0])
         t_cv = torch.from_numpy(tvec[:, 0])
-        assert math.degrees(rotation_angle(R_cv, s["R"][k])) < 1.0
+        assert math.degrees(geodesic_angle(R_cv, s["R"][k])) < 1.0
         assert math.degrees(ours[k]) < 1.0
-        assert math.degrees(rotation_angle(R_cv, res.R[k].double())) < 0.5
+        assert math.degrees(geodesic_angle(R_cv, res.R[k].double())) < 0.5
         assert (t_cv - res.t[k].double()).norm() < 0.02 * s["t"][k].norm().clamp(min=1.0)
         # Same inlier set size up to the borderline pairs (OpenCV thresholds pixel distance).
         assert abs(len(inl) - int(res.num_inliers[k])) <= 3

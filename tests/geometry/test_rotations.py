@@ -6,8 +6,7 @@ import torch
 from bpnp.geometry.rotations import (
     project_to_so3,
     random_rotation,
-    rotation_angle,
-    rotation_angle_between,
+    geodesic_angle,
     skew,
     so3_exp,
     so3_log,
@@ -86,18 +85,18 @@ def test_rotation_angle_accurate_near_0_and_pi(angle):
     axis = torch.nn.functional.normalize(torch.tensor([1.0, 2.0, -0.5], dtype=F64), dim=0)
     R1 = so3_exp(torch.tensor([0.2, -0.1, 0.4], dtype=F64))
     R2 = R1 @ so3_exp(axis * angle)
-    got = rotation_angle(R1, R2)
+    got = geodesic_angle(R1, R2)
     assert got.shape == ()
     assert abs(got.item() - angle) <= 1e-12 + 1e-7 * angle
-    assert abs(rotation_angle(R2, R1).item() - angle) <= 1e-12 + 1e-7 * angle
+    assert abs(geodesic_angle(R2, R1).item() - angle) <= 1e-12 + 1e-7 * angle
 
 
 def test_rotation_angle_clamps_and_broadcasts():
     # Slightly non-orthonormal input must not give NaN (the cosine would exceed 1).
     R = torch.eye(3, dtype=F64) * (1 + 1e-9)
-    assert rotation_angle(R, torch.eye(3, dtype=F64)).item() == pytest.approx(0.0, abs=1e-6)
+    assert geodesic_angle(R, torch.eye(3, dtype=F64)).item() == pytest.approx(0.0, abs=1e-6)
     Rs = so3_exp(_axis_angles(6, 3)).view(2, 3, 3, 3)
-    out = rotation_angle_between(torch.eye(3, dtype=F64), Rs)
+    out = geodesic_angle(torch.eye(3, dtype=F64), Rs)
     assert out.shape == (2, 3)
     assert torch.allclose(out, _axis_angles(6, 3).norm(dim=-1).view(2, 3), atol=1e-10)
 
@@ -108,7 +107,7 @@ def test_project_to_so3():
     noisy = R + 1e-4 * torch.randn(10, 3, 3, generator=g, dtype=F64)
     P = project_to_so3(noisy)
     assert torch.allclose(P @ P.transpose(-1, -2), torch.eye(3, dtype=F64).expand_as(P), atol=1e-12)
-    assert (rotation_angle(P, R) < 1e-3).all()
+    assert (geodesic_angle(P, R) < 1e-3).all()
     # A reflection maps to a proper rotation.
     refl = torch.diag(torch.tensor([1.0, 1.0, -1.0], dtype=F64))
     assert torch.det(project_to_so3(refl)).item() == pytest.approx(1.0)
@@ -134,7 +133,7 @@ def test_bad_types_raise_type_error():
     with pytest.raises(TypeError, match="floating-point"):
         so3_exp(torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError, match="must broadcast"):
-        rotation_angle(torch.eye(3).expand(2, 3, 3), torch.eye(3).expand(3, 3, 3))
+        geodesic_angle(torch.eye(3).expand(2, 3, 3), torch.eye(3).expand(3, 3, 3))
 
 
 @pytest.mark.parametrize("module", ["rotations", "bearings", "metrics", "p3p", "ransac"])

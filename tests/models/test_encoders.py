@@ -14,7 +14,7 @@ def _n_params(module: torch.nn.Module) -> int:
 
 
 def test_parameter_count_matches_original():
-    net = BlindPnPNet(matcher="bpnpnet", depth=12, knn=0, bins="none")
+    net = BlindPnPNet(matcher="bpnpnet", depth=12, knn=0, sinkhorn={"bins": "none"})
     # Original: about 2.0 M (two encoders of 12 blocks at width 128, STN 3-64-128-1024 / 512-256-9).
     assert 1.95e6 < _n_params(net) < 2.05e6
     assert 590_000 < _n_params(net.encoder2d) < 600_000

@@ -23,7 +23,7 @@ def _batch(b=3, m=(40, 60), outliers_2d=0.0, outliers_3d=0.0, seed=0):
 def _small_net(**kw):
     """A small network: the default matcher (attention) with bins unless ``kw`` says otherwise."""
     torch.manual_seed(0)
-    args = dict(feature_dim=16, depth=2, knn=4, ransac_hypotheses=128)
+    args = dict(feature_dim=16, depth=2, knn=4, ransac={"num_hypotheses": 128})
     args.update(kw)
     return BlindPnPNet(**args)
 
@@ -78,19 +78,19 @@ def test_true_match_costs_recover_the_pose():
     # Without bins, the original's unweighted-robust refinement (rho = identity) is biased by the
     # mass uniform marginals force onto wrong pairs when there are outliers; the outlier bins
     # take that mass off the real pairs, so with them even rho = identity is accurate.
-    plain = _small_net(robust="none", bins="none").eval()(batch, cost_override=_true_cost(batch), generator=_gen())
+    plain = _small_net(refine={"robust": "none"}, sinkhorn={"bins": "none"}).eval()(batch, cost_override=_true_cost(batch), generator=_gen())
     e_plain = pose_errors(plain.R, plain.t, batch["R"], batch["t"], batch["p3d"], batch["match"], batch["mask2d"], batch["mask3d"])
     assert e_plain["rot_err_deg"].mean() > 3 * errs["rot_err_deg"].mean()
-    binned = _small_net(robust="none", bin_init=1.0).eval()(batch, cost_override=_true_cost(batch), generator=_gen())
+    binned = _small_net(refine={"robust": "none"}, sinkhorn={"bin_init": 1.0}).eval()(batch, cost_override=_true_cost(batch), generator=_gen())
     e_binned = pose_errors(binned.R, binned.t, batch["R"], batch["t"], batch["p3d"], batch["match"], batch["mask2d"], batch["mask3d"])
     assert e_binned["rot_err_deg"].mean() < 0.5 * e_plain["rot_err_deg"].mean()
     assert torch.all(e_binned["success"])
     clean = _batch(b=2, m=(50, 60))
-    out = _small_net(robust="none", bins="none").eval()(clean, cost_override=_true_cost(clean), generator=_gen())
+    out = _small_net(refine={"robust": "none"}, sinkhorn={"bins": "none"}).eval()(clean, cost_override=_true_cost(clean), generator=_gen())
     e_clean = pose_errors(out.R, out.t, clean["R"], clean["t"], clean["p3d"], clean["match"], clean["mask2d"], clean["mask3d"])
     assert torch.all(e_clean["rot_err_deg"] < 0.5)
     # A wrong cost (true pairs made expensive) must not "recover" it: the test can fail.
-    bad = _small_net(bins="none").eval()(batch, cost_override=2.0 - _true_cost(batch), generator=_gen())
+    bad = _small_net(sinkhorn={"bins": "none"}).eval()(batch, cost_override=2.0 - _true_cost(batch), generator=_gen())
     e_bad = pose_errors(bad.R, bad.t, batch["R"], batch["t"], batch["p3d"], batch["match"], batch["mask2d"], batch["mask3d"])
     assert not torch.all(e_bad["success"])
 
@@ -105,7 +105,7 @@ def test_padding_never_changes_a_result(training, matcher, knn, knn_scale):
     dtype = torch.float64 if knn else torch.float32
     batch = {k: v.to(dtype) if v.is_floating_point() else v for k, v in _batch(b=3).items()}
     bins = "shared" if matcher == "attention" else "none"
-    net = _small_net(matcher=matcher, use_stn=True, knn=knn, knn_scale=knn_scale, bins=bins).to(dtype).train(training)
+    net = _small_net(matcher=matcher, use_stn=True, knn=knn, knn_scale=knn_scale, sinkhorn={"bins": bins}).to(dtype).train(training)
     ref = net(batch, refine=True, generator=_gen())
     pad = net(_pad_garbage(batch), refine=True, generator=_gen())
     m, n = batch["p2d"].shape[1], batch["p3d"].shape[1]
@@ -156,10 +156,10 @@ def test_permuting_points_permutes_P_and_keeps_the_pose(matcher, knn, knn_scale)
 def test_refinement_switch_and_gradients_reach_the_encoders(matcher):
     batch = _batch(b=2)
     net = _small_net(matcher=matcher).train()
-    out = net(batch)  # training, refine_in_training=False: RANSAC pose only
+    out = net(batch)  # training, refine.in_training=False: RANSAC pose only
     assert not out.refined and torch.equal(out.R, out.R0)
     assert torch.all(out.pnp_status == NOT_RUN)
-    net_r = _small_net(matcher=matcher, refine_in_training=True).train()
+    net_r = _small_net(matcher=matcher, refine={"in_training": True}).train()
     encoders = [net_r.encoder2d, net_r.encoder3d] if matcher == "bpnpnet" else [net_r.matcher]
     out = net_r(batch)
     assert out.refined and out.R.requires_grad
@@ -218,17 +218,17 @@ def test_refine_pose_alone_equals_a_refined_forward():
             net.refine_pose(base, _batch(b=2))
 
 
-@pytest.mark.parametrize("kw", [dict(backward="unrolled"), dict(robust="huber", robust_scale=0.02), dict(use_stn=False, normalize_3d=False),
-                                dict(lam=20.0, sinkhorn_max_iter=5, sinkhorn_tol=1e-3, ransac_top_k=30, ransac_threshold=0.02)])
+@pytest.mark.parametrize("kw", [dict(backward="unrolled"), dict(refine={"robust": "huber", "robust_scale": 0.02}), dict(use_stn=False, normalize_3d=False),
+                                dict(sinkhorn={"lam": 20.0, "max_iter": 5, "tol": 1e-3}, ransac={"top_k": 30, "threshold": 0.02})])
 def test_config_switches(kw):
     batch = _batch(b=2, m=(20, 30))
-    net = _small_net(refine_in_training=True, **kw).train()
+    net = _small_net(**{**kw, "refine": {**kw.get("refine", {}), "in_training": True}}).train()
     out = net(batch, generator=_gen())
     assert torch.allclose(out.P.sum((1, 2)), torch.ones(2), atol=1e-4)
     assert torch.isfinite(out.R).all() and torch.isfinite(out.t).all()
     (out.P.sum() + out.R.sum() + out.t.sum()).backward()
     assert all(torch.isfinite(p.grad).all() for p in net.parameters() if p.grad is not None)
-    if "sinkhorn_max_iter" in kw:
+    if "sinkhorn" in kw:
         assert int(out.sinkhorn_iterations.max()) <= 5
 
 
@@ -250,7 +250,7 @@ def test_bins_put_each_points_inlier_probability_into_what_ransac_samples():
     the augmented plan, renormalised: each row's mass is proportional to that 2D point's inlier
     probability (each column's to the 3D point's), so likely outliers are rarely sampled."""
     batch = _batch(b=2, outliers_2d=0.3, outliers_3d=0.3)
-    net = _small_net(bins="shared").eval()
+    net = _small_net(sinkhorn={"bins": "shared"}).eval()
     with torch.no_grad():
         out = net(batch, refine=False, generator=_gen())
     rows = out.P.sum(2)
@@ -260,7 +260,7 @@ def test_bins_put_each_points_inlier_probability_into_what_ransac_samples():
     # not trivially uniform: the inlier probabilities (and so the sampling weights) differ by point
     assert float(out.inlier2d.std(1).min()) > 0
     # the plain node instead gives every real row the same mass, outlier or not
-    plain = _small_net(bins="none").eval()(batch, refine=False, generator=_gen())
+    plain = _small_net(sinkhorn={"bins": "none"}).eval()(batch, refine=False, generator=_gen())
     m_real = batch["mask2d"].sum(1, keepdim=True).float()
     assert torch.allclose(plain.P.sum(2), batch["mask2d"].float() / m_real, atol=1e-5)
 
@@ -272,17 +272,92 @@ def test_refine_gate_keeps_the_pairs_near_the_ransac_pose():
     batch = _batch(b=4, m=(50, 80), outliers_2d=0.2, outliers_3d=0.3)
     M = _true_cost(batch)
     args = (batch["R"], batch["t"], batch["p3d"], batch["match"], batch["mask2d"], batch["mask3d"])
-    plain = _small_net(robust="none", bins="none").eval()(batch, cost_override=M, generator=_gen())
-    gated = _small_net(robust="none", bins="none", refine_gate=0.01).eval()(batch, cost_override=M, generator=_gen())
+    plain = _small_net(refine={"robust": "none"}, sinkhorn={"bins": "none"}).eval()(batch, cost_override=M, generator=_gen())
+    gated = _small_net(refine={"robust": "none", "gate": 0.01}, sinkhorn={"bins": "none"}).eval()(batch, cost_override=M, generator=_gen())
     e_plain, e_gated = pose_errors(plain.R, plain.t, *args), pose_errors(gated.R, gated.t, *args)
     assert torch.equal(plain.R0, gated.R0)  # same RANSAC pose
     assert e_gated["rot_err_deg"].mean() < 0.3 * e_plain["rot_err_deg"].mean()
     assert torch.all(e_gated["success"])
     Mg = M.clone().requires_grad_(True)
-    out = _small_net(bins="none", refine_gate=0.01).train()(batch, cost_override=Mg, refine=True, generator=_gen())
+    out = _small_net(sinkhorn={"bins": "none"}, refine={"gate": 0.01}).train()(batch, cost_override=Mg, refine=True, generator=_gen())
     from bpnp.training.losses import pose_loss
 
     pose_loss(out.R, out.t, batch["R"], batch["t"], rot_cap=math.pi, t_cap=math.inf).sum().backward()
     assert torch.isfinite(Mg.grad).all() and float(Mg.grad.abs().sum()) > 0
-    with pytest.raises(ValueError, match="refine_gate must be None or an angle"):
-        _small_net(refine_gate=2.0)
+    with pytest.raises(ValueError, match="refine.gate: expected a number > 0 and < 1.5708"):
+        _small_net(refine={"gate": 2.0})
+
+
+def test_refine_top_k_is_the_dense_refinement_on_the_kept_entries():
+    """The sparse refinement (top-k entries of each row of the gated P, solved as pairs) gives the
+    pose and the gradient to P of the dense refinement whose W is P on those entries and 0
+    elsewhere (float64 network), and with true-match costs recovers the pose."""
+    from dataclasses import replace
+
+    batch = _batch(b=3, m=(30, 45), outliers_2d=0.2, outliers_3d=0.2)
+    b64 = {**batch, "p2d": batch["p2d"].double(), "p3d": batch["p3d"].double()}
+    net = _small_net(refine={"robust": "geman_mcclure", "robust_scale": 1e-3, "gate": 0.05}).double().eval()
+    with torch.no_grad():
+        base = net(b64, refine=False, generator=_gen(), cost_override=_true_cost(batch).double())
+    k = 3
+    P = base.P.detach().clone().requires_grad_(True)
+    settings = net.refine_settings.to_dict()
+    net.configure(refine={**settings, "top_k": k})
+    sparse = net.refine_pose(replace(base, P=P), b64)
+    (gs,) = torch.autograd.grad((sparse.R.square().sum() + sparse.t.sum()), P)
+    # the entries the sparse refinement keeps: top-k of each row of the gated P
+    from bpnp.models.network import _consensus_mask, _geometric_inputs
+
+    bear, pts = _geometric_inputs(b64["p2d"], b64["p3d"], b64["mask2d"], b64["mask3d"])
+    gated = base.P * _consensus_mask(bear, pts, base.R0, base.t0, 0.05)
+    keep = torch.zeros_like(gated, dtype=torch.bool).scatter_(2, gated.topk(k, dim=2).indices, True)
+    net.configure(refine={**settings, "top_k": None})
+    Pd = base.P.detach().clone().requires_grad_(True)
+    dense = net.refine_pose(replace(base, P=Pd * keep), b64)
+    (gd,) = torch.autograd.grad((dense.R.square().sum() + dense.t.sum()), Pd)
+    torch.testing.assert_close(sparse.R, dense.R, atol=1e-9, rtol=0)
+    torch.testing.assert_close(sparse.t, dense.t, atol=1e-9, rtol=0)
+    torch.testing.assert_close(gs, gd, atol=1e-9, rtol=1e-6)
+    assert (gs[~keep] == 0).all()
+    e = pose_errors(sparse.R, sparse.t, batch["R"].double(), batch["t"].double(), b64["p3d"], batch["match"],
+                    batch["mask2d"], batch["mask3d"])
+    assert torch.all(e["success"])
+    with pytest.raises(ValueError, match="top_k"):
+        _small_net(refine={"top_k": 0})
+
+
+def test_refine_top_k_trains_and_keeps_float32_outputs():
+    batch = _batch(b=2, m=(20, 30))
+    net = _small_net(refine={"top_k": 2, "in_training": True}).train()
+    out = net(batch, generator=_gen())
+    assert out.R.dtype == torch.float32 and out.t.dtype == torch.float32 and out.refined
+    (out.R.sum() + out.t.sum()).backward()
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+def test_input_check_syncs_with_the_host_once_per_batch():
+    """The NaN/Inf check of the forward's inputs reads one flag back from the device per batch (a
+    host sync on an accelerator), not one per point set; bad input still gets its message."""
+    from torch.overrides import TorchFunctionMode
+
+    syncs = ("__bool__", "item", "tolist", "__int__", "__float__", "nonzero")
+
+    class Count(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            self.n += getattr(func, "__name__", "") in syncs
+            return func(*args, **(kwargs or {}))
+
+    batch = _batch(b=2, m=(10, 12))
+    net = _small_net()
+    with Count() as count:
+        net._check_inputs(batch["p2d"], batch["p3d"], batch["mask2d"], batch["mask3d"])
+    assert count.n == 1
+    bad = batch["p3d"].clone()
+    bad[1, 0, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"p3d has 1 real \(unmasked\) point\(s\) with NaN/Inf coordinates, in item\(s\) 1"):
+        net._check_inputs(batch["p2d"], bad, batch["mask2d"], batch["mask3d"])

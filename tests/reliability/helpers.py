@@ -15,13 +15,13 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 
 #: Smallest real network (same class and code path as a trained one).
-TINY_NET = dict(feature_dim=8, depth=1, ransac_hypotheses=32, pnp_max_iter=10)
+TINY_NET = dict(feature_dim=8, depth=1, ransac={"num_hypotheses": 32}, refine={"max_iter": 10})
 
 #: Overrides that make ``train.py`` tiny and quick on CPU (no W&B).
 TINY_TRAIN = [
     "experiment=bpnp_synthetic", "logger=csv", "data.batch_size=2", "data.synthetic.num_points_2d=[12,16]",
     "data.train_length=8", "data.val_length=4", "data.test_length=4", "model.net.feature_dim=8",
-    "model.net.depth=1", "model.net.ransac_hypotheses=32", "model.net.pnp_max_iter=10",
+    "model.net.depth=1", "model.net.ransac.num_hypotheses=32", "model.net.refine.max_iter=10",
     "trainer.max_epochs=1", "trainer.num_sanity_val_steps=0", "trainer.check_val_every_n_epoch=1", "~callbacks.progress_bar",
     "trainer.log_every_n_steps=1", "callbacks.pose_plots.num_samples=0",
 ]

@@ -18,7 +18,7 @@ import torch
 from bpnp.data.collate import collate_scenes
 from bpnp.data.scenes import save_scene
 from bpnp.data.synthetic import SyntheticConfig, make_instance
-from bpnp.evaluation.checkpoint import save_weights_only
+from bpnp.runtime.checkpoint import save_weights_only
 from bpnp.geometry.bearings import to_bearings
 from bpnp.geometry.metrics import pose_errors
 from bpnp.geometry.ransac import RansacStatus, ransac_pnp
@@ -378,7 +378,8 @@ def test_evaluate_good_colmap_model_runs(evaluate_cli, tmp_path, lightning_ckpt)
 CKPT_ERRORS = {
     "truncated": (lambda src, dst: dst.write_bytes(src.read_bytes()[: src.stat().st_size // 2]),
                   "not a readable PyTorch checkpoint"),
-    "not a checkpoint": (lambda src, dst: dst.write_text("not a checkpoint"), "not a readable PyTorch checkpoint"),
+    "not a checkpoint": (lambda src, dst: dst.write_text("not a checkpoint"),  # says what it is, not "IndexError"
+                         r"bad.ckpt: not a PyTorch checkpoint file \(it starts with b'not a checkpoint'\)$"),
     "other model": (lambda src, dst: save_weights_only(dst, BlindPnPNet(**{**TINY_NET, "feature_dim": 16}),
                                                         {**TINY_NET, "feature_dim": 8}),
                     "incompatible checkpoint: .*size mismatch"),
@@ -450,6 +451,10 @@ def _train_error(train_cli, capsys, tmp_path, *overrides) -> str:
     return err[0]
 
 
+def _cores() -> int:  # as bpnp.runtime.config.usable_cpu_cores
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def _weights_only(ckpt: Path, dst: Path) -> Path:
     state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
     torch.save({"state_dict": state, "config": {}}, dst)
@@ -457,16 +462,25 @@ def _weights_only(ckpt: Path, dst: Path) -> Path:
 
 
 TRAIN_ERRORS = {
-    "bad value": (lambda t, c: ["data.batch_size=abc"], "error: data: BlindPnPDataModule: batch_size must be an integer, got 'abc'"),
-    "bad constructor argument": (lambda t, c: ["+model.net.widht=3"], "error: model: .*unexpected keyword argument 'widht'"),
+    "bad value": (lambda t, c: ["data.batch_size=abc"], r"error: data.batch_size: expected an integer >= 1 \(per device\), got 'abc'$"),
+    "negative batch size": (lambda t, c: ["data.batch_size=-4"], r"error: data.batch_size: expected an integer >= 1 .*got -4$"),
+    "bad learning rate": (lambda t, c: ["model.optimizer.lr=abc"], r"error: model.optimizer.lr: expected a number > 0, got 'abc'$"),
+    "negative learning rate": (lambda t, c: ["model.optimizer.lr=-1"], r"error: model.optimizer.lr: expected a number > 0, got -1$"),
+    "bad network setting": (lambda t, c: ["model.net.sinkhorn.lam=abc"], r"error: model.net.sinkhorn.lam: expected a number > 0"),
+    "bad trainer value": (lambda t, c: ["trainer.max_epochs=abc"], r"error: trainer.max_epochs: expected an integer >= -1"),
+    "more CPU processes than cores": (lambda t, c: [f"trainer.devices={_cores() + 1}"],
+                                      rf"error: trainer.devices={_cores() + 1}: this machine has {_cores()} CPU core"),
+    "unknown network setting": (lambda t, c: ["+model.net.widht=3"], "error: model.net.widht: unknown network setting"),
+    "bad constructor argument": (lambda t, c: ["+model.optimizer.betaz=3"],  # found now, not at the first step
+                                 "error: model.optimizer: .*unexpected keyword argument 'betaz'"),
     "missing data path": (lambda t, c: ["data=scenes", f"data.path={t / 'nowhere'}"],
                           r"error: data: BlindPnPDataModule: path=.*nowhere: scene directory does not exist"),
     "missing pickles": (lambda t, c: ["data=pickles", f"data.root={t / 'nowhere'}"],
                         r"error: data: BlindPnPDataModule: neither .*nowhere/modelnet40_train.* exists"),
     "missing COLMAP scene": (lambda t, c: ["data=colmap", f"data.root={t}", "data.train_scenes=[nope]", "data.val_scenes=null"],
                              r"error: data: BlindPnPDataModule: train_scenes: COLMAP model folder .*nope does not exist"),
-    "no GPU": (lambda t, c: ["trainer=gpu"] if not torch.cuda.is_available() else pytest.skip("CUDA present"),
-               "error: trainer: .*(GPU|gpu|CUDA|cuda).*"),
+    "no GPU": (lambda t, c: ["trainer=ddp"] if not torch.cuda.is_available() else pytest.skip("CUDA present"),
+               "error: trainer.accelerator=gpu: no CUDA GPU is available on this machine; .*trainer=ddp_cpu"),
     "missing resume checkpoint": (lambda t, c: [f"ckpt_path={t / 'nope.ckpt'}"], r"error: ckpt_path=.*nope.ckpt: no such checkpoint file"),
     "no run to resume": (lambda t, c: ["ckpt_path=last"], "error: ckpt_path=last: no run with checkpoints/last.ckpt"),
     "truncated resume checkpoint": (
@@ -494,7 +508,7 @@ def test_train_bad_input_is_one_line_before_training(train_cli, capsys, tmp_path
     before = trained_run.read_bytes()
     line = _train_error(train_cli, capsys, tmp_path, *overrides(tmp_path, trained_run))
     assert re.search(pattern, line), line
-    assert not list((tmp_path / "run").glob("checkpoints/*.ckpt"))
+    assert not (tmp_path / "run").exists()  # no (empty) run directory left behind
     assert trained_run.read_bytes() == before  # the checkpoint given is never modified
 
 
@@ -521,3 +535,67 @@ def test_both_command_lines_print_one_error_line_and_exit_2(tmp_path):
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(expect), proc.stderr
         assert "Traceback" not in proc.stderr
+
+
+def test_fast_dev_run_keeps_no_files_and_has_its_own_runs(train_cli, tmp_path):
+    """debug=fast_dev_run wrote a 24 MB last.ckpt (and logger files) that ckpt_path=last of a later
+    debug=limit run then resumed: now it keeps nothing but its config, and each debug preset has
+    its own task_name (so its own runs for ckpt_path=last)."""
+    run = tmp_path / "run"
+    with composing("train") as compose:
+        cfg = compose("experiment=bpnp_synthetic", "debug=fast_dev_run", "data.synthetic.num_points_2d=[12,16]",
+                      "model.net.feature_dim=8", "model.net.depth=1", "model.net.ransac.num_hypotheses=32",
+                      "model.net.refine.max_iter=10", "~callbacks.progress_bar", f"paths.log_dir={tmp_path / 'logs'}",
+                      f"paths.output_dir={run}")
+        names = {compose("experiment=bpnp_synthetic", f"debug={d}").task_name for d in ("fast_dev_run", "limit", "overfit")}
+    assert len(names) == 3 and "bpnp_synthetic" not in names
+    code, _ = train_cli.run_cli(cfg)
+    assert code == 0
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()) == [".hydra/config.yaml"]
+
+
+@pytest.fixture()
+def hydra_choices():
+    """Run ``train.run_cli`` as under Hydra: ``HydraConfig`` set from a composed config (the
+    experiment / debug choices a checkpoint records come from there)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import open_dict
+
+    def prepare(cfg):
+        HydraConfig.instance().set_config(cfg)
+        with open_dict(cfg):
+            del cfg["hydra"]
+        return cfg
+
+    yield prepare
+    HydraConfig.instance().cfg = None
+
+
+def test_resume_names_the_checkpoint_and_refuses_another_preset(train_cli, capsys, caplog, tmp_path, trained_run,
+                                                                 hydra_choices):
+    ckpt = torch.load(trained_run, map_location="cpu", weights_only=False)
+    assert ckpt["bpnp_run"] == {"task_name": "bpnp_synthetic"}  # every checkpoint records its run (no Hydra here)
+    # the latest run of this task holds a checkpoint of another debug preset (as debug=fast_dev_run
+    # and debug=limit once shared task_name=debug)
+    logs = tmp_path / "logs"
+    foreign = logs / "debug_limit" / "runs" / "2020-01-01_00-00-00" / "checkpoints" / "last.ckpt"
+    foreign.parent.mkdir(parents=True)
+    torch.save({**ckpt, "bpnp_run": {"task_name": "debug_limit", "experiment": "bpnp_synthetic",
+                                     "debug": "fast_dev_run"}}, foreign)
+    overrides = (*TINY_TRAIN, "debug=limit", "ckpt_path=last", f"paths.log_dir={logs}", f"paths.output_dir={tmp_path / 'run'}")
+    with composing("train") as compose:
+        cfg = hydra_choices(compose(*overrides, hydra=True))
+    code, _ = train_cli.run_cli(cfg)
+    captured = capsys.readouterr()
+    assert code == 2, captured.err
+    assert captured.err.strip() == (
+        f"error: ckpt_path=last picked {foreign}: it was written by a run of experiment=bpnp_synthetic "
+        "debug=fast_dev_run task_name=debug_limit, this run is experiment=bpnp_synthetic debug=limit "
+        "task_name=debug_limit; to resume it anyway set resume_foreign=true (or start a new run without ckpt_path)")
+    with composing("train") as compose:
+        cfg = hydra_choices(compose(*overrides, "resume_foreign=true", hydra=True))
+    with caplog.at_level("INFO", logger="bpnp"):
+        code, _ = train_cli.run_cli(cfg)
+    assert code == 0
+    said = caplog.text  # the console lines (logging "bpnp.train"; under Hydra also train.log)
+    assert f"ckpt_path=last picked {foreign}: resuming epoch 0, step 4" in said and "resume_foreign=true" in said

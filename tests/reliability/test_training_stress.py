@@ -100,7 +100,7 @@ class Logged(pl.Callback):
 def test_200_hard_batches_never_poison_the_weights():
     torch.manual_seed(0)
     module = BlindPnPModule(
-        net=dict(feature_dim=8, depth=1, ransac_hypotheses=32, pnp_max_iter=10),
+        net=dict(feature_dim=8, depth=1, ransac={"num_hypotheses": 32}, refine={"max_iter": 10}),
         loss={"pose_start_epoch": 0},  # pose loss and refinement on from the first step
         optimizer={"_target_": "torch.optim.Adam", "lr": 1e-2, "weight_decay": 0.0},  # aggressive on purpose
         train_seed=0,

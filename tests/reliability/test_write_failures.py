@@ -76,7 +76,7 @@ def test_disk_full_during_a_checkpoint_write(tmp_path, train_cli, capsys, monkey
     code, _ = train_cli.run_cli(_cfg(tmp_path, f"ckpt_path={first_run}", "trainer.max_epochs=2"))
     assert code == 1
     assert _error_lines(capsys) == [
-        f"error: could not write checkpoint {first_run}: No space left on device "
+        f"error: I/O error: could not write checkpoint {first_run}: No space left on device "
         "(the previous checkpoint at that path is unchanged)"]
     assert first_run.read_bytes() == before  # the previous last.ckpt survives, byte for byte
     assert sorted(p.name for p in first_run.parent.glob("*last*")) == ["last.ckpt"]  # no partial, no last-v1
@@ -125,7 +125,7 @@ def test_evaluate_unwritable_run_directory_is_one_line(tmp_path, capsys):
     from bpnp.data.scenes import save_scene
     from bpnp.data.synthetic import SyntheticConfig, make_instance
     from tests.evaluation.conftest import TINY_NET
-    from bpnp.evaluation.checkpoint import save_weights_only
+    from bpnp.runtime.checkpoint import save_weights_only
     from bpnp.models.network import BlindPnPNet
 
     scenes = tmp_path / "scenes"
@@ -138,4 +138,5 @@ def test_evaluate_unwritable_run_directory_is_one_line(tmp_path, capsys):
         cfg = compose(f"ckpt_path={ckpt}", f"data.path={scenes}", "sweep.enabled=false", "baselines=[]")
     code = cli.run(cfg, blocker / "run")
     err = capsys.readouterr().err.strip().splitlines()
-    assert code == 1 and len(err) == 1 and err[0].startswith("error: I/O error: ") and "a_file" in err[0], err
+    # found before any compute (like train.py's log and checkpoint directories): bad input, exit 2
+    assert code == 2 and err == [f"error: run directory={blocker / 'run'}: not a writable directory (Not a directory)"], err

@@ -17,9 +17,9 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from bpnp.training.utils import (
-    find_last_checkpoint, instantiate_group, net_config_mismatch, register_resolvers, resolve_ckpt_path, run_dir_for,
-)
+from bpnp.runtime.checkpoint import net_config_mismatch
+from bpnp.runtime.config import instantiate_group
+from bpnp.training.utils import find_last_checkpoint, register_resolvers, resolve_ckpt_path, run_dir_for
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"

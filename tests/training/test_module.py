@@ -14,7 +14,7 @@ from bpnp.geometry.metrics import pose_errors
 from bpnp.training.losses import BlindPnPLoss
 from bpnp.training.module import BlindPnPModule
 
-NET = {"feature_dim": 8, "depth": 1, "ransac_hypotheses": 32, "pnp_max_iter": 10}
+NET = {"feature_dim": 8, "depth": 1, "ransac": {"num_hypotheses": 32}, "refine": {"max_iter": 10}}
 
 
 def _dm(**kw):

@@ -1,0 +1,277 @@
+"""The network's settings: one owner, one default and one validation for each.
+
+``configs/model/bpnp.yaml`` ``net:`` and a checkpoint's network config are the keyword arguments
+of :class:`bpnp.models.network.BlindPnPNet`: the matcher's own keys (``configs/model/net/``) at the
+top level, and the geometric layers' settings in three groups named after the node they
+configure and using its argument names:
+
+==============  ==========================================================================
+``sinkhorn``    :class:`SinkhornSettings`: the OT node (``lam``, ``max_iter``, ``tol``,
+                ``bins``, ``bin_init``)
+``ransac``      :class:`RansacSettings`: :func:`bpnp.geometry.ransac_pnp` (``num_hypotheses``,
+                ``top_k``, ``threshold``, ``refine_steps``)
+``refine``      :class:`RefineSettings`: :class:`bpnp.nodes.PnPRefine` (``robust``,
+                ``robust_scale``, ``max_iter``) and which pairs it weighs (``gate``, ``top_k``)
+                and when it runs (``in_training``)
+==============  ==========================================================================
+
+Every path that sets them goes through :func:`check_net_config` (train.py before any work,
+checkpoint loading) or :func:`merge_overrides` (``evaluate.py net_overrides``, ``export_weights
+--set``, ``tune_robust_scale``), which name the offending key in one line
+(:class:`SettingError`). Checkpoints written before the groups existed hold the flat names
+(``lam``, ``robust_scale``, ``ransac_hypotheses``...): :func:`upgrade_flat_config` moves them
+into their groups when such a checkpoint is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Callable, Mapping
+
+__all__ = ["SettingError", "SinkhornSettings", "RansacSettings", "RefineSettings", "GROUPS", "MATCHERS", "BINS",
+           "KERNELS", "check_net_config", "merge_overrides", "upgrade_flat_config", "LEGACY_KEYS"]
+
+MATCHERS = ("attention", "bpnpnet")
+BINS = ("none", "shared", "per_side")
+KERNELS = ("none", "huber", "geman_mcclure", "tanh")  # bpnp.nodes.robust.KERNELS (checked in a test)
+BACKWARDS = ("implicit", "unrolled")
+
+
+class SettingError(ValueError):
+    """A network setting with a bad value or an unknown name; the message starts with the full
+    dotted key (``model.net.sinkhorn.lam: expected a number > 0, got 'abc'``)."""
+
+
+# -- value checks: each returns the normalised value or raises SettingError naming the key -------------
+Check = Callable[[str, Any], Any]
+
+
+def _number(*, integer: bool = False, low: float | None = None, high: float | None = None, open_low: bool = False,
+            none: bool = False) -> Check:
+    def check(key: str, value: Any) -> Any:
+        if value is None and none:
+            return None
+        kind = "an int" if integer else "a number"
+        bounds = []
+        if low is not None:
+            bounds.append(f"{'>' if open_low else '>='} {low:g}")
+        if high is not None:
+            bounds.append(f"< {high:g}")
+        want = kind + (" " + " and ".join(bounds) if bounds else "") + (" or null" if none else "")
+        ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok_type and integer and float(value) != int(value):
+            ok_type = False
+        if not ok_type or not math.isfinite(float(value)):
+            raise SettingError(f"{key}: expected {want}, got {value!r}")
+        v = int(value) if integer else float(value)
+        if (low is not None and (v <= low if open_low else v < low)) or (high is not None and v >= high):
+            raise SettingError(f"{key}: expected {want}, got {value!r}")
+        return v
+    return check
+
+
+def _choice(options: tuple[str, ...]) -> Check:
+    def check(key: str, value: Any) -> Any:
+        if value not in options:
+            raise SettingError(f"{key}: expected one of {', '.join(options)}, got {value!r}")
+        return value
+    return check
+
+
+def _flag(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise SettingError(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+class _Group:
+    """A frozen dataclass of one node's settings: ``from_mapping`` validates and names keys."""
+
+    CHECKS: dict[str, Check] = {}
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None, prefix: str) -> "_Group":
+        values = dict(values or {})
+        known = [f.name for f in fields(cls)]  # type: ignore[arg-type]
+        unknown = [k for k in values if k not in known]
+        if unknown:
+            raise SettingError(f"{prefix}.{unknown[0]}: unknown setting (known: {', '.join(known)})")
+        return cls(**{k: cls.CHECKS[k](f"{prefix}.{k}", v) for k, v in values.items()})  # type: ignore[call-arg]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)  # type: ignore[call-overload]
+
+
+@dataclass(frozen=True)
+class SinkhornSettings(_Group):
+    """The OT node (:class:`bpnp.nodes.SinkhornOT`, or :class:`~bpnp.nodes.SinkhornOTWithBins`).
+
+    lam: inverse temperature (1 / entropic regularisation), > 0.
+    max_iter, tol: per-item stopping rule (iterations; marginal error).
+    bins: outlier bins, ``none`` (uniform marginals, the original), ``shared`` (one learnable bin
+        cost) or ``per_side``.
+    bin_init: initial bin cost (feature costs lie in [0, 2]; unrelated unit features ~1.4).
+    """
+
+    lam: float = 10.0
+    max_iter: int = 100
+    tol: float = 1e-6
+    bins: str = "shared"
+    bin_init: float = 1.0
+
+    CHECKS = {"lam": _number(low=0, open_low=True), "max_iter": _number(integer=True, low=1),
+              "tol": _number(low=0, open_low=True), "bins": _choice(BINS), "bin_init": _number()}
+
+
+@dataclass(frozen=True)
+class RansacSettings(_Group):
+    """Batched RANSAC (:func:`bpnp.geometry.ransac_pnp`).
+
+    num_hypotheses: minimal samples per item.
+    top_k: candidate pairs sampled from (``None``: ``min(1000, ceil(1.5 m))`` per item).
+    threshold: inlier angle, radians.
+    refine_steps: Gauss-Newton steps on the best hypothesis' inliers.
+    """
+
+    num_hypotheses: int = 512
+    top_k: int | None = None
+    threshold: float = 0.01
+    refine_steps: int = 5
+
+    CHECKS = {"num_hypotheses": _number(integer=True, low=1), "top_k": _number(integer=True, low=1, none=True),
+              "threshold": _number(low=0, open_low=True, high=math.pi), "refine_steps": _number(integer=True, low=0)}
+
+
+@dataclass(frozen=True)
+class RefineSettings(_Group):
+    """The pose-refinement node (:class:`bpnp.nodes.PnPRefine`) and the pairs it weighs.
+
+    robust, robust_scale: kernel and its scale in units of ``1 - cos(angle)`` (1e-3 ~ 2.6 deg).
+        Geman-McClure by default: a soft ``P`` spreads mass over wrong pairs, and with the
+        original's plain weighted error (``none``) that mass biases the pose.
+    max_iter: Levenberg-Marquardt iterations per item.
+    gate: ``None`` (weigh every pair by ``P``) or an angle in ``(0, pi/2)`` radians: weigh only the
+        pairs within it of the RANSAC pose (choose on validation: ``tune_robust_scale --gates``).
+    top_k: ``None`` (dense, O(mn) per iteration) or ``k``: keep the ``k`` largest entries of each
+        row of the (gated) ``P``, chosen once before the iterations, and solve those ``m k`` pairs
+        (in float64). 4 chosen on validation (docs/benchmarks.md, bench/refine_pairs.py).
+    in_training: also refine in training steps that do not ask for it (always on in eval).
+    """
+
+    robust: str = "geman_mcclure"
+    robust_scale: float = 1e-3
+    max_iter: int = 50
+    gate: float | None = None
+    top_k: int | None = 4
+    in_training: bool = False
+
+    CHECKS = {"robust": _choice(KERNELS), "robust_scale": _number(low=0, open_low=True),
+              "max_iter": _number(integer=True, low=1), "gate": _number(low=0, open_low=True, high=math.pi / 2, none=True),
+              "top_k": _number(integer=True, low=1, none=True), "in_training": _flag}
+
+
+GROUPS: dict[str, type[_Group]] = {"sinkhorn": SinkhornSettings, "ransac": RansacSettings, "refine": RefineSettings}
+
+#: The matcher's and the network's own (non-group) keys.
+TOP_LEVEL: dict[str, Check] = {
+    "matcher": _choice(MATCHERS),
+    "feature_dim": _number(integer=True, low=1),
+    "depth": _number(integer=True, low=1),
+    "knn": _number(integer=True, low=0),
+    "heads": _number(integer=True, low=1),
+    "knn_scale": _choice(("radius", "neighbour")),
+    "cn_eps": _number(low=0, open_low=True),
+    "use_stn": _flag,
+    "normalize_3d": _flag,
+    "sync_batchnorm": _flag,
+    "backward": _choice(BACKWARDS),
+}
+
+#: Flat names of checkpoints written before the groups existed -> (group, name).
+LEGACY_KEYS: dict[str, tuple[str, str]] = {
+    "lam": ("sinkhorn", "lam"), "sinkhorn_max_iter": ("sinkhorn", "max_iter"), "sinkhorn_tol": ("sinkhorn", "tol"),
+    "bins": ("sinkhorn", "bins"), "bin_init": ("sinkhorn", "bin_init"),
+    "ransac_hypotheses": ("ransac", "num_hypotheses"), "ransac_top_k": ("ransac", "top_k"),
+    "ransac_threshold": ("ransac", "threshold"), "ransac_refine_steps": ("ransac", "refine_steps"),
+    "robust": ("refine", "robust"), "robust_scale": ("refine", "robust_scale"), "pnp_max_iter": ("refine", "max_iter"),
+    "refine_gate": ("refine", "gate"), "refine_top_k": ("refine", "top_k"), "refine_in_training": ("refine", "in_training"),
+}
+
+
+def check_net_config(net: Mapping[str, Any] | None, prefix: str = "model.net") -> dict[str, Any]:
+    """Validate a network config (``BlindPnPNet`` keyword arguments, groups nested) and return it
+    normalised (ints as ints, groups as plain dicts holding only what was given).
+
+    Raises:
+        SettingError: the first unknown key or bad value, named with ``prefix``.
+    """
+    out: dict[str, Any] = {}
+    for key, value in dict(net or {}).items():
+        name = f"{prefix}.{key}"
+        if key in ("_target_", "_recursive_"):
+            out[key] = value
+        elif key in GROUPS:
+            if value is not None and not isinstance(value, Mapping):
+                raise SettingError(f"{name}: expected a mapping of {GROUPS[key].__name__} settings, got {value!r}")
+            group = GROUPS[key].from_mapping(value, name)
+            out[key] = {k: getattr(group, k) for k in dict(value or {})}
+        elif key in TOP_LEVEL:
+            out[key] = TOP_LEVEL[key](name, value)
+        elif key in LEGACY_KEYS:
+            group, new = LEGACY_KEYS[key]
+            raise SettingError(f"{name}: renamed, use {prefix}.{group}.{new}")
+        else:
+            known = ", ".join([*TOP_LEVEL, *GROUPS])
+            raise SettingError(f"{name}: unknown network setting (known: {known})")
+    return out
+
+
+def upgrade_flat_config(net: Mapping[str, Any]) -> dict[str, Any]:
+    """A network config of a checkpoint written before the groups existed, with its flat keys
+    (:data:`LEGACY_KEYS`) moved into their groups; a config without them is returned as is."""
+    out: dict[str, Any] = {}
+    groups: dict[str, dict[str, Any]] = {g: dict(net.get(g) or {}) for g in GROUPS if g in net}
+    for key, value in net.items():
+        if key in LEGACY_KEYS:
+            group, new = LEGACY_KEYS[key]
+            groups.setdefault(group, {}).setdefault(new, value)
+        elif key not in GROUPS:
+            out[key] = value
+    out.update(groups)
+    return out
+
+
+def merge_overrides(net: Mapping[str, Any], overrides: Mapping[str, Any] | None,
+                    prefix: str = "overrides") -> dict[str, Any]:
+    """``net`` with ``overrides`` applied and the result validated: the one path for inference
+    settings over a checkpoint's (``evaluate.py net_overrides``, ``export_weights --set``,
+    ``tune_robust_scale --set``).
+
+    Override keys are dotted (``refine.robust_scale``) or nested mappings (``{"refine":
+    {"robust_scale": 1e-4}}``). Raises :class:`SettingError` naming the key (``prefix.key``).
+
+    Example:
+        >>> merge_overrides({"sinkhorn": {"lam": 10.0}}, {"refine.gate": 0.05, "ransac": {"num_hypotheses": 2048}})
+        {'sinkhorn': {'lam': 10.0}, 'refine': {'gate': 0.05}, 'ransac': {'num_hypotheses': 2048}}
+    """
+    out = {k: (dict(v) if k in GROUPS and isinstance(v, Mapping) else v) for k, v in net.items()}
+    flat: list[tuple[str, Any]] = []
+    for key, value in dict(overrides or {}).items():
+        if key in GROUPS and isinstance(value, Mapping):
+            flat.extend((f"{key}.{k}", v) for k, v in value.items())
+        else:
+            flat.append((str(key), value))
+    for key, value in flat:
+        group, dot, name = key.partition(".")
+        if dot:
+            if group not in GROUPS:
+                raise SettingError(f"{prefix}.{key}: unknown group {group!r} (groups: {', '.join(GROUPS)})")
+            GROUPS[group].from_mapping({name: value}, f"{prefix}.{group}")
+            out.setdefault(group, {})
+            out[group] = {**(out[group] or {}), name: value}
+        else:
+            check_net_config({key: value}, prefix)
+            out[key] = value
+    check_net_config(out, prefix)
+    return out
