@@ -32,14 +32,14 @@ sys.path.insert(0, str(ROOT))
 
 NETS = {
     "default": {},  # configs/model/bpnp.yaml widths: feature 128, depth 12, STN
-    "tiny": dict(feature_dim=8, depth=1, ransac_hypotheses=64),
+    "tiny": dict(feature_dim=8, depth=1, ransac={"num_hypotheses": 64}),
 }
 
 
 def make_checkpoint(path: Path, net: str) -> Path:
     import torch
 
-    from bpnp.evaluation.checkpoint import save_weights_only
+    from bpnp.runtime.checkpoint import save_weights_only
     from bpnp.models.network import BlindPnPNet
 
     torch.manual_seed(0)

@@ -1,22 +1,33 @@
 """Benchmark of the declarative nodes: ratios measured side by side in one run.
 
-    python bench/nodes.py              # all four benchmarks (about 3-5 minutes on 2 CPU cores)
-    python bench/nodes.py --only ot    # or ot-bins, pnp, lstsq (repeatable)
+    python bench/nodes.py              # every benchmark (about 5-10 minutes on 2 CPU cores)
+    python bench/nodes.py --only ot    # or ot-bins, ot-original, pnp, pnp-pairs, lstsq (repeatable)
 
-1. Sinkhorn OT, b = 4, m = n = 1000, exactly 100 iterations: backward time, saved-tensor bytes and
-   the peak RSS of a fresh process, implicit vs unrolled backward (targets: >= 10x less memory,
-   >= 3x faster implicit).
-   ``ot-bins``: the same with outlier bins (:func:`sinkhorn_with_bins`, a (4, 1001, 1001) augmented
-   plan, gradient to M and to the shared bin cost), reported the same way.
-2. PnP refinement, b = 16, m = n = 500: forward time and the final objective per item, our batched
-   LM vs torch.optim.LBFGS set up as the original BPnPNet (strong-Wolfe, history 100, batch-mean
-   objective, max_iter = round(max(min(100, 75 (N/1000)^-1.5), 1)), tolerances 1e-40)
-   (target: >= 10x faster at an equal or lower objective on every item).
-3. Least squares, b = 8, 1000 x 500: forward + backward vs autograd through torch.linalg.lstsq,
-   with errors against a float64 reference (target: faster, no less accurate).
+1. ``ot``: Sinkhorn OT, b = 4, m = n = 1000, exactly 100 iterations: backward time, saved-tensor
+   bytes and the peak RSS of a fresh process, implicit vs unrolled backward (targets: >= 10x less
+   memory, >= 3x faster implicit). ``ot-bins``: the same with outlier bins
+   (:func:`sinkhorn_with_bins`, a (4, 1001, 1001) augmented plan, gradient to M and to the shared
+   bin cost).
+2. ``ot-original``: our Sinkhorn node (implicit backward) against the ORIGINAL's
+   ``RegularisedTransport`` (../shared/reference/bpnpnet through ../shared/tools/refbench), on the
+   harness's inputs (b = 4, m = n = 1000, lambda = 10, uniform marginals, a fixed upstream
+   gradient), at the original's iteration count; forward and backward times.
+3. ``pnp``: our PnP refinement against the ORIGINAL's ``NonlinearWeightedBlindPnP`` (L-BFGS with
+   strong-Wolfe line search on the batch-mean objective, its own implicit backward) through the
+   harness, b = 16, m = n = 500, on its inputs (peaked W, start 10 degrees off); forward and
+   backward times, the final objective per item (ours in float64 at both poses) and the rotation
+   errors (targets: >= 10x faster, equal or lower objective on every item).
+4. ``pnp-pairs``: the robust refinement (Geman-McClure) dense (O(mn) per iteration) against the
+   paired form over the top-k entries of each row of W (:func:`bpnp.nodes.pnp.gather_pairs`),
+   b = 8, m = n = 1000, float32 dense as the network ran it before and float64 pairs as it runs
+   them now; forward + backward times and the pose difference.
+5. ``lstsq``: least squares, b = 8, 1000 x 500: forward + backward vs autograd through
+   torch.linalg.lstsq, with errors against a float64 reference (target: faster, no less accurate).
 
-Times are medians of repeated runs, alternating the two contenders so that machine noise hits
-both alike. Nothing here is a test; the numbers go to docs/benchmarks.md with this command.
+Times are medians of repeated runs, alternating the contenders so that machine noise hits them
+alike; the original runs in a child process with the same thread count (one warm-up and one
+timed repetition per call). Without ../shared the original's benchmarks are skipped with a
+message. Nothing here is a test; the numbers go to docs/benchmarks.md with this command.
 """
 
 from __future__ import annotations
@@ -35,10 +46,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import original  # noqa: E402  (bench/original.py: the original through its harness)
 from bpnp.nodes import (  # noqa: E402
     PnPRefine, least_squares, pnp_objective, sinkhorn, sinkhorn_with_bins, so3_exp, uniform_marginals,
 )
+from bpnp.nodes.pnp import gather_pairs  # noqa: E402
 from bpnp.nodes.robust import RobustKernel  # noqa: E402
 
 
@@ -141,7 +155,113 @@ def bench_ot(repeats, bins=False):
 
 
 # --------------------------------------------------------------------------------------------
-# 2. PnP refinement
+# 2. Sinkhorn against the original
+# --------------------------------------------------------------------------------------------
+def bench_ot_original(repeats, threads, b=4, m=1000, n=1000):
+    import tempfile
+
+    if not original.available():
+        print("\n## Sinkhorn OT against the original: skipped. " + original.missing_message())
+        return
+    ours_f, ours_b, ref_f, ref_b = [], [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "ot.pt")
+        for r in range(repeats):
+            rec = original.run("sinkhorn", b, m, n, threads, save_inputs=path if r == 0 else None, count=r == 0)
+            ref_f.append(rec["forward_s"])
+            ref_b.append(rec["backward_s"])
+            if r == 0:
+                iters = int(rec["checks"]["sinkhorn_iterations"])
+                d = torch.load(path, map_location="cpu")
+                M, rr, cc, G = d["M"], d["r"], d["c"], d["grad_P"]
+                ot_run("implicit", M, rr, cc, G, iters=iters)  # warm-up
+            f, bw, _ = ot_run("implicit", M, rr, cc, G, iters=iters)
+            ours_f.append(f)
+            ours_b.append(bw)
+    of, ob, rf, rb = (statistics.median(x) for x in (ours_f, ours_b, ref_f, ref_b))
+    print(f"\n## Sinkhorn OT against the original: b = {b}, m = n = {m}, lambda 10, {iters} iterations each "
+          f"(the original's count on these inputs), float32, {threads} thread(s) (median of {repeats}, alternating)")
+    print("| | forward s | backward s | forward + backward s |")
+    print("|---|---|---|---|")
+    print(f"| ours (log-domain scaling, implicit backward) | {of:.3f} | {ob:.3f} | {of + ob:.3f} |")
+    print(f"| original RegularisedTransport | {rf:.3f} | {rb:.3f} | {rf + rb:.3f} |")
+    print(f"\nours: forward {rf / of:.1f}x, backward {rb / ob:.1f}x, forward + backward {(rf + rb) / (of + ob):.1f}x faster")
+
+
+# --------------------------------------------------------------------------------------------
+# 3. PnP refinement against the original
+# --------------------------------------------------------------------------------------------
+def bench_pnp(repeats, threads, b=16, m=500, n=500):
+    import tempfile
+
+    from kornia.geometry.conversions import axis_angle_to_rotation_matrix, rotation_matrix_to_axis_angle
+
+    if not original.available():
+        print("\n## PnP refinement against the original: skipped. " + original.missing_message())
+        return
+    node = PnPRefine()  # robust none: the original's objective
+    kernel = RobustKernel("none")
+
+    def ours(W, bear, p3d, R0, t0, G):
+        Wg = W.clone().requires_grad_(True)
+        t_0 = time.perf_counter()
+        out = node(Wg, bear, p3d, R0, t0)
+        t_1 = time.perf_counter()
+        theta = torch.cat([rotation_matrix_to_axis_angle(out.R), out.t], 1)
+        theta.backward(G)
+        t_2 = time.perf_counter()
+        return out, t_1 - t_0, t_2 - t_1
+
+    res = {"ours": ([], []), "original": ([], [])}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "pnp.pt")
+        for r in range(repeats):
+            rec = original.run("pnp", b, m, n, threads, save_inputs=path if r == 0 else None, count=r == 0)
+            res["original"][0].append(rec["forward_s"])
+            res["original"][1].append(rec["backward_s"])
+            if r == 0:
+                checks = rec["checks"]
+                d = torch.load(path, map_location="cpu")
+                W, bear, p3d, G = d["W"], d["p2d_bearings"], d["p3d"], d["grad_theta"]
+                R0, t0 = axis_angle_to_rotation_matrix(d["theta0"][:, :3]), d["theta0"][:, 3:].clone()
+                R_gt = d["R_gt"]
+                ours(W, bear, p3d, R0, t0, G)  # warm-up
+            out, f, bw = ours(W, bear, p3d, R0, t0, G)
+            res["ours"][0].append(f)
+            res["ours"][1].append(bw)
+    with torch.no_grad():
+        f_ours = pnp_objective(W.double(), bear.double(), p3d.double(), out.R.double(), out.t.double(), kernel)
+        f_init = pnp_objective(W.double(), bear.double(), p3d.double(), R0.double(), t0.double(), kernel)
+        c = ((out.R.double().transpose(1, 2) @ R_gt.double()).diagonal(dim1=1, dim2=2).sum(-1) - 1) / 2
+        rot_ours = torch.rad2deg(torch.arccos(c.clamp(-1, 1)))
+    f_ref = torch.tensor(checks["objective_final"], dtype=torch.float64)  # the original's function, float32
+    with torch.no_grad():  # ours by the original's formula in float32, and its rounding noise (vs float64)
+        u = torch.nn.functional.normalize(p3d @ out.R.transpose(1, 2) + out.t[:, None], dim=-1)
+        f_ours32 = torch.einsum("bmn,bmn->b", W, 1.0 - torch.einsum("bmd,bnd->bmn", bear, u)).double()
+    noise = (f_ours32 - f_ours).abs()
+    rot_ref = torch.tensor(checks["rot_err_deg_final"], dtype=torch.float64)
+    (of, ob), (rf, rb) = ([statistics.median(x) for x in res[k]] for k in ("ours", "original"))
+    print(f"\n## PnP refinement against the original: b = {b}, m = n = {m}, float32, forward + backward, "
+          f"{threads} thread(s) (median of {repeats}, alternating)")
+    print("| solver | forward s | backward s | objective (original's formula, float32): median over items | "
+          "rotation error: median / max deg |")
+    print("|---|---|---|---|---|")
+    print(f"| ours (batched LM, per item; implicit backward) | {of:.3f} | {ob:.3f} | {float(f_ours32.median()):.4e} | "
+          f"{float(rot_ours.median()):.4f} / {float(rot_ours.max()):.4f} |")
+    print(f"| original NonlinearWeightedBlindPnP (L-BFGS, {checks.get('lbfgs_function_evals', '?')} objective evaluations) | "
+          f"{rf:.3f} | {rb:.3f} | {float(f_ref.median()):.4e} | {float(rot_ref.median()):.4f} / {float(rot_ref.max()):.4f} |")
+    diff = f_ours32 - f_ref  # both by the original's formula in float32
+    print(f"\nours: forward {rf / of:.1f}x, backward {rb / ob:.1f}x, forward + backward {(rf + rb) / (of + ob):.1f}x faster; "
+          f"objective (both by the original's formula in float32) <= the original's on {int((diff <= 0).sum())}/{b} items, "
+          f"within its float32 rounding noise (|float32 - float64| of ours, max {float(noise.max()):.1e}) on "
+          f"{int((diff <= noise).sum())}/{b}; max (ours - original) {float(diff.max()):+.2e}, median objective "
+          f"{float(f_ref.median()):.3e}; initial objective median {float(f_init.median()):.6f}; "
+          f"our status counts {dict(zip(*[x.tolist() for x in out.status.unique(return_counts=True)]))} "
+          f"(targets: >= 10x faster, every item equal or lower)")
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Robust refinement: dense against top-k pairs
 # --------------------------------------------------------------------------------------------
 def pnp_inputs(b=16, m=500, n=500, seed=0, dtype=torch.float32):
     """Soft correspondences like an OT layer produces: half the mass on the true pairs (with 1 px
@@ -167,63 +287,50 @@ def pnp_inputs(b=16, m=500, n=500, seed=0, dtype=torch.float32):
     return [x.to(dtype) for x in (W, bear, points, R0, t0)]
 
 
-def lbfgs_reference(W, bear, points, R0, t0):
-    """torch.optim.LBFGS as the original BPnPNet sets it up (one line search for the batch)."""
-    from kornia.geometry.conversions import axis_angle_to_rotation_matrix, rotation_matrix_to_axis_angle
+def bench_pnp_pairs(repeats, ks=(1, 4, 8), b=8, m=1000, n=1000):
+    W, bear, points, R0, t0 = pnp_inputs(b=b, m=m, n=n, dtype=torch.float64)
+    node = PnPRefine(robust="geman_mcclure", robust_scale=1e-3)
+    g = torch.Generator().manual_seed(5)
+    GR, Gt = torch.randn(b, 3, 3, generator=g), torch.randn(b, 3, generator=g)
 
-    N = W.shape[-1]
-    max_iter = int(round(max(min(100, 75 * (N / 1000) ** -1.5), 1)))
-    theta = torch.cat([rotation_matrix_to_axis_angle(R0), t0], dim=1).clone().requires_grad_(True)
-    opt = torch.optim.LBFGS(
-        [theta], lr=1, max_iter=max_iter, max_eval=None, tolerance_grad=1e-40, tolerance_change=1e-40,
-        history_size=100, line_search_fn="strong_wolfe",
-    )
-    kernel = RobustKernel("none")
+    def run(k):
+        dtype = torch.float32 if k is None else torch.float64
+        Wg = W.to(dtype).requires_grad_(True)
+        args = (Wg, bear.to(dtype), points.to(dtype)) if k is None else gather_pairs(Wg, bear, points, k)
+        t_0 = time.perf_counter()
+        out = node(*args, R0.to(dtype), t0.to(dtype))
+        t_1 = time.perf_counter()
+        ((out.R * GR.to(dtype)).sum() + (out.t * Gt.to(dtype)).sum()).backward()
+        t_2 = time.perf_counter()
+        return out, t_1 - t_0, t_2 - t_1
 
-    def closure():
-        opt.zero_grad()
-        R = axis_angle_to_rotation_matrix(theta[:, :3])
-        loss = pnp_objective(W, bear, points, R, theta[:, 3:], kernel).mean()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        R = axis_angle_to_rotation_matrix(theta[:, :3])
-        return R, theta[:, 3:].detach(), max_iter
-
-
-def bench_pnp(repeats):
-    W, bear, points, R0, t0 = pnp_inputs()
-    node = PnPRefine()
-    kernel = RobustKernel("none")
-    ours_t, ref_t = [], []
+    modes = [None] + list(ks)
+    times = {k: ([], []) for k in modes}
+    outs = {}
+    for k in modes:
+        run(k)  # warm-up
     for _ in range(repeats):
-        t0_ = time.perf_counter()
-        with torch.no_grad():
-            out = node(W, bear, points, R0, t0)
-        ours_t.append(time.perf_counter() - t0_)
-        t0_ = time.perf_counter()
-        R_ref, t_ref, max_iter = lbfgs_reference(W, bear, points, R0, t0)
-        ref_t.append(time.perf_counter() - t0_)
-    with torch.no_grad():
-        f_ours = pnp_objective(W.double(), bear.double(), points.double(), out.R.double(), out.t.double(), kernel)
-        f_ref = pnp_objective(W.double(), bear.double(), points.double(), R_ref.double(), t_ref.double(), kernel)
-        f_init = pnp_objective(W.double(), bear.double(), points.double(), R0.double(), t0.double(), kernel)
-    to, tr = statistics.median(ours_t), statistics.median(ref_t)
-    print(f"\n## PnP refinement: b = 16, m = n = 500, float32, forward only (median of {repeats})")
-    print("| solver | forward s | iterations | objective: median over items | max over items of (ours - L-BFGS) |")
-    print("|---|---|---|---|---|")
-    print(f"| ours (batched LM, per-item) | {to:.3f} | {int(out.iterations.max())} (max over items) | {float(f_ours.median()):.6f} | {float((f_ours - f_ref).max()):+.2e} |")
-    print(f"| torch L-BFGS as the original | {tr:.3f} | {max_iter} | {float(f_ref.median()):.6f} | |")
-    better = int((f_ours <= f_ref + 1e-7 * f_ref.abs()).sum())
-    print(f"\nours {tr / to:.1f}x faster; objective <= L-BFGS's (to 1e-7 relative) on {better}/{len(f_ours)} items; "
-          f"initial objective median {float(f_init.median()):.6f}; our status counts {dict(zip(*[x.tolist() for x in out.status.unique(return_counts=True)]))} "
-          f"(target: >= 10x faster, every item equal or lower)")
+        for k in modes:
+            outs[k], f, bw = run(k)
+            times[k][0].append(f)
+            times[k][1].append(bw)
+    print(f"\n## Robust refinement (Geman-McClure, scale 1e-3): dense against top-k pairs per row, b = {b}, m = n = {m}, "
+          f"forward + backward (median of {repeats}, alternating)")
+    print("| W | pairs per item | forward s | backward s | iterations (max over items) | rotation vs dense: max deg |")
+    print("|---|---|---|---|---|---|")
+    dense = outs[None]
+    for k in modes:
+        o = outs[k]
+        # 2 asin(|R1 - R2|_F / sqrt 8): no acos rounding floor (~0.03 deg for float32 rotations)
+        chord = (o.R.detach().double() - dense.R.detach().double()).flatten(1).norm(dim=1)
+        drot = float(torch.rad2deg(2 * torch.asin((chord / math.sqrt(8)).clamp(max=1))).max())
+        name = "dense (m n), float32" if k is None else f"top-{k} per row, float64"
+        print(f"| {name} | {m * n if k is None else m * k} | {statistics.median(times[k][0]):.3f} | "
+              f"{statistics.median(times[k][1]):.3f} | {int(o.iterations.max())} | {drot:.4f} |")
 
 
 # --------------------------------------------------------------------------------------------
-# 3. Least squares
+# 5. Least squares
 # --------------------------------------------------------------------------------------------
 def bench_lstsq(repeats):
     g = torch.Generator().manual_seed(0)
@@ -267,7 +374,7 @@ def bench_lstsq(repeats):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["ot", "ot-bins", "pnp", "lstsq"], action="append")
+    ap.add_argument("--only", choices=["ot", "ot-bins", "ot-original", "pnp", "pnp-pairs", "lstsq"], action="append")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ot-worker", choices=["implicit", "unrolled"], help=argparse.SUPPRESS)
@@ -278,14 +385,19 @@ def main():
         ot_worker(args.ot_worker, bins=args.ot_bins)
         return
     os.environ["BENCH_THREADS"] = str(args.threads)
-    print(f"# bpnp node benchmarks: torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs")
-    todo = args.only or ["ot", "ot-bins", "pnp", "lstsq"]
+    print(f"# bpnp node benchmarks: torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.2f} at start")
+    todo = args.only or ["ot", "ot-bins", "ot-original", "pnp", "pnp-pairs", "lstsq"]
     if "ot" in todo:
         bench_ot(args.repeats)
     if "ot-bins" in todo:
         bench_ot(args.repeats, bins=True)
+    if "ot-original" in todo:
+        bench_ot_original(args.repeats, args.threads)
     if "pnp" in todo:
-        bench_pnp(args.repeats)
+        bench_pnp(args.repeats, args.threads)
+    if "pnp-pairs" in todo:
+        bench_pnp_pairs(args.repeats)
     if "lstsq" in todo:
         bench_lstsq(args.repeats)
 

@@ -1,63 +1,138 @@
-"""Time of one BlindPnPNet training step (forward + backward, pose loss on), split by stage.
+"""One training step (forward + loss + backward, pose loss on) of BlindPnPNet beside the ORIGINAL
+BPnPNet, on identical inputs, in one run.
 
-    python bench/train_step.py                 # b = 8, m = n = 256 and 1000 (3 repeats each)
-    python bench/train_step.py --sizes 256     # the quick case only
-    python bench/train_step.py --robust geman_mcclure   # with the configs' robust kernel
-    python bench/train_step.py --knn 16        # the original encoders with the local-geometry stem
-    python bench/train_step.py --networks attention   # only the default network
+    python bench/train_step.py                           # b = 8, m = n = 256 and 1000, 1 thread, 3 repeats
+    python bench/train_step.py --sizes 256 --repeats 5
+    python bench/train_step.py --configs shipped shipped-dense like-original
+    python bench/train_step.py --threads 2
 
-Two networks are timed side by side in one run, steps alternating (``--networks``): the original
-encoders (``bpnpnet``: feature 128, depth 12, STN, uniform marginals, ``--knn`` stem) and the
-default matcher (``attention``: configs/model/net/attention.yaml widths, outlier bins), and the
-ratio of their steps is printed.
+The original is ../shared/reference/bpnpnet (MIT, unedited), timed by its harness
+../shared/tools/refbench/refbench.py (``--component full``: DBPnP forward with the pose branch +
+TotalLoss backward, the original's training step) in a child process with the same thread count.
+Repeats alternate: one original step (the harness's warm-up step, then one timed step), then one
+step of each bpnp configuration, so that machine load hits all alike; medians are printed with
+the ratios original / bpnp. The first harness call also saves its inputs (``--save-inputs``:
+points, ground-truth pose and correspondences), and bpnp is timed on exactly those: b items of
+m = n points, no outliers, no padding. Without ../shared the original is skipped (with a
+message) and bpnp runs alone on its own synthetic batch; ``--no-original`` skips it on purpose.
 
-Setting as in docs/REFERENCE_BPNPNET.md "Measured": random weights, training mode, correspondence + pose loss (refinement on),
-synthetic inputs, torch threads = 2. Stages:
+bpnp configurations (``--configs``), composed from configs/ (Hydra) and built like train.py:
 
-- forward: encoders (incl. STN and cost), OT (Sinkhorn), RANSAC, refinement (LM);
-- backward: refinement (IFT, until the gradient reaches P), OT (until it reaches M), the rest
-  (encoders), timed with tensor hooks on P and M.
+- ``shipped``: configs/model/bpnp.yaml with its default network (configs/model/net/), the robust
+  refinement and its ``refine.top_k``; the loss of the config with the pose loss on;
+- ``shipped-dense``: the same with ``model.net.refine.top_k=null`` (every refinement iteration
+  O(mn), as before the sparse refinement);
+- ``like-original``: the original's encoders (``model/net=bpnpnet``, 12 blocks, STN, no kNN stem),
+  uniform marginals (no bins), plain weighted angular error (``refine.robust=none``), the
+  original's linear correspondence loss;
+- ``original-encoders-shipped``: the original's encoders with the rest as shipped.
 
-The refinement objective defaults to the original's (``--robust none``, plain P-weighted angular
-error) so the comparison is like for like. Measured numbers, with this command, are in docs/benchmarks.md
-("Training step"); a robust kernel costs O(mn) per refinement iteration (no ``a = W^T B``
-shortcut), so run ``--robust geman_mcclure`` to see the configs' default.
+Weights are random (as the harness's original) unless ``--init CKPT`` loads a trained network into
+the configurations it fits: a random network's diffuse P makes the refinement run to its
+iteration limit, a trained one's converges in a few iterations (the pose loss starts at epoch 20
+in configs/experiment/bpnp_synthetic.yaml, on a trained network).
 
-"Geometric layers" = OT + RANSAC + refinement, forward and backward, the quantity the reference
-reports as 60-90 % of its step. The reference numbers are printed beside ours with the ratios.
-Times are medians of ``--repeats`` steps after one warm-up step at each size (the first step at
-a new size pays for allocations). The correspondence loss is the original's linear one (the loss
-form does not change the cost of any layer).
+Stages, both sides: encoders (bpnp: matcher + cost; original: STN + both encoders + pairwise
+distance), OT forward/backward, RANSAC, refinement forward/backward, the rest of the backward
+("encoders_bwd"). bpnp's are the network's stage timer and tensor hooks on P and M; the
+original's are the harness's module hooks. "Geometric" = OT + RANSAC + refinement, forward and
+backward. bpnp flushes denormal floats as train.py does (``--keep-denormals`` does not); the
+harness runs the original as it ships. Training mode, one Adam step per bpnp step (not timed). Nothing here is a test: run it on an otherwise idle machine and read the ratios.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import original  # noqa: E402  (bench/original.py: the original through its harness)
 
 from bpnp.data.collate import collate_scenes  # noqa: E402
 from bpnp.data.synthetic import SyntheticConfig, make_instance  # noqa: E402
-from bpnp.models import BlindPnPNet  # noqa: E402
-from bpnp.training.losses import BlindPnPLoss  # noqa: E402
 
-#: docs/REFERENCE_BPNPNET.md, b = 8, full model, training step (s), and its geometric layers.
-REFERENCE = {256: {"step": 1.95, "geometric": 1.3}, 1000: {"step": 14.3, "geometric": 12.9}}
+#: bpnp configurations: Hydra overrides of configs/train.yaml's model group.
+CONFIGS = {
+    "shipped": [],
+    "shipped-dense": ["model.net.refine.top_k=null"],
+    "like-original": ["model/net=bpnpnet", "model.net.knn=0", "model.net.sinkhorn.bins=none",
+                      "model.net.refine.robust=none", "model.net.refine.gate=null", "model.net.refine.top_k=null",
+                      "model.loss.corr_kind=linear"],
+    "original-encoders-shipped": ["model/net=bpnpnet", "model.net.knn=0"],
+}
 STAGES = ("encoders", "ot_fwd", "ransac", "refine_fwd", "refine_bwd", "ot_bwd", "encoders_bwd")
+GEOMETRIC = ("ot_fwd", "ransac", "refine_fwd", "refine_bwd", "ot_bwd")
 
 
-def make_batch(b: int, n: int, seed: int = 0) -> dict:
+# --------------------------------------------------------------------------------------------
+# the original, through its harness
+# --------------------------------------------------------------------------------------------
+def original_step(b: int, n: int, threads: int, seed: int, save_inputs: str | None = None) -> dict[str, float]:
+    """One timed step of the original (after the harness's warm-up step) in a child process;
+    stage times in seconds, keyed like bpnp's."""
+    rec = original.run("full", b, n, n, threads, seed, save_inputs=save_inputs)
+    st = rec["stages"]
+    return {
+        "encoders": st["stn"] + st["enc2d"] + st["enc3d"] + st["pairwise_dist"], "ot_fwd": st["sinkhorn"],
+        "ransac": st["ransac_p3p"], "refine_fwd": st["wbpnp"], "refine_bwd": st["bwd_wbpnp"],
+        "ot_bwd": st["bwd_sinkhorn"], "encoders_bwd": st["bwd_other"], "forward": rec["forward_s"],
+        "backward": rec["backward_s"] + st["loss"], "step": rec["step_s"],
+    }
+
+
+def batch_from_inputs(path: str) -> dict[str, torch.Tensor]:
+    """bpnp's batch dict from the harness's saved inputs (b items, m 2D and n 3D points each, no
+    padding; ``match`` from the ground-truth correspondence matrix)."""
+    d = torch.load(path, map_location="cpu", weights_only=False)["inputs"]
+    C = d["C_gt"]
+    has = C.sum(2) > 0
+    match = torch.where(has, C.argmax(2), torch.full_like(has, -1, dtype=torch.long))
+    B, m, n = C.shape
+    return {"p2d": d["p2d"].float(), "p3d": d["p3d"].float(), "mask2d": torch.ones(B, m, dtype=torch.bool),
+            "mask3d": torch.ones(B, n, dtype=torch.bool), "R": d["R_gt"].float(), "t": d["t_gt"].float(),
+            "match": match}
+
+
+def own_batch(b: int, n: int, seed: int = 0) -> dict[str, torch.Tensor]:
     cfg = SyntheticConfig(num_points_2d=n, outlier_frac_2d=0.0, outlier_frac_3d=0.0)
     return collate_scenes([make_instance(cfg, seed, i) for i in range(b)])
 
 
-def one_step(net: BlindPnPNet, loss_fn: BlindPnPLoss, opt: torch.optim.Optimizer, batch: dict) -> dict[str, float]:
+# --------------------------------------------------------------------------------------------
+# bpnp
+# --------------------------------------------------------------------------------------------
+def build(name: str):
+    """(network, loss, optimizer) of a named configuration, composed from configs/."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from bpnp.runtime.checkpoint import build_net
+    from bpnp.training.losses import BlindPnPLoss
+
+    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
+        cfg = compose("train", overrides=CONFIGS[name])
+    net_cfg = OmegaConf.to_container(cfg.model.net, resolve=True)
+    loss_cfg = OmegaConf.to_container(cfg.model.loss, resolve=True)
+    loss_cfg["pose_start_epoch"] = 0  # pose loss on: the refinement runs and is differentiated
+    torch.manual_seed(0)
+    net = build_net(net_cfg)
+    net.train()
+    net.profile = True
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    return net, BlindPnPLoss(**loss_cfg), opt, net_cfg
+
+
+def bpnp_step(net, loss_fn, opt, batch: dict) -> dict[str, float]:
     opt.zero_grad(set_to_none=True)
     t0 = time.perf_counter()
     out = net(batch, refine=True)
@@ -83,69 +158,84 @@ def one_step(net: BlindPnPNet, loss_fn: BlindPnPLoss, opt: torch.optim.Optimizer
     }
 
 
+def medians(runs: list[dict[str, float]]) -> dict[str, float]:
+    med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+    med["geometric"] = statistics.median(sum(r[k] for k in GEOMETRIC) for r in runs)
+    med["encoders_total"] = statistics.median(r["encoders"] + r["encoders_bwd"] for r in runs)
+    return med
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--sizes", type=int, nargs="+", default=[256, 1000])
-    ap.add_argument("--repeats", type=int, default=3, help="timed steps per size (after one warm-up step)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--robust", default="none",
-                    help="refinement kernel: none = the original's objective (default, like for like); "
-                         "geman_mcclure = configs/model/bpnp.yaml's default")
-    ap.add_argument("--keep-denormals", action="store_true", help="do not flush denormal floats to zero")
-    ap.add_argument("--knn", type=int, default=16,
-                    help="neighbours of the bpnpnet encoders' local-geometry stem (0 = the original's encoders; 16 = "
-                         "the previous main job's)")
-    ap.add_argument("--networks", nargs="+", default=["bpnpnet", "attention"], choices=["bpnpnet", "attention"],
-                    help="networks timed side by side (steps alternate)")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[256, 1000], help="m = n per item")
+    ap.add_argument("--repeats", type=int, default=3, help="timed steps per contender and size (alternating)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=0, help="the harness's problem seed")
+    ap.add_argument("--configs", nargs="+", default=["shipped", "like-original"], choices=list(CONFIGS))
+    ap.add_argument("--no-original", action="store_true", help="do not time the original")
+    ap.add_argument("--init", default=None, metavar="CKPT",
+                    help="start the bpnp configurations whose weights fit from this checkpoint (e.g. "
+                         "checkpoints/bpnp_synthetic.pt: the step as it runs once the pose loss is on, on a trained "
+                         "network) instead of random weights; the original keeps its random weights")
+    ap.add_argument("--keep-denormals", action="store_true", help="do not flush denormal floats to zero (bpnp)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    # As train.py does (configs/train.yaml flush_denormal): gradients reaching the encoders are
-    # scaled by P ~ 1/(m n) and go denormal at 1000 points, which makes the encoder backward
-    # ~20x slower on x86 CPUs (measured: 11.8 s vs 0.6 s); --keep-denormals shows that.
+    # As train.py (configs/train.yaml flush_denormal): gradients reaching the encoders are scaled
+    # by P ~ 1/(m n) and go denormal at 1000 points, which makes the encoder backward of x86 CPUs
+    # up to ~20x slower.
     torch.set_flush_denormal(not args.keep_denormals)
-    nets = {}
-    for name in args.networks:
-        torch.manual_seed(0)
-        if name == "bpnpnet":  # the original's widths
-            net = BlindPnPNet(matcher="bpnpnet", feature_dim=128, depth=12, use_stn=True, knn=args.knn, bins="none",
-                              robust=args.robust)
-        else:  # configs/model/net/attention.yaml and configs/model/bpnp.yaml
-            net = BlindPnPNet(matcher="attention", feature_dim=128, depth=3, heads=4, knn=16, bins="shared",
-                              robust=args.robust)
-        net.train()
-        net.profile = True
-        opt = torch.optim.Adam(net.parameters(), lr=1e-3, weight_decay=1e-3)
-        nets[name] = (net, opt)
-        n_params = sum(p.numel() for p in net.parameters())
-        print(f"{name}: {n_params / 1e6:.2f} M parameters")
-    loss_fn = BlindPnPLoss(corr_weight=1.0, pose_weight=1.0, pose_start_epoch=0, corr_kind="linear")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, batch {args.batch}, training mode, pose loss on, "
-          f"refinement kernel {args.robust}, knn stem of bpnpnet {args.knn}")
+    with_original = not args.no_original and original.available()
+    if not args.no_original and not with_original:
+        print(original.missing_message() + " bpnp runs on its own synthetic batch.")
+    nets = {name: build(name) for name in args.configs}
+    if args.init:
+        from bpnp.runtime.checkpoint import load_network
+
+        state = load_network(args.init).state_dict()
+        for name, (net, _, _, _) in nets.items():
+            try:
+                net.load_state_dict(state)
+                print(f"bpnp {name}: weights from {args.init}")
+            except RuntimeError:
+                print(f"bpnp {name}: random weights ({args.init} does not fit its network)")
+    for name, (net, _, _, cfg) in nets.items():
+        print(f"bpnp {name}: {sum(p.numel() for p in net.parameters()) / 1e6:.2f} M parameters, "
+              f"matcher {cfg['matcher']}, bins {cfg['sinkhorn']['bins']}, refine {cfg['refine']}, "
+              f"ransac hypotheses {cfg['ransac']['num_hypotheses']}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s) each, batch {args.batch}, training mode, "
+          f"pose loss on, medians of {args.repeats} alternating repeats, {os.cpu_count()} CPUs, "
+          f"load average {os.getloadavg()[0]:.2f} at start")
     for n in args.sizes:
-        warm, batch = make_batch(args.batch, n, seed=99), make_batch(args.batch, n)
-        runs = {name: [] for name in nets}
-        for name, (net, opt) in nets.items():
-            one_step(net, loss_fn, opt, warm)  # warm-up at this size
-        for _ in range(args.repeats):  # alternate, so that machine load hits both alike
-            for name, (net, opt) in nets.items():
-                runs[name].append(one_step(net, loss_fn, opt, batch))
-        steps = {}
-        for name, rs in runs.items():
-            med = {k: statistics.median(r[k] for r in rs) for k in rs[0]}
-            steps[name] = med["step"]
-            geo = med["ot_fwd"] + med["ransac"] + med["refine_fwd"] + med["refine_bwd"] + med["ot_bwd"]
-            print(f"\n{name}: b = {args.batch}, m = n = {n}  (median of {args.repeats})")
-            print("  " + "  ".join(f"{k} {med[k]:.3f}s" for k in STAGES))
-            print(f"  forward {med['forward']:.3f}s  backward {med['backward']:.3f}s  step {med['step']:.3f}s  "
-                  f"geometric layers {geo:.3f}s ({100 * geo / med['step']:.0f}% of the step)")
-            ref = REFERENCE.get(n)
-            if ref and args.batch == 8 and name == "bpnpnet":
-                print(f"  original BPnPNet (REFERENCE_BPNPNET.md): step {ref['step']:.2f}s, geometric layers ~{ref['geometric']:.1f}s")
-                print(f"  ratio original/ours: step {ref['step'] / med['step']:.1f}x, geometric layers {ref['geometric'] / geo:.1f}x")
-        if {"bpnpnet", "attention"} <= set(steps):
-            print(f"\n  m = n = {n}: attention step / bpnpnet step = {steps['attention'] / steps['bpnpnet']:.2f}x "
-                  f"(target: <= 1.5x at 1000 points)")
+        runs: dict[str, list] = {name: [] for name in (["original"] if with_original else []) + list(nets)}
+        with tempfile.TemporaryDirectory() as tmp:
+            inputs = os.path.join(tmp, "inputs.pt")
+            for r in range(args.repeats):
+                if with_original:
+                    runs["original"].append(original_step(args.batch, n, args.threads, args.seed,
+                                                          save_inputs=inputs if r == 0 else None))
+                if r == 0:
+                    batch = batch_from_inputs(inputs) if with_original else own_batch(args.batch, n)
+                    for net, loss_fn, opt, _ in nets.values():
+                        bpnp_step(net, loss_fn, opt, batch)  # warm-up at this size
+                for name, (net, loss_fn, opt, _) in nets.items():
+                    runs[name].append(bpnp_step(net, loss_fn, opt, batch))
+        med = {name: medians(rs) for name, rs in runs.items()}
+        print(f"\n## b = {args.batch}, m = n = {n}, {args.threads} thread(s), median of {args.repeats}"
+              + (", inputs of the original's harness" if with_original else ""))
+        print("| | step s | encoders fwd + bwd s | geometric s | " + " | ".join(STAGES)
+              + (" | step: original / this | geometric: original / this |" if with_original else " |"))
+        print("|---" * (4 + len(STAGES) + (2 if with_original else 0)) + "|")
+        for name, m_ in med.items():
+            row = f"| {name} | {m_['step']:.3f} | {m_['encoders_total']:.3f} | {m_['geometric']:.3f} | " + \
+                  " | ".join(f"{m_[k]:.3f}" for k in STAGES)
+            if with_original:
+                o = med["original"]
+                row += " | " + ("" if name == "original" else f"**{o['step'] / m_['step']:.2f}x**") + \
+                       " | " + ("" if name == "original" else f"**{o['geometric'] / m_['geometric']:.2f}x**")
+            print(row + " |")
+        print("per repeat, step s: " + "; ".join(f"{name} " + ", ".join(f"{r['step']:.3f}" for r in rs)
+                                                 for name, rs in runs.items()))
 
 
 if __name__ == "__main__":
