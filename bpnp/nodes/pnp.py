@@ -253,7 +253,8 @@ class PnPRefine(nn.Module):
 
     Args:
         robust: kernel name, one of ``none``, ``huber``, ``geman_mcclure``, ``tanh``.
-        robust_scale: kernel scale in units of ``1 - cos(angle)``.
+        robust_scale: kernel scale in units of ``1 - cos(angle)`` (1e-3, about 2.6 degrees: the same
+            default as the application's ``refine.robust_scale``, :class:`bpnp.models.settings.RefineSettings`).
         max_iter: LM iteration limit per item.
         xtol: stop when an accepted step, or the undamped Newton step at the current pose,
             ``|omega| + |v| / mean depth`` (radians) is below this; default ``1e-12`` in float64
@@ -286,7 +287,7 @@ class PnPRefine(nn.Module):
     def __init__(
         self,
         robust: str = "none",
-        robust_scale: float = 0.01,
+        robust_scale: float = 1e-3,
         max_iter: int = 50,
         xtol: float | None = None,
         gtol: float | None = None,

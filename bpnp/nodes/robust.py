@@ -35,7 +35,7 @@ class RobustKernel:
         0.005
     """
 
-    def __init__(self, name: str = "none", scale: float = 0.01) -> None:
+    def __init__(self, name: str = "none", scale: float = 1e-3) -> None:
         if name not in KERNELS:
             raise ValueError(f"robust kernel must be one of {KERNELS}, got {name!r}")
         if not scale > 0:

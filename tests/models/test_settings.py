@@ -92,3 +92,13 @@ def test_merge_overrides_dotted_and_nested():
     assert base == {"feature_dim": 8, "refine": {"gate": 0.05}}  # not modified
     with pytest.raises(SettingError, match=r"^x\.refin\.gate: unknown group 'refin'"):
         merge_overrides(base, {"refin.gate": 0.1}, prefix="x")
+
+
+def test_the_node_and_the_application_share_the_kernel_scale_default():
+    """PnPRefine's own default scale (used when the node is imported alone) is the application's."""
+    import inspect
+
+    from bpnp.models.settings import RefineSettings
+    from bpnp.nodes import PnPRefine
+
+    assert inspect.signature(PnPRefine).parameters["robust_scale"].default == RefineSettings().robust_scale
