@@ -85,6 +85,12 @@ class SavedTensors:
     def nbytes(self) -> int:
         return sum(self.saved.values())
 
+    def nbytes_beyond(self, *inputs: torch.Tensor) -> int:
+        """Bytes saved that are not the storage of one of ``inputs``: what the backward keeps
+        alive that did not exist before the forward (the caller holds its inputs anyway)."""
+        skip = {(x.untyped_storage().data_ptr(), x.dtype) for x in inputs}
+        return sum(v for k, v in self.saved.items() if k not in skip)
+
 
 def rss_mib() -> float:
     """Current resident set size of this process (VmRSS), MiB."""
@@ -112,7 +118,7 @@ def ls_inputs(n):
 
 def ls_iterations(method, inputs):
     A, b, _ = inputs
-    return bls.cgls(A, b)[1] if method == "unrolled" else 0
+    return bls.cgls(A, b)[1] if method in ("unrolled", "node_cg") else 0  # node_cg runs the same CGLS forward
 
 
 def ls_step(method, inputs, account=True):
@@ -126,7 +132,7 @@ def ls_step(method, inputs, account=True):
     A_next = A.detach() - (0.25 / A.shape[1]) * g
     t2 = time.perf_counter()
     del A_next
-    return t1 - t0, t2 - t1, saved.nbytes, g
+    return t1 - t0, t2 - t1, saved.nbytes, saved.nbytes_beyond(A, b, x_target), g
 
 
 def ot_inputs(n):
@@ -154,13 +160,13 @@ def ot_step(method, inputs, account=True):
     M_next = M.detach() - bot.step_size(2.0, OT_LAM, P_target) * g
     t2 = time.perf_counter()
     del M_next
-    return t1 - t0, t2 - t1, saved.nbytes, g
+    return t1 - t0, t2 - t1, saved.nbytes, saved.nbytes_beyond(M, P_target), g
 
 
 PROBLEMS = {
-    "ls": dict(methods=bls.METHODS, labels=bls.LABELS, inputs=ls_inputs, step=ls_step, iterations=ls_iterations,
+    "ls": dict(methods=bls.METHODS, implicit=("node", "node_cg"), labels=bls.LABELS, inputs=ls_inputs, step=ls_step, iterations=ls_iterations,
                title="bi-level least squares, A: 2n x n, float64", size="n (A is 2n x n)"),
-    "ot": dict(methods=bot.METHODS, labels=bot.LABELS, inputs=ot_inputs, step=ot_step, iterations=ot_iterations,
+    "ot": dict(methods=bot.METHODS, implicit=("implicit",), labels=bot.LABELS, inputs=ot_inputs, step=ot_step, iterations=ot_iterations,
                title=f"bi-level optimal transport, lambda = {OT_LAM:g}, {OT_ITERS} Sinkhorn iterations, float64",
                size="m = n"),
 }
@@ -218,19 +224,20 @@ def profile(problem, sizes, repeats, threads, rss=True):
     for n in sizes:
         inputs = spec["inputs"](n)
         res = {k: {"fwd": [], "bwd": [], "step": []} for k in methods}
-        saved, grads = {}, {}
+        saved, kept, grads = {}, {}, {}
         for _ in range(repeats):
             for k in methods:
-                f, b, s, g = spec["step"](k, inputs)
+                f, b, s, s_new, g = spec["step"](k, inputs)
                 res[k]["fwd"].append(f)
                 res[k]["bwd"].append(b)
                 res[k]["step"].append(f + b)
-                saved[k], grads[k] = s, g
+                saved[k], kept[k], grads[k] = s, s_new, g
         for k in methods:
             rows.append({
                 "problem": problem, "size": n, "method": k, "solver_iterations": spec["iterations"](k, inputs),
                 "forward_s": statistics.median(res[k]["fwd"]), "backward_s": statistics.median(res[k]["bwd"]),
                 "step_s": statistics.median(res[k]["step"]), "saved_mib": saved[k] / 2**20,
+                "saved_beyond_inputs_mib": kept[k] / 2**20,
                 "grad_rel_diff": rel_err(grads[k], grads[ref]),
             })
         print(f"  {problem} size {n}: " + ", ".join(f"{r['method']} {r['step_s']:.4f} s" for r in rows[-len(methods):]), flush=True)
@@ -244,7 +251,7 @@ def profile(problem, sizes, repeats, threads, rss=True):
 
 def write_csv(rows, path):
     fields = ["problem", "size", "method", "solver_iterations", "forward_s", "backward_s", "step_s", "saved_mib",
-              "peak_rss_above_base_mib", "grad_rel_diff"]
+              "saved_beyond_inputs_mib", "peak_rss_above_base_mib", "grad_rel_diff"]
     with open(path, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields)
         w.writeheader()
@@ -260,10 +267,11 @@ def plot(rows, problem, path):
 
     spec = PROBLEMS[problem]
     panels = [("step_s", "time per upper-level iteration (s)"), ("saved_mib", "tensors saved for backward (MiB)"),
+              ("saved_beyond_inputs_mib", "saved, beyond the inputs (MiB)"),
               ("peak_rss_above_base_mib", "peak RSS above baseline (MiB)")]
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(19, 4))
     for ax, (key, ylabel) in zip(axes, panels):
-        for k, marker in zip(spec["methods"], "osd"):
+        for k, marker in zip(spec["methods"], "osd^"):
             pts = [(r["size"], r[key]) for r in rows if r["method"] == k and r[key] == r[key] and r[key] > 0]
             if pts:
                 ax.plot(*zip(*pts), marker=marker, label=spec["labels"][k])
@@ -293,19 +301,26 @@ def read_csv(path):
 def markdown(rows, problem):
     spec = PROBLEMS[problem]
     lines = [f"\n## {spec['title']}", "",
-             "| size | method | solver iterations | forward s | backward s | step s | saved MiB | peak RSS above base MiB | grad rel. diff |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| size | method | solver iterations | forward s | backward s | step s | saved MiB | saved beyond inputs MiB | peak RSS above base MiB | grad rel. diff |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['size']} | {r['method']} | {r['solver_iterations']} | {r['forward_s']:.4f} | {r['backward_s']:.4f} | "
-                     f"{r['step_s']:.4f} | {r['saved_mib']:.3f} | {r['peak_rss_above_base_mib']:.1f} | {r['grad_rel_diff']:.1e} |")
+                     f"{r['step_s']:.4f} | {r['saved_mib']:.3f} | {r['saved_beyond_inputs_mib']:.3f} | "
+                     f"{r['peak_rss_above_base_mib']:.1f} | {r['grad_rel_diff']:.1e} |")
     largest = max(r["size"] for r in rows)
     at = {r["method"]: r for r in rows if r["size"] == largest}
     ref = spec["methods"][0]
     lines.append("")
-    for k in spec["methods"][1:]:
-        lines.append(
-            f"at size {largest}: {k} / {ref}: step time {at[k]['step_s'] / at[ref]['step_s']:.2f}x, saved tensors "
-            f"{at[k]['saved_mib'] / at[ref]['saved_mib']:.1f}x, peak RSS {at[k]['peak_rss_above_base_mib'] / max(at[ref]['peak_rss_above_base_mib'], 1e-9):.1f}x")
+
+    def ratio(k, i, key):
+        return at[k][key] / max(at[i][key], 1e-12)
+
+    for i in spec["implicit"]:
+        for k in (k for k in spec["methods"] if k not in spec["implicit"]):
+            lines.append(
+                f"at size {largest}: {k} / {i}: step time {ratio(k, i, 'step_s'):.2f}x, saved tensors "
+                f"{ratio(k, i, 'saved_mib'):.1f}x, beyond the inputs {ratio(k, i, 'saved_beyond_inputs_mib'):.1f}x, "
+                f"peak RSS {ratio(k, i, 'peak_rss_above_base_mib'):.1f}x")
     lines.append(f"largest gradient difference to {ref} over all sizes: "
                  + ", ".join(f"{k} {max(r['grad_rel_diff'] for r in rows if r['method'] == k):.1e}" for k in spec["methods"][1:]))
     return "\n".join(lines)

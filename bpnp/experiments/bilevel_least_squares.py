@@ -14,22 +14,25 @@ The lecture's closed form of the gradient, with :math:`v = x^\star - x_\text{tar
     \frac{\mathrm{d}L}{\mathrm{d}A} = r\, w^\top - (A w)\, x^{\star\top} .
 
 Gradient descent :math:`A \leftarrow A - (\eta / n)\, \mathrm{d}L/\mathrm{d}A` is run with the gradient
-from one of three routes (``METHODS``):
+from one of four routes (``METHODS``):
 
 - ``"node"``: :func:`bpnp.nodes.least_squares` (QR forward, R cached, the closed-form backward
   above; nothing of the solver is differentiated);
+- ``"node_cg"``: the same node with ``solver="cg"``: CGLS forward without a graph, ``w`` by
+  conjugate gradient in the backward, the same closed form; it keeps two n-vectors, no ``R``;
 - ``"lstsq"``: autograd through ``torch.linalg.lstsq``;
 - ``"unrolled"``: autograd through :func:`cgls`, conjugate gradient on the normal equations with
-  at most ``iters`` iterations (our own solver; every iteration stays in the autograd graph).
+  at most ``iters`` iterations (the node's own CGLS, every iteration in the autograd graph): the
+  same forward iterations as ``node_cg``, so the two differ only in how the gradient is got.
 
 ``b`` is fixed; ``x_target = x*(A_true)`` for another random ``A_true``, so a zero loss is
 attainable. Shapes: ``A`` (m, n), ``b`` (m,), ``x`` (n,).
 
 Run ``python -m bpnp.experiments.bilevel_least_squares`` (n = 16, 60 steps, float64, a few
-seconds). It prints the three gradients at the initial ``A`` against the closed form (evaluated
+seconds). It prints the four gradients at the initial ``A`` against the closed form (evaluated
 independently with the normal equations) and against central finite differences, the loss
 curves' largest relative disagreement, and PASS/FAIL per check (exit status 1 on a failure);
-``--plot PATH`` saves the three loss curves. ``bench/bilevel.py`` profiles time and memory
+``--plot PATH`` saves the four loss curves. ``bench/bilevel.py`` profiles time and memory
 against ``n``.
 """
 
@@ -42,10 +45,12 @@ import torch
 
 from bpnp.experiments._checks import Checks, rel_err
 from bpnp.nodes import least_squares
+from bpnp.nodes.linalg import cgls as linalg_cgls
 
-METHODS = ("node", "lstsq", "unrolled")
+METHODS = ("node", "node_cg", "lstsq", "unrolled")
 LABELS = {
     "node": "node (QR, closed-form backward)",
+    "node_cg": "node, matrix-free (CGLS forward, CG backward)",
     "lstsq": "autograd through torch.linalg.lstsq",
     "unrolled": "autograd through unrolled CGLS",
 }
@@ -64,57 +69,32 @@ def make_problem(n: int, m: int | None = None, seed: int = 0, dtype: torch.dtype
 
 
 def cgls(A: torch.Tensor, b: torch.Tensor, iters: int = 200, tol: float | None = None) -> tuple[torch.Tensor, int]:
-    r"""Conjugate gradient on the normal equations :math:`A^\top A x = A^\top b` (CGLS), batched.
-
-    Written in plain differentiable torch ops, so autograd goes through every iteration (this is
-    the "unrolled" solver of the comparison). An item stops (is frozen) once its normal residual
-    :math:`\|A^\top(b - A x_k)\| \le \mathrm{tol}\,\|A^\top b\|`; the loop ends when every item has
-    stopped or after ``iters`` iterations. Frozen items keep their iterate, so no division by a
-    vanishing residual enters the graph.
+    r"""The unrolled solver: :func:`bpnp.nodes.linalg.cgls` (CGLS, conjugate gradient on the normal
+    equations :math:`A^\top A x = A^\top b`) with autograd on, so every iteration is kept in the
+    graph; an item stops once its normal residual is ``tol`` (default ``1e-12`` in float64,
+    ``1e-6`` in float32) times its initial value, or after ``iters`` iterations.
 
     Args:
-        A: (B, m, n) or (m, n), full column rank.
-        b: (B, m) or (m,).
-        iters: iteration limit.
-        tol: relative normal-residual tolerance; default ``1e-12`` (float64) / ``1e-6`` (float32).
+        A: (B, m, n) or (m, n), full column rank; b: (B, m) or (m,).
 
     Returns:
-        ``(x, k)``: (B, n) or (n,) solution and the number of iterations run.
+        ``(x, k)``: (B, n) or (n,) solution and the largest number of iterations an item ran.
     """
     squeeze = A.ndim == 2
     if squeeze:
         A, b = A.unsqueeze(0), b.unsqueeze(0)
     tol = (1e-12 if A.dtype == torch.float64 else 1e-6) if tol is None else tol
-    At = A.transpose(1, 2)
-    x = torch.zeros(A.shape[0], A.shape[2], dtype=A.dtype, device=A.device)
-    r = b
-    s = (At @ r.unsqueeze(-1)).squeeze(-1)
-    p = s
-    gamma = (s * s).sum(1)
-    stop = (tol**2) * gamma.detach()
-    active = gamma.detach() > stop
-    k = 0
-    while k < iters and bool(active.any()):
-        q = (A @ p.unsqueeze(-1)).squeeze(-1)
-        qq = (q * q).sum(1)
-        alpha = torch.where(active, gamma / torch.where(active, qq, torch.ones_like(qq)), torch.zeros_like(qq))
-        x = x + alpha[:, None] * p
-        r = r - alpha[:, None] * q
-        s = (At @ r.unsqueeze(-1)).squeeze(-1)
-        gamma_new = (s * s).sum(1)
-        safe = torch.where(active, gamma, torch.ones_like(gamma))
-        beta = torch.where(active, gamma_new / safe, torch.zeros_like(gamma))
-        p = torch.where(active[:, None], s + beta[:, None] * p, p)
-        gamma = torch.where(active, gamma_new, gamma)
-        active = active & (gamma.detach() > stop)
-        k += 1
-    return (x.squeeze(0) if squeeze else x), k
+    x, iterations, _ = linalg_cgls(A, b, tol=tol, max_iter=iters)
+    return (x.squeeze(0) if squeeze else x), int(iterations.max())
 
 
 def solve(A: torch.Tensor, b: torch.Tensor, method: str, iters: int = 200) -> torch.Tensor:
     """``x*(A)`` (n,) for one (m, n) problem by ``method`` (one of :data:`METHODS`)."""
     if method == "node":
         return least_squares(A.unsqueeze(0), b.unsqueeze(0))[0].squeeze(0)
+    if method == "node_cg":
+        tol = 1e-12 if A.dtype == torch.float64 else 1e-6  # the unrolled CGLS's tolerance
+        return least_squares(A.unsqueeze(0), b.unsqueeze(0), solver="cg", tol=tol, max_iter=iters)[0].squeeze(0)
     if method == "lstsq":
         return torch.linalg.lstsq(A, b.unsqueeze(-1)).solution.squeeze(-1)
     if method == "unrolled":
@@ -186,7 +166,7 @@ def plot_losses(curves: dict, path: str, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    styles = ["-", "--", ":"]
+    styles = ["-", "--", "-.", ":"]
     for (label, losses), style in zip(curves.items(), styles):
         ax.semilogy(losses.numpy(), style, label=label, linewidth=2)
     ax.set_xlabel("gradient-descent step on the upper level")
@@ -221,7 +201,7 @@ def main(argv: list[str] | None = None) -> Checks:
           f"the unrolled CGLS ran {used} iterations:")
     for k in METHODS:
         checks.add(f"{LABELS[k]}: relative error", rel_err(grads[k], ref), 1e-6)
-    for k in ("lstsq", "unrolled"):
+    for k in METHODS[1:]:
         checks.add(f"node vs {k}: relative difference", rel_err(grads[k], grads["node"]), 1e-6)
     fd = finite_difference(A0, b, x_target)
     checks.add("directional derivative, node vs central differences (3 directions): max relative error",
@@ -231,12 +211,12 @@ def main(argv: list[str] | None = None) -> Checks:
     base = curves["node"]
     print(f"loss: initial {float(base[0]):.4e}, after {args.steps} steps {float(base[-1]):.4e} (node)")
     checks.add("loss decreased by a factor", float(base[0] / base[-1]), 10.0, at_least=True)
-    for k in ("lstsq", "unrolled"):
+    for k in METHODS[1:]:
         checks.add(f"loss curve {k} vs node: max relative difference",
                    float(((curves[k] - base).abs() / base.abs()).max()), 1e-6)
     if args.plot:
         plot_losses({LABELS[k]: v for k, v in curves.items()}, args.plot,
-                    f"bi-level least squares, m = {m}, n = {n}: the three curves coincide")
+                    f"bi-level least squares, m = {m}, n = {n}: the four curves coincide")
         print(f"loss curves saved to {args.plot}")
     print(checks.summary())
     return checks

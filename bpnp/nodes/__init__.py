@@ -4,7 +4,7 @@ Pure PyTorch (no Lightning, no Hydra); usable by someone who has never heard of 
 
 - :class:`ImplicitNode` / :func:`implicit_vjp`: generic node (objective, optional equality
   constraints) with an implicit-function-theorem backward.
-- :func:`least_squares`: batched weighted / ridge least squares by QR.
+- :func:`least_squares`: batched weighted / ridge least squares, by QR or matrix-free (CGLS).
 - :func:`sinkhorn` / :class:`SinkhornOT`: entropic optimal transport, log domain;
   :func:`sinkhorn_with_bins` / :class:`SinkhornOTWithBins` / :func:`split_bins`: the same with
   outlier bins (dustbins) and a learnable bin cost.

@@ -25,6 +25,11 @@ The last two are not taken through :math:`\sqrt\omega` and :math:`\sqrt\beta` (w
 is infinite at 0, which gave NaN for :math:`\beta = 0`): they are finite at :math:`\omega_k = 0`
 and :math:`\beta = 0`, where they are the one-sided derivatives (the only feasible side).
 
+``solver="cg"`` solves the same problem matrix-free (CGLS forward, conjugate gradient on the
+column-scaled normal equations in the backward, the same closed-form gradients from its ``w``):
+it keeps two n-vectors for the backward instead of ``R``, which is what a bi-level problem at
+large n wants (docs/lectures.md).
+
 Rank-deficient items (a diagonal entry of :math:`R` below ``rcond`` times the largest) get the
 minimum-norm solution in the forward pass, a zero gradient, and status ``DEGENERATE``; see
 :attr:`LeastSquares.last_status`.
@@ -35,7 +40,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bpnp.nodes.linalg import cgls, conjugate_gradient
 from bpnp.nodes.status import Status
+
+SOLVERS = ("qr", "cg")
 
 
 def _check(A: torch.Tensor, b: torch.Tensor) -> None:
@@ -47,6 +55,34 @@ def _check(A: torch.Tensor, b: torch.Tensor) -> None:
         raise ValueError(f"b must have shape (B, m) = {tuple(A.shape[:2])}, got {tuple(b.shape)}")
     if not (A.is_floating_point() and b.is_floating_point()):
         raise TypeError(f"A and b must be floating point, got {A.dtype} and {b.dtype}")
+
+
+def _closed_form_grads(A, b, weights, x, w, needs):
+    """The closed-form gradients (module docstring) from ``w = N^-1 v``; ``needs`` flags
+    (A, b, weights, ridge). Returns ``(gA, gb, gw, gr)``, None where not needed."""
+    need_A, need_b, need_w, need_r = needs
+    Aw = (A @ w.unsqueeze(-1)).squeeze(-1)  # (B, m)
+    r = b - (A @ x.unsqueeze(-1)).squeeze(-1)  # (B, m), unweighted residual
+    gA = gb = gw = gr = None
+    if need_A:
+        gA = r.unsqueeze(-1) * w.unsqueeze(1) - Aw.unsqueeze(-1) * x.unsqueeze(1)
+        gA = gA if weights is None else weights.unsqueeze(-1) * gA
+    if need_b:
+        gb = Aw if weights is None else weights * Aw
+    if need_w:
+        # N dx = a_k (b_k - a_k^T x) dw_k: finite at w_k = 0 (the one-sided derivative).
+        gw = Aw * r
+    if need_r:
+        gr = -(w * x).sum(-1)  # N dx = -x dbeta
+    return gA, gb, gw, gr
+
+
+def _column_scale(A, weights, ridge, augment):
+    """Inverse column norms of the (weighted, ridge-augmented) matrix; 1 for a zero column."""
+    sq = (A * A) if weights is None else weights.unsqueeze(-1) * A * A
+    sq = sq.sum(1) + (ridge[:, None] if augment else 0.0)
+    norm = sq.sqrt()
+    return torch.where(norm > 0, 1.0 / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.ones_like(norm))
 
 
 class _WeightedLstsq(torch.autograd.Function):
@@ -94,27 +130,45 @@ class _WeightedLstsq(torch.autograd.Function):
     @staticmethod
     def backward(ctx, v, _unused):
         A, b, weights, R, c, x, full_rank = ctx.saved_tensors
-        need_A, need_b, need_w, need_r = ctx.needs_input_grad[:4]
         # w = N^-1 v with N = A^T W A + beta I = diag(1/c) R^T R diag(1/c): the QR factor of the
         # scaled matrix is reused, so no normal equations are formed.
         z = torch.linalg.solve_triangular(R.transpose(1, 2), (c * v).unsqueeze(-1), upper=False)
         w = c * torch.linalg.solve_triangular(R, z, upper=True).squeeze(-1)  # (B, n)
         w = torch.where(full_rank[:, None], w, torch.zeros_like(w))  # rank deficient: no gradient
-        Aw = (A @ w.unsqueeze(-1)).squeeze(-1)  # (B, m)
-        r = b - (A @ x.unsqueeze(-1)).squeeze(-1)  # (B, m), unweighted residual
-        om = weights if weights is not None else None
-        gA = gb = gw = gr = None
-        if need_A:
-            gA = r.unsqueeze(-1) * w.unsqueeze(1) - Aw.unsqueeze(-1) * x.unsqueeze(1)
-            gA = gA if om is None else om.unsqueeze(-1) * gA
-        if need_b:
-            gb = Aw if om is None else om * Aw
-        if need_w:
-            # N dx = a_k (b_k - a_k^T x) dw_k: finite at w_k = 0 (the one-sided derivative).
-            gw = Aw * r
-        if need_r:
-            gr = -(w * x).sum(-1)  # N dx = -x dbeta
-        return gA, gb, gw, gr, None, None
+        return _closed_form_grads(A, b, weights, x, w, ctx.needs_input_grad[:4]) + (None, None)
+
+
+class _MatrixFreeLstsq(torch.autograd.Function):
+    """``solver="cg"``: the same problem and gradients as :class:`_WeightedLstsq`, matrix-free.
+
+    Forward by :func:`~bpnp.nodes.linalg.cgls` (no graph), backward ``w = N^-1 v`` by conjugate
+    gradient on the column-scaled normal equations with products ``A^T (W (A y))``. What it keeps
+    for the backward is the inputs (references) and two n-vectors (``x`` and the column scale):
+    no n x n factor and nothing per iteration.
+    """
+
+    @staticmethod
+    def forward(ctx, A, b, weights, ridge, augment, tol, max_iter):
+        ridge_ = ridge if augment else None
+        c = _column_scale(A, weights, ridge, augment)
+        x, _, converged = cgls(A, b, weights, ridge_, c, tol, max_iter)
+        ctx.augment, ctx.tol, ctx.max_iter = augment, tol, max_iter
+        ctx.save_for_backward(A, b, weights, ridge, c, x)
+        ctx.mark_non_differentiable(converged)
+        return x, converged
+
+    @staticmethod
+    def backward(ctx, v, _unused):
+        A, b, weights, ridge, c, x = ctx.saved_tensors
+
+        def hvp(y):  # C N C y, N = A^T W A + beta I
+            Ay = (A @ (c * y).unsqueeze(-1)).squeeze(-1)
+            Ay = Ay if weights is None else weights * Ay
+            Ny = (A.transpose(1, 2) @ Ay.unsqueeze(-1)).squeeze(-1)
+            return c * (Ny + ridge[:, None] * c * y if ctx.augment else Ny)
+
+        y, _ = conjugate_gradient(hvp, c * v, tol=ctx.tol, max_iter=ctx.max_iter, mode="zero")
+        return _closed_form_grads(A, b, weights, x, c * y, ctx.needs_input_grad[:4]) + (None, None, None)
 
 
 def least_squares(
@@ -123,6 +177,9 @@ def least_squares(
     weights: torch.Tensor | None = None,
     ridge: float | torch.Tensor = 0.0,
     rcond: float | None = None,
+    solver: str = "qr",
+    tol: float | None = None,
+    max_iter: int = 1000,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Solve ``min_x sum_k w_k (a_k^T x - b_k)^2 + ridge ||x||^2`` per batch item.
 
@@ -133,6 +190,16 @@ def least_squares(
         ridge: ridge strength ``>= 0``, a float or a (B,) tensor (differentiable).
         rcond: relative threshold on ``|diag R|`` of the column-scaled matrix below which an item
             is rank-deficient; default ``m * eps`` of the dtype (rows including the ridge's).
+            Only for ``solver="qr"``.
+        solver: ``"qr"`` (default): QR of the column-scaled matrix, ``R`` kept for the backward
+            (two triangular solves); ``"cg"``: matrix-free, CGLS forward and conjugate-gradient
+            backward (:class:`_MatrixFreeLstsq`); it keeps only two n-vectors beyond the inputs,
+            for problems where the n x n factor is the memory that matters, at the price of
+            iterations (their count grows with the condition number). No rank test: a
+            rank-deficient item converges to the minimum-norm solution and gets a zero gradient
+            where the backward's CG meets zero curvature.
+        tol, max_iter: ``solver="cg"`` only: relative residual tolerance of both CG solves
+            (default :func:`~bpnp.nodes.linalg.default_cg_tol`) and their iteration limit.
 
     Gradients are finite everywhere on the feasible set: to a weight ``w_k = 0`` (a removed or
     padded row) the one-sided derivative ``(a_k^T N^-1 v)(b_k - a_k^T x)`` of adding that row
@@ -140,7 +207,8 @@ def least_squares(
     ``ridge = 0`` the one-sided ``-x^T N^-1 v``. Rank-deficient items get zero gradients.
 
     Returns:
-        ``(x, status)``: (B, n) solutions and (B,) status codes (``OK`` or ``DEGENERATE``).
+        ``(x, status)``: (B, n) solutions and (B,) status codes: ``OK`` or ``DEGENERATE`` (qr);
+        ``OK`` or ``MAX_ITER`` (cg).
 
     Example:
         >>> A = torch.eye(3).expand(2, 3, 3); b = torch.ones(2, 3)
@@ -149,6 +217,8 @@ def least_squares(
                 [1., 1., 1.]])
     """
     _check(A, b)
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     B, m, n = A.shape
     if weights is not None:
         if weights.shape != (B, m):
@@ -165,6 +235,9 @@ def least_squares(
     if not augment and m < n:
         raise ValueError(f"underdetermined system: A has {m} rows < {n} columns; use ridge > 0")
     ridge_b = ridge_t.expand(B) if ridge_t.ndim == 0 else ridge_t
+    if solver == "cg":
+        x, converged = _MatrixFreeLstsq.apply(A, b, weights, ridge_b, augment, tol, int(max_iter))
+        return x, torch.where(converged, int(Status.OK), int(Status.MAX_ITER)).long()
     rows = m + (n if augment else 0)
     rcond = rows * float(torch.finfo(A.dtype).eps) if rcond is None else rcond
     x, full_rank = _WeightedLstsq.apply(A, b, weights, ridge_b, augment, rcond)
@@ -175,12 +248,15 @@ def least_squares(
 class LeastSquares(nn.Module):
     """Layer form of :func:`least_squares` with a fixed ``ridge``; ``last_status`` after each call."""
 
-    def __init__(self, ridge: float = 0.0, rcond: float | None = None) -> None:
+    def __init__(self, ridge: float = 0.0, rcond: float | None = None, solver: str = "qr",
+                 tol: float | None = None, max_iter: int = 1000) -> None:
         super().__init__()
-        self.ridge = ridge
-        self.rcond = rcond
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+        self.ridge, self.rcond, self.solver, self.tol, self.max_iter = ridge, rcond, solver, tol, max_iter
         self.last_status: torch.Tensor | None = None
 
     def forward(self, A: torch.Tensor, b: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
-        x, self.last_status = least_squares(A, b, weights=weights, ridge=self.ridge, rcond=self.rcond)
+        x, self.last_status = least_squares(A, b, weights=weights, ridge=self.ridge, rcond=self.rcond,
+                                            solver=self.solver, tol=self.tol, max_iter=self.max_iter)
         return x

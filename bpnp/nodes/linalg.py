@@ -426,3 +426,85 @@ def _cg(hvp, v, project, tol, max_iter, shift, rcond):
     status = torch.where(active, torch.full_like(status, int(Status.MAX_ITER)), status)
     w = torch.where((status == int(Status.ZEROED))[:, None], torch.zeros_like(w), w)
     return w, status
+
+
+def cgls(
+    A: torch.Tensor,
+    b: torch.Tensor,
+    weights: torch.Tensor | None = None,
+    ridge: torch.Tensor | None = None,
+    col_scale: torch.Tensor | None = None,
+    tol: float | None = None,
+    max_iter: int = 1000,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    r"""Matrix-free batched least squares by CGLS (conjugate gradient on the normal equations).
+
+    Solves :math:`\min_x \sum_k \omega_k (a_k^\top x - b_k)^2 + \beta \|x\|^2` per item using only
+    products with ``A`` and ``A^T`` (Hestenes-Stiefel's CGLS, which updates the residual
+    :math:`b - Ax` instead of forming :math:`A^\top A`, so rounding sees :math:`\kappa(A)`, not its
+    square). ``col_scale`` ``C`` is a right preconditioner (the iteration runs on :math:`A C`,
+    ``x = C y``), e.g. the inverse column norms as in :func:`bpnp.nodes.least_squares`. Its state is
+    a few vectors of size m and n; nothing of size m x n is allocated.
+
+    Written in plain differentiable torch ops with per-item stopping by ``torch.where``: under
+    ``torch.no_grad()`` it is a forward solver (the least-squares node's ``solver="cg"``), with
+    autograd on it is the *unrolled* solver every iteration of which is kept in the graph (the
+    comparison of ``bpnp.experiments.bilevel_least_squares``). A stopped item is frozen, so no
+    division by a vanishing residual enters the graph.
+
+    Args:
+        A: (B, m, n); b: (B, m).
+        weights: optional (B, m) non-negative row weights; ridge: optional (B,) ``beta >= 0``.
+        col_scale: optional (B, n) positive column scaling.
+        tol: stop an item when its preconditioned normal residual
+            :math:`\|C (A^\top \Omega (b - A x) - \beta x)\|` is at most ``tol`` times its initial
+            value; default :func:`default_cg_tol` (1e-10 in float64, 1.2e-6 in float32).
+        max_iter: iteration limit.
+
+    Returns:
+        ``(x (B, n), iterations (B,) long, converged (B,) bool)``.
+    """
+    tol = default_cg_tol(A.dtype) if tol is None else tol
+    B, m, n = A.shape
+    sw = None if weights is None else weights.sqrt()
+    c = torch.ones(B, n, dtype=A.dtype, device=A.device) if col_scale is None else col_scale
+    sb = None if ridge is None else ridge.sqrt()[:, None]  # the ridge as n extra rows sqrt(beta) I
+
+    def op(y):  # (A C y, sqrt(beta) C y): the augmented matrix times y
+        q = (A @ (c * y).unsqueeze(-1)).squeeze(-1)
+        q = q if sw is None else sw * q
+        return q, (None if sb is None else sb * c * y)
+
+    def op_t(r, r2):  # C (A^T sqrt(w) r + sqrt(beta) r2)
+        s = (A.transpose(1, 2) @ (r if sw is None else sw * r).unsqueeze(-1)).squeeze(-1)
+        return c * (s if r2 is None else s + sb * r2)
+
+    y = torch.zeros(B, n, dtype=A.dtype, device=A.device)
+    r = b if sw is None else sw * b
+    r2 = None if sb is None else torch.zeros(B, n, dtype=A.dtype, device=A.device)
+    s = op_t(r, r2)
+    p = s
+    gamma = (s * s).sum(1)
+    stop = (tol**2) * gamma.detach()
+    active = gamma.detach() > stop
+    iterations = torch.zeros(B, dtype=torch.long, device=A.device)
+    tiny = torch.finfo(A.dtype).tiny
+    for _ in range(max_iter):
+        if not bool(active.any()):
+            break
+        q, q2 = op(p)
+        qq = (q * q).sum(1) + (0 if q2 is None else (q2 * q2).sum(1))
+        ok = active & (qq.detach() > tiny)
+        alpha = torch.where(ok, gamma / torch.where(ok, qq, torch.ones_like(qq)), torch.zeros_like(qq))
+        y = y + alpha[:, None] * p
+        r = r - alpha[:, None] * q
+        r2 = None if r2 is None else r2 - alpha[:, None] * q2
+        s = op_t(r, r2)
+        gamma_new = (s * s).sum(1)
+        beta = torch.where(ok, gamma_new / torch.where(ok, gamma, torch.ones_like(gamma)), torch.zeros_like(gamma))
+        p = torch.where(ok[:, None], s + beta[:, None] * p, p)
+        gamma = torch.where(ok, gamma_new, gamma)
+        iterations = iterations + ok.long()
+        active = ok & (gamma.detach() > stop)
+    converged = ~active
+    return c * y, iterations, converged

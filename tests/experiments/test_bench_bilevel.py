@@ -40,6 +40,21 @@ def test_profile_rows_csv_table_plot(tmp_path):
     assert "| 6 | unrolled_log | 100 |" in table and "at size 6" in table
 
 
+def test_least_squares_rows_and_memory_beyond_inputs():
+    """The matrix-free node keeps only vectors beyond its inputs; the unrolled CGLS keeps every
+    iteration's (and QR's node keeps R), which is what the column compares."""
+    rows = bilevel.profile("ls", [12], repeats=1, threads=1, rss=False)
+    by = {r["method"]: r for r in rows}
+    assert list(by) == list(bilevel.bls.METHODS)
+    assert by["node_cg"]["solver_iterations"] == by["unrolled"]["solver_iterations"] > 0
+    beyond = {k: r["saved_beyond_inputs_mib"] * 2**20 for k, r in by.items()}
+    assert beyond["node_cg"] == 8 * (12 + 12 + 12 + 1)  # x, column scale, the loss's x - x_target (n each), ridge
+    assert beyond["unrolled"] > 10 * beyond["node_cg"] and beyond["node"] > beyond["node_cg"]
+    assert all(r["saved_beyond_inputs_mib"] <= r["saved_mib"] for r in rows)
+    assert max(r["grad_rel_diff"] for r in rows) < 1e-8
+    assert "unrolled / node_cg" in bilevel.markdown(rows, "ls")
+
+
 def test_fresh_process_peak_rss():
     peaks = bilevel.measure_rss("ls", "node", [8, 64], threads=1)
     assert set(peaks) == {8, 64}

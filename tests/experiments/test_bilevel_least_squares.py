@@ -1,4 +1,4 @@
-"""Bi-level least squares at tiny sizes: the three gradients against the closed form, finite
+"""Bi-level least squares at tiny sizes: the four gradients against the closed form, finite
 differences and gradcheck; the unrolled CGLS solver; the loss curves; the command line."""
 
 import pytest
@@ -22,7 +22,7 @@ def test_cgls_solves_batched_least_squares_and_freezes_converged_items():
 
 
 @pytest.mark.parametrize("n", [3, 6])
-def test_three_gradients_match_closed_form(n):
+def test_all_gradients_match_closed_form(n):
     A, b, xt = bls.make_problem(n, seed=n)
     ref = bls.closed_form_gradient(A, b, xt)
     for method in bls.METHODS:
@@ -38,7 +38,7 @@ def test_truncated_unrolled_solver_gives_a_different_gradient():
     assert rel_err(g, ref) > 1e-2
 
 
-@pytest.mark.parametrize("method", ["node", "unrolled"])
+@pytest.mark.parametrize("method", ["node", "node_cg", "unrolled"])
 def test_gradcheck_upper_loss(method):
     A, b, xt = bls.make_problem(3, seed=2)
     A.requires_grad_(True)
@@ -56,14 +56,15 @@ def test_loss_curves_coincide_and_decrease():
     curves = {k: bls.descend(A0, b, xt, k, steps=12)[0] for k in bls.METHODS}
     base = curves["node"]
     assert float(base[-1]) < 0.2 * float(base[0])
-    for k in ("lstsq", "unrolled"):
-        assert float(((curves[k] - base).abs() / base).max()) < 1e-8
+    for k in bls.METHODS[1:]:
+        assert float(((curves[k] - base).abs() / base).max()) < 1e-8, k
 
 
 def test_main_tiny_prints_passing_checks(capsys, tmp_path):
     checks = bls.main(["--n", "4", "--steps", "20", "--plot", str(tmp_path / "loss.png")])
     out = capsys.readouterr().out
     assert checks.ok, out
-    assert "FAIL" not in out and out.count("[PASS]") == len(checks.items) == 9
+    assert "FAIL" not in out and out.count("[PASS]") == len(checks.items) == 12
     assert checks["node vs unrolled: relative difference"] < 1e-6
+    assert checks["node vs node_cg: relative difference"] < 1e-6
     assert (tmp_path / "loss.png").stat().st_size > 0
