@@ -1,13 +1,16 @@
 """Benchmark of the declarative nodes: ratios measured side by side in one run.
 
     python bench/nodes.py              # every benchmark (about 5-10 minutes on 2 CPU cores)
-    python bench/nodes.py --only ot    # or ot-bins, ot-original, pnp, pnp-pairs, lstsq (repeatable)
+    python bench/nodes.py --only ot    # or ot-bins, ot-overrelax, ot-original, pnp, pnp-pairs, lstsq (repeatable)
 
 1. ``ot``: Sinkhorn OT, b = 4, m = n = 1000, exactly 100 iterations: backward time, saved-tensor
    bytes and the peak RSS of a fresh process, implicit vs unrolled backward (targets: >= 10x less
    memory, >= 3x faster implicit). ``ot-bins``: the same with outlier bins
    (:func:`sinkhorn_with_bins`, a (4, 1001, 1001) augmented plan, gradient to M and to the shared
    bin cost).
+   ``ot-overrelax``: the bin Sinkhorn forward as the network runs it (b = 8, m = n = 1000,
+   float32, tol 1e-6) for over-relaxation factors w = 1 (plain), 1.2, 1.4 (the config's), 1.5, on
+   random costs and on the shipped checkpoint's costs: iterations and forward time.
 2. ``ot-original``: our Sinkhorn node (implicit backward) against the ORIGINAL's
    ``RegularisedTransport`` (../shared/reference/bpnpnet through ../shared/tools/refbench), on the
    harness's inputs (b = 4, m = n = 1000, lambda = 10, uniform marginals, a fixed upstream
@@ -372,9 +375,56 @@ def bench_lstsq(repeats):
     print(f"\nours {tt / to:.2f}x faster (errors against a float64 lstsq reference)")
 
 
+def _trained_costs(b, n, ckpt=None):
+    """The shipped network's cost matrices (b, n, n) on synthetic instances of n points per side
+    (the generator's defaults), or None without the checkpoint."""
+    from bpnp.data.collate import collate_scenes
+    from bpnp.data.synthetic import SyntheticConfig, make_instance
+    from bpnp.runtime.checkpoint import load_network
+
+    ckpt = Path(ckpt) if ckpt else Path(__file__).resolve().parents[1] / "checkpoints" / "bpnp_synthetic.pt"
+    if not ckpt.exists():
+        return None
+    net = load_network(ckpt).eval()
+    batch = collate_scenes([make_instance(SyntheticConfig(num_points_2d=n), 7, i) for i in range(b)])
+    with torch.no_grad():
+        return net.cost(batch["p2d"], batch["p3d"], batch["mask2d"], batch["mask3d"]), net.sinkhorn.bin_cost.detach()
+
+
+def bench_ot_overrelax(repeats, ws=(1.0, 1.2, 1.4, 1.5), b=8, n=1000):
+    """The bin Sinkhorn's forward (the network's: float32, lam 10, tol 1e-6) against the
+    over-relaxation factor w, on random costs U[0, 2] (random weights) and on the shipped network's
+    costs; the loop runs until the slowest item of the batch stops."""
+    g = torch.Generator().manual_seed(0)
+    costs = {"U[0, 2] (random network)": (2 * torch.rand(b, n, n, generator=g), torch.tensor(1.0))}
+    trained = _trained_costs(b, n)
+    if trained is None:
+        print("\n(no checkpoints/bpnp_synthetic.pt: the trained-cost rows are skipped)")
+    else:
+        costs["shipped network, synthetic instances"] = trained
+    mask = torch.ones(b, n, dtype=torch.bool)
+    print(f"\n## Bin Sinkhorn forward against over-relaxation: b = {b}, m = n = {n}, lam 10, tol 1e-6, float32 "
+          f"(median of {repeats}, w alternating)")
+    print("| costs | w | iterations: max / mean over items | forward s | vs w = 1 |")
+    print("|---|---|---|---|---|")
+    for name, (M, bin_cost) in costs.items():
+        times, its = {w: [] for w in ws}, {}
+        for _ in range(repeats):
+            for w in ws:
+                t0 = time.perf_counter()
+                _, info = sinkhorn_with_bins(M, mask, mask, bin_cost, lam=10.0, max_iter=1000, tol=1e-6, overrelax=w)
+                times[w].append(time.perf_counter() - t0)
+                its[w] = info.iterations.float()
+        base = statistics.median(times[ws[0]])
+        for w in ws:
+            t = statistics.median(times[w])
+            print(f"| {name} | {w:g} | {int(its[w].max())} / {float(its[w].mean()):.1f} | {t:.3f} | {base / t:.2f}x |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["ot", "ot-bins", "ot-original", "pnp", "pnp-pairs", "lstsq"], action="append")
+    ap.add_argument("--only", choices=["ot", "ot-bins", "ot-overrelax", "ot-original", "pnp", "pnp-pairs", "lstsq"],
+                    action="append")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--ot-worker", choices=["implicit", "unrolled"], help=argparse.SUPPRESS)
@@ -387,11 +437,13 @@ def main():
     os.environ["BENCH_THREADS"] = str(args.threads)
     print(f"# bpnp node benchmarks: torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f} at start")
-    todo = args.only or ["ot", "ot-bins", "ot-original", "pnp", "pnp-pairs", "lstsq"]
+    todo = args.only or ["ot", "ot-bins", "ot-overrelax", "ot-original", "pnp", "pnp-pairs", "lstsq"]
     if "ot" in todo:
         bench_ot(args.repeats)
     if "ot-bins" in todo:
         bench_ot(args.repeats, bins=True)
+    if "ot-overrelax" in todo:
+        bench_ot_overrelax(args.repeats)
     if "ot-original" in todo:
         bench_ot_original(args.repeats, args.threads)
     if "pnp" in todo:

@@ -7,9 +7,9 @@ Rebuilds the run's validation split as training did (``.hydra/config.yaml``: sou
 ``val_synthetic``; ``--val-length`` takes more instances of the same validation stream, never the
 test stream), runs the network once per batch in eval mode (encoders, Sinkhorn, RANSAC seeded per
 batch as in validation), then the refinement alone (``BlindPnPNet.refine_pose``) dense
-(``refine.top_k = None``, float32 as today, and in float64 for reference) and with each ``k``
-(float64, as the network solves the sparse problem), all at the checkpoint's inference settings (plus
-``--set``). Prints per setting: success rate, median rotation error (deg), median centre error
+(``refine.top_k = None``) in the network's float32 and in float64 (``refine.dtype``), and with
+each ``k`` in float64 (the shipped working precision), all at the checkpoint's inference settings
+(plus ``--set``). Prints per setting: success rate, median rotation error (deg), median centre error
 (relative to the median depth), median translation error, the LM iterations per item, and the refinement's time per batch
 (forward only, medians over batches, settings alternating); and, against dense (float32), how
 many items only one of the two solves and the median and 90th percentile of the per-item change
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-from dataclasses import replace
 import sys
 import time
 from pathlib import Path
@@ -29,20 +28,6 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-
-def _dense64(net, out, batch):
-    """Today's dense refinement (gate included) solved in float64: what the network's ``_refine``
-    does with ``top_k = None``, on float64 copies."""
-    from bpnp.models.network import _consensus_mask, _geometric_inputs
-
-    mask2d, mask3d = batch["mask2d"], batch["mask3d"]
-    b, p = (x.double() for x in _geometric_inputs(batch["p2d"], batch["p3d"], mask2d, mask3d))
-    P, R0, t0 = out.P.double(), out.R0.double(), out.t0.double()
-    if net.refine_gate is not None:
-        P = P * _consensus_mask(b, p, R0, t0, net.refine_gate).double()
-    res = net.pnp(P, b, p, R0, t0, mask2d, mask3d)
-    return replace(out, R=res.R.float(), t=res.t.float(), pnp_status=res.status, pnp_iterations=res.iterations)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     loader = dm.val_dataloader()
     seed = int(cfg.model.get("eval_seed", 0))
     base = net.refine_settings.to_dict()
-    modes = [None, "dense64"] + list(args.ks)
+    # (top_k, dtype): dense in the network's float32 (the reference of the comparisons), dense in
+    # float64, then each k in float64 (the shipped working precision, RefineSettings.dtype).
+    modes = [(None, "input"), (None, "float64")] + [(k, "float64") for k in args.ks]
     errs = {k: {"rot": [], "center": [], "t": [], "success": [], "iters": []} for k in modes}
     times = {k: [] for k in modes}
     for bi, batch in enumerate(loader):
@@ -80,20 +67,20 @@ def main(argv: list[str] | None = None) -> int:
             out = net(batch, generator=seeded_generator(seed, bi, "cpu"), refine=False)
             ref = (batch["R"], batch["t"], batch["p3d"], batch["match"], batch["mask2d"], batch.get("mask3d"))
             for k in modes:
-                net.configure(refine={**base, "top_k": None if k == "dense64" else k})
+                net.configure(refine={**base, "top_k": k[0], "dtype": k[1]})
                 t0 = time.perf_counter()
-                refined = _dense64(net, out, batch) if k == "dense64" else net.refine_pose(out, batch)
+                refined = net.refine_pose(out, batch)
                 times[k].append(time.perf_counter() - t0)
                 errs[k]["iters"].append(refined.pnp_iterations.double())
                 e = pose_errors(refined.R, refined.t, *ref)
                 for key, name in (("rot", "rot_err_deg"), ("center", "center_err_rel"), ("t", "t_err"), ("success", "success")):
                     errs[k][key].append(e[name].double())
-    n = sum(len(x) for x in errs[None]["success"])
+    n = sum(len(x) for x in errs[modes[0]]["success"])
     print(f"validation split of {run} ({n} instances, batches of {loader.batch_size}); checkpoint {args.ckpt}; "
           f"refinement {base}, ransac_hypotheses {net.ransac_kwargs['num_hypotheses']}, "
           f"{torch.get_num_threads()} thread(s)")
     cat = {k: {key: torch.cat(v) for key, v in d.items()} for k, d in errs.items()}
-    dense = cat[None]
+    dense = cat[modes[0]]
     print("| refinement | success | median rot err (deg) | median centre err (rel.) | median t err | "
           "only dense solves | only this solves | per-item change of rot err vs dense: median / 90 % (deg) | "
           "LM iterations: median / max | refinement time per batch (s) |")
@@ -104,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         only_this = int((~dense["success"].bool() & c["success"].bool()).sum())
         d = (c["rot"] - dense["rot"]).abs()
         drot = f"{float(d.median()):.4f} / {float(d.quantile(0.9)):.4f}"
-        name = {None: "dense (float32, today)", "dense64": "dense, float64"}.get(k, f"top-{k} per row (float64)")
+        name = ("dense" if k[0] is None else f"top-{k[0]} per row") + (" (float32)" if k[1] == "input" else " (float64)")
         print(f"| {name} | {float(c['success'].mean()):.3f} | "
               f"{float(c['rot'].median()):.4f} | {float(c['center'].median()):.5f} | {float(c['t'].median()):.5f} | "
               f"{only_dense} | {only_this} | {drot} | {int(c['iters'].median())} / {int(c['iters'].max())} | "

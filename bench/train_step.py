@@ -20,11 +20,11 @@ bpnp configurations (``--configs``), composed from configs/ (Hydra) and built li
 
 - ``shipped``: configs/model/bpnp.yaml with its default network (configs/model/net/), the robust
   refinement and its ``refine.top_k``; the loss of the config with the pose loss on;
-- ``shipped-dense``: the same with ``model.net.refine.top_k=null`` (every refinement iteration
+- ``shipped-dense``: the same with ``model.net.refine.top_k=null`` and ``refine.dtype=input`` (every refinement iteration
   O(mn), as before the sparse refinement);
 - ``like-original``: the original's encoders (``model/net=bpnpnet``, 12 blocks, STN, no kNN stem),
-  uniform marginals (no bins), plain weighted angular error (``refine.robust=none``), the
-  original's linear correspondence loss;
+  uniform marginals (no bins), plain weighted angular error (``refine.robust=none``, dense, in
+  float32), the original's linear correspondence loss;
 - ``original-encoders-shipped``: the original's encoders with the rest as shipped.
 
 Weights are random (as the harness's original) unless ``--init CKPT`` loads a trained network into
@@ -64,10 +64,10 @@ from bpnp.data.synthetic import SyntheticConfig, make_instance  # noqa: E402
 #: bpnp configurations: Hydra overrides of configs/train.yaml's model group.
 CONFIGS = {
     "shipped": [],
-    "shipped-dense": ["model.net.refine.top_k=null"],
+    "shipped-dense": ["model.net.refine.top_k=null", "model.net.refine.dtype=input"],
     "like-original": ["model/net=bpnpnet", "model.net.knn=0", "model.net.sinkhorn.bins=none",
                       "model.net.refine.robust=none", "model.net.refine.gate=null", "model.net.refine.top_k=null",
-                      "model.loss.corr_kind=linear"],
+                      "model.net.refine.dtype=input", "model.loss.corr_kind=linear"],
     "original-encoders-shipped": ["model/net=bpnpnet", "model.net.knn=0"],
 }
 STAGES = ("encoders", "ot_fwd", "ransac", "refine_fwd", "refine_bwd", "ot_bwd", "encoders_bwd")

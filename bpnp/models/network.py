@@ -204,7 +204,7 @@ class BlindPnPNet(nn.Module):
             self.stn = STN3d(sync_batchnorm=sync_batchnorm) if use_stn else None
         self.normalize_3d = bool(normalize_3d)
         sk = self.sinkhorn_settings
-        ot = dict(lam=sk.lam, max_iter=sk.max_iter, tol=sk.tol, backward=backward)
+        ot = dict(lam=sk.lam, max_iter=sk.max_iter, tol=sk.tol, backward=backward, overrelax=sk.overrelax)
         if sk.bins == "none":
             self.sinkhorn = SinkhornOT(**ot)
         else:
@@ -228,7 +228,8 @@ class BlindPnPNet(nn.Module):
                                       refine_steps=r.refine_steps)
         if refine is not None:
             self.refine_settings = f = _group(RefineSettings, refine, "refine", getattr(self, "refine_settings", None))
-            self.pnp = PnPRefine(robust=f.robust, robust_scale=f.robust_scale, max_iter=f.max_iter, backward=self.backward)
+            self.pnp = PnPRefine(robust=f.robust, robust_scale=f.robust_scale, max_iter=f.max_iter, backward=self.backward,
+                                 work_dtype=torch.float64 if f.dtype == "float64" else None)
             self.refine_in_training, self.refine_gate, self.refine_top_k = f.in_training, f.gate, f.top_k
 
     def settings(self) -> dict[str, Any]:
@@ -421,14 +422,7 @@ class BlindPnPNet(nn.Module):
         else:  # sparse: the top-k pairs of each row, chosen once; padding keeps weight 0
             real = mask2d[:, :, None] & mask3d[:, None, :]
             P = torch.where(real, P, torch.zeros((), dtype=P.dtype, device=P.device))
-            # Solved in float64 (the casts are differentiable; O(m k) numbers): in float32 the
-            # residual 1 - b.u of a narrow kernel (robust_scale 5e-5) is resolved to ~1e-7 only,
-            # and LM needs a median of 22 iterations where float64 needs 4 (on validation,
-            # bench/refine_pairs.py prints both).
-            wide = torch.float64 if P.device.type != "mps" else P.dtype
-            pairs = [x.to(wide) for x in gather_pairs(P, bearings, points, self.refine_top_k)]
-            res = self.pnp(*pairs, out.R0.to(wide), out.t0.to(wide))
-            res = res._replace(R=res.R.to(P.dtype), t=res.t.to(P.dtype))
+            res = self.pnp(*gather_pairs(P, bearings, points, self.refine_top_k), out.R0, out.t0)
         return replace(out, R=res.R, t=res.t, pnp_status=res.status, pnp_iterations=res.iterations, refined=True)
 
     def _unpack(self, batch, p2d, p3d, mask2d, mask3d):

@@ -36,6 +36,7 @@ MATCHERS = ("attention", "bpnpnet")
 BINS = ("none", "shared", "per_side")
 KERNELS = ("none", "huber", "geman_mcclure", "tanh")  # bpnp.nodes.robust.KERNELS (checked in a test)
 BACKWARDS = ("implicit", "unrolled")
+REFINE_DTYPES = ("float64", "input")
 
 
 class SettingError(ValueError):
@@ -112,6 +113,10 @@ class SinkhornSettings(_Group):
     bins: outlier bins, ``none`` (uniform marginals, the original), ``shared`` (one learnable bin
         cost) or ``per_side``.
     bin_init: initial bin cost (feature costs lie in [0, 2]; unrelated unit features ~1.4).
+    overrelax: over-relaxation factor of the Sinkhorn scaling forward, 1 <= w < 2 (1 = plain
+        Sinkhorn). Same plan to ``tol``, fewer iterations: 1.4 was chosen on the trained
+        network's costs (bins, the timing scenes: the slowest item of a batch 55 -> 19 iterations;
+        docs/benchmarks.md).
     """
 
     lam: float = 10.0
@@ -119,9 +124,11 @@ class SinkhornSettings(_Group):
     tol: float = 1e-6
     bins: str = "shared"
     bin_init: float = 1.0
+    overrelax: float = 1.4
 
     CHECKS = {"lam": _number(low=0, open_low=True), "max_iter": _number(integer=True, low=1),
-              "tol": _number(low=0, open_low=True), "bins": _choice(BINS), "bin_init": _number()}
+              "tol": _number(low=0, open_low=True), "bins": _choice(BINS), "bin_init": _number(),
+              "overrelax": _number(low=1, high=2)}
 
 
 @dataclass(frozen=True)
@@ -154,8 +161,11 @@ class RefineSettings(_Group):
     gate: ``None`` (weigh every pair by ``P``) or an angle in ``(0, pi/2)`` radians: weigh only the
         pairs within it of the RANSAC pose (choose on validation: ``tune_robust_scale --gates``).
     top_k: ``None`` (dense, O(mn) per iteration) or ``k``: keep the ``k`` largest entries of each
-        row of the (gated) ``P``, chosen once before the iterations, and solve those ``m k`` pairs
-        (in float64). 4 chosen on validation (docs/benchmarks.md, bench/refine_pairs.py).
+        row of the (gated) ``P``, chosen once before the iterations, and solve those ``m k`` pairs.
+        4 chosen on validation (docs/benchmarks.md, bench/refine_pairs.py).
+    dtype: the refinement's working precision, ``float64`` or ``input`` (the network's, float32):
+        with the narrow kernel of the shipped checkpoints (scale 5e-5) float32 needs a median of
+        22 LM iterations where float64 needs 4, for the same poses (bench/refine_pairs.py).
     in_training: also refine in training steps that do not ask for it (always on in eval).
     """
 
@@ -164,11 +174,12 @@ class RefineSettings(_Group):
     max_iter: int = 50
     gate: float | None = None
     top_k: int | None = 4
+    dtype: str = "float64"
     in_training: bool = False
 
     CHECKS = {"robust": _choice(KERNELS), "robust_scale": _number(low=0, open_low=True),
               "max_iter": _number(integer=True, low=1), "gate": _number(low=0, open_low=True, high=math.pi / 2, none=True),
-              "top_k": _number(integer=True, low=1, none=True), "in_training": _flag}
+              "top_k": _number(integer=True, low=1, none=True), "dtype": _choice(REFINE_DTYPES), "in_training": _flag}
 
 
 GROUPS: dict[str, type[_Group]] = {"sinkhorn": SinkhornSettings, "ransac": RansacSettings, "refine": RefineSettings}

@@ -277,6 +277,11 @@ class PnPRefine(nn.Module):
         singular: backward fallback for degenerate items, ``"damp"``, ``"min_norm"`` or ``"zero"``.
         degenerate_check_every: every this many iterations, items found degenerate stop iterating
             (0 = test only at the end); the final status is the same, the time is not.
+        work_dtype: solve (forward and implicit backward) in this dtype and return ``R``, ``t`` in
+            the inputs' dtype, e.g. ``torch.float64`` for a float32 network with a narrow robust
+            kernel (float32 resolves ``1 - b . u`` to ~1e-7 only, so LM needs more iterations and
+            stops farther from the optimum); the casts are differentiable. None (default): the
+            inputs' dtype. float64 is not used on "mps" devices, which have none.
 
     Forward: ``(W (B,m,n) >= 0, bearings (B,m,3) unit, points (B,n,3), R0 (B,3,3), t0 (B,3),
     mask2d (B,m) bool = None, mask3d (B,n) bool = None) -> PnPResult``. Masked rows and columns of
@@ -296,8 +301,11 @@ class PnPRefine(nn.Module):
         backward: str = "implicit",
         singular: str = "damp",
         degenerate_check_every: int = 5,
+        work_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        if work_dtype is not None and not (isinstance(work_dtype, torch.dtype) and work_dtype.is_floating_point):
+            raise ValueError(f"work_dtype must be a floating torch.dtype or None, got {work_dtype!r}")
         if backward not in ("implicit", "unrolled"):
             raise ValueError(f"backward must be 'implicit' or 'unrolled', got {backward!r}")
         if singular not in SINGULAR_MODES:
@@ -306,10 +314,12 @@ class PnPRefine(nn.Module):
         self.max_iter, self.xtol, self.gtol, self.damping = max_iter, xtol, gtol, damping
         self.degenerate_rcond, self.backward_mode, self.singular = degenerate_rcond, backward, singular
         self.degenerate_check_every = int(degenerate_check_every)
+        self.work_dtype = work_dtype
         self.last_backward_status: torch.Tensor | None = None
 
     def extra_repr(self) -> str:
-        return f"kernel={self.kernel}, max_iter={self.max_iter}, backward={self.backward_mode!r}"
+        wd = f", work_dtype={self.work_dtype}" if self.work_dtype is not None else ""
+        return f"kernel={self.kernel}, max_iter={self.max_iter}, backward={self.backward_mode!r}{wd}"
 
     # --- forward solver ---------------------------------------------------------------------
     def solve(self, W, bearings, points, R0, t0):
@@ -481,10 +491,18 @@ class PnPRefine(nn.Module):
             W = W * mask2d[:, :, None].to(W.dtype)
         if mask3d is not None:
             W = W * mask3d[:, None, :].to(W.dtype)
+        out_dtype, work = W.dtype, self.work_dtype
+        if work is None or (work == torch.float64 and W.device.type == "mps"):  # mps has no float64
+            work = out_dtype
+        if work != out_dtype:  # differentiable casts: the gradient reaches the inputs in their dtype
+            W, bearings, points, R0, t0 = (x.to(work) for x in (W, bearings, points, R0, t0))
         if self.backward_mode == "unrolled":
-            return PnPResult(*self.solve(W, bearings, points, R0, t0))
-        R, t, status, iterations, F = _PnPFunction.apply(self, W, bearings, points, R0.detach(), t0.detach())
-        return PnPResult(R, t, status, iterations, F)
+            res = PnPResult(*self.solve(W, bearings, points, R0, t0))
+        else:
+            res = PnPResult(*_PnPFunction.apply(self, W, bearings, points, R0.detach(), t0.detach()))
+        if work != out_dtype:
+            res = res._replace(R=res.R.to(out_dtype), t=res.t.to(out_dtype), objective=res.objective.to(out_dtype))
+        return res
 
 
 class _PnPFunction(torch.autograd.Function):

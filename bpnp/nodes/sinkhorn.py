@@ -24,6 +24,22 @@ its minimum first (the plan is invariant; ``-lam M`` of a large ``M`` would keep
 float32), absorb potentials only into items still iterating, and report the marginal error
 measured on the returned plan (:class:`SinkhornInfo`).
 
+**Over-relaxation** (``overrelax`` = :math:`w \in [1, 2)`, implicit mode only; the unrolled mode
+ignores it and stays the plain reference). Each scaling becomes
+:math:`u \leftarrow u^{1-w} (r / Kv)^w`, i.e. :math:`\log u \leftarrow (1-w)\log u + w \log(r/Kv)`,
+and likewise for :math:`v` (Thibault, Chizat, Dossal, Papadakis, Algorithms 2021; Lehmann, von
+Renesse, Sambale, Uschmajew, Optim. Lett. 2022). Its fixed points are Sinkhorn's, so the plan,
+``tol`` (now on the larger of the row and column errors, as a relaxed column update leaves the
+columns inexact), the :class:`SinkhornInfo` fields and the implicit backward keep their meaning;
+on slowly converging problems it needs far fewer iterations (bins, 1000 x 1000 costs U[0, 2],
+``lam`` = 10, float32: 84 -> 19 at :math:`w` = 1.5; a :math:`w` too large for the problem
+oscillates and is slower). Over-relaxation is only locally convergent, so each item takes a
+relaxed half-step only if it raises the dual objective by at least half of a relaxed step's
+asymptotic gain (a Lyapunov test at O(m + n) cost) and stays finite; otherwise that half-step is
+plain Sinkhorn. Every step thus raises the dual, which is bounded above, by a fixed fraction of
+the plain step's gain, so the marginal errors tend to 0 from any start as for plain Sinkhorn
+(:func:`_relaxed_scaling`). :math:`w` = 1 is the plain iteration exactly.
+
 **Backward (implicit).** Perturbing :math:`M` gives :math:`dP = P\odot(-\lambda\,dM + d\alpha_i
 + d\beta_j)` with :math:`(d\alpha, d\beta)` restoring the marginals. For an incoming gradient
 :math:`G = \partial L/\partial P` this yields
@@ -76,6 +92,7 @@ the augmented cost.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
@@ -166,13 +183,22 @@ def _validate(M: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> None:
         )
 
 
-def _check_options(lam: float, backward: str, singular: str) -> None:
+def _check_overrelax(overrelax: float) -> float:
+    """``overrelax`` as a float in [1, 2) (1 = plain Sinkhorn), else a ValueError naming it."""
+    w = float(overrelax) if isinstance(overrelax, numbers.Real) and not isinstance(overrelax, bool) else float("nan")
+    if not 1.0 <= w < 2.0:
+        raise ValueError(f"overrelax must be a number with 1 <= overrelax < 2 (1 = plain Sinkhorn), got {overrelax!r}")
+    return w
+
+
+def _check_options(lam: float, backward: str, singular: str, overrelax: float = 1.0) -> None:
     if backward not in BACKWARD_MODES:
         raise ValueError(f"backward must be one of {BACKWARD_MODES}, got {backward!r}")
     if singular not in SINGULAR_MODES:
         raise ValueError(f"singular must be one of {SINGULAR_MODES}, got {singular!r}")
     if not lam > 0:
         raise ValueError(f"lam must be positive, got {lam}")
+    _check_overrelax(overrelax)
 
 
 def _row_shifted(M: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
@@ -260,7 +286,43 @@ def _sinkhorn_iterations(M, r, c, lam, max_iter, tol):
     return P, _info(active, row, col, finite_item, iterations, err, tol, measured)
 
 
-def _sinkhorn_scaling(M, r, c, lam, max_iter, tol):
+def _relaxed_scaling(u, Ku, r, real, w, kappa, tiny):
+    """Over-relaxed Sinkhorn scaling ``u^(1-w) (r / Ku)^w`` with a per-item safeguard (B, k).
+
+    ``u`` is the current scaling, ``Ku`` the kernel applied to the other one, ``real`` masks the
+    real entries. In logs, ``log u <- (1-w) log u + w log(r / Ku)``; it is evaluated as
+    ``(r / Ku) * rho^(1-w)`` with ``rho = u Ku / r`` the current plan's marginal ratio, the same
+    number, but ``rho -> 1`` at convergence, so the factor rounds to about eps instead of
+    ``eps |log u|`` (in float32 with ``|log u|`` ~ 20, about 1e-6 per entry, the size of ``tol``).
+
+    Safeguard (a Lyapunov test in the spirit of Thibault et al.): with ``x = log rho``, the step
+    changes the concave dual objective ``<r, alpha> + <c, beta> - sum(P)`` (``alpha``, ``beta``
+    the full log scalings, absorbed potentials included) by
+    ``sum r (g(x) - g((1-w) x))``, ``g(y) = e^y - 1 - y >= 0``, against ``sum r g(x)`` (the
+    generalised KL of ``r`` to the plan's marginal) for the plain step. Each item takes the relaxed
+    step only if ``sum r g((1-w) x) <= kappa sum r g(x)``, ``kappa = 1 - w (2-w) / 2``, i.e. if it
+    gains at least half of the relaxed step's asymptotic gain ``w (2-w) sum r x^2 / 2`` (always
+    true near the solution), and if every relaxed scaling is finite and in the range
+    ``[tiny, 1/tiny]`` of a plain one; otherwise it takes the plain step ``r / Ku``. Every step
+    thus raises the dual, bounded above, by at least ``w (2-w) / 2`` times the plain step's gain,
+    so the errors tend to 0 from any start, as for plain Sinkhorn. (Far from the solution a relaxed
+    step can lower the dual: ``g((1-w) x)`` grows like ``e^((w-1)|x|)`` for a marginal far below
+    its target. The marginal error itself, monotone for plain Sinkhorn, is not monotone under
+    relaxation even where it converges fast: a permanent fallback on an error increase, tried
+    first, switched relaxation off after the first iteration on the bin problems.)
+    """
+    plain = r / Ku.clamp_min(tiny)
+    one = torch.ones_like(r)
+    x = torch.log1p(torch.where(real, (u * Ku - r) / torch.where(real, r, one), torch.zeros_like(r)))
+    g_plain = ((torch.expm1(x) - x) * r).sum(1)
+    y = (1.0 - w) * x
+    g_rel = ((torch.expm1(y) - y) * r).sum(1)
+    relaxed = plain * torch.exp(y)
+    ok = (g_rel <= kappa * g_plain) & (~real | ((relaxed >= tiny) & (relaxed <= 1.0 / tiny))).all(1)
+    return torch.where(ok[:, None], relaxed, plain)
+
+
+def _sinkhorn_scaling(M, r, c, lam, max_iter, tol, overrelax=1.0):
     """Stabilised Sinkhorn for the implicit mode (no graph): matrix-vector scaling iterations on
     a kernel that absorbs the log potentials whenever a scaling leaves a safe range.
 
@@ -271,6 +333,11 @@ def _sinkhorn_scaling(M, r, c, lam, max_iter, tol):
     plain linear-domain algorithm of the original does (the log-domain stabilisation of
     Schmitzer, "Stabilized sparse scaling algorithms for entropy regularized transport problems",
     2019).
+
+    ``overrelax`` = w > 1 replaces each scaling by ``u^(1-w) (r / K v)^w`` (and the same for
+    ``v``), per item and step guarded by :func:`_relaxed_scaling`, and an item then stops on the
+    larger of its row and column errors (a relaxed ``v`` update leaves the columns inexact);
+    w = 1 runs exactly the plain iteration.
     """
     B, m, n = M.shape
     dtype = M.dtype
@@ -296,18 +363,35 @@ def _sinkhorn_scaling(M, r, c, lam, max_iter, tol):
     active = row.any(1) & col.any(1) & finite_item
     iterations = torch.zeros(B, dtype=torch.long, device=M.device)
     err = torch.zeros(B, dtype=dtype, device=M.device)
+    relax = overrelax != 1.0  # w = 1: the plain iteration below, operation for operation
+    if relax:
+        w = float(overrelax)
+        # A relaxed step is taken when it gains at least half of what a relaxed step gains
+        # asymptotically (see _relaxed_scaling); the column error of the current plan is kept
+        # because a relaxed v update leaves the columns inexact.
+        kappa = 1.0 - 0.5 * w * (2.0 - w)
+        col_err = torch.zeros(B, dtype=dtype, device=M.device)
     for _ in range(max_iter):
         if not bool(active.any()):
             break
         Kv = (Kt @ v.unsqueeze(-1)).squeeze(-1)
         err_now = ((u * Kv - r).abs() * row).sum(1) / mass  # row error of the current plan
+        if relax:
+            err_now = torch.maximum(err_now, col_err)
         err = torch.where(active, err_now, err)
         active = active & (err_now > tol)
         if not bool(active.any()):
             break
-        u = torch.where(active[:, None] & row, r / Kv.clamp_min(tiny), u)
-        KTu = (Kt.transpose(1, 2) @ u.unsqueeze(-1)).squeeze(-1)
-        v = torch.where(active[:, None] & col, c / KTu.clamp_min(tiny), v)
+        if relax:
+            u = torch.where(active[:, None] & row, _relaxed_scaling(u, Kv, r, row, w, kappa, tiny), u)
+            KTu = (Kt.transpose(1, 2) @ u.unsqueeze(-1)).squeeze(-1)
+            v = torch.where(active[:, None] & col, _relaxed_scaling(v, KTu, c, col, w, kappa, tiny), v)
+            # Column error of the new plan (zero up to rounding after a plain v update).
+            col_err = torch.where(active, ((v * KTu - c).abs() * col).sum(1) / mass, col_err)
+        else:
+            u = torch.where(active[:, None] & row, r / Kv.clamp_min(tiny), u)
+            KTu = (Kt.transpose(1, 2) @ u.unsqueeze(-1)).squeeze(-1)
+            v = torch.where(active[:, None] & col, c / KTu.clamp_min(tiny), v)
         iterations = iterations + active.long()
         lu = torch.where(row, torch.log(u.clamp_min(tiny)), torch.zeros_like(u))
         lv = torch.where(col, torch.log(v.clamp_min(tiny)), torch.zeros_like(v))
@@ -367,9 +451,9 @@ def _ot_backward(P, G, row, col, lam, need_marginals, singular):
 
 class _SinkhornFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, M, r, c, lam, max_iter, tol, singular, holder):
+    def forward(ctx, M, r, c, lam, max_iter, tol, singular, holder, overrelax):
         with torch.no_grad():
-            P, info = _sinkhorn_scaling(M, r, c, lam, max_iter, tol)
+            P, info = _sinkhorn_scaling(M, r, c, lam, max_iter, tol, overrelax)
         holder["info"] = info
         ctx.lam, ctx.singular, ctx.holder = lam, singular, holder
         ctx.save_for_backward(P, r > 0, c > 0)
@@ -390,7 +474,7 @@ class _SinkhornFunction(torch.autograd.Function):
         info = ctx.holder.get("info")
         if info is not None:
             info.backward_status = status
-        return gM, (ga if need_r else None), (gb if need_c else None), None, None, None, None, None
+        return gM, (ga if need_r else None), (gb if need_c else None), None, None, None, None, None, None
 
 
 def sinkhorn(
@@ -402,6 +486,8 @@ def sinkhorn(
     tol: float = 1e-6,
     backward: str = "implicit",
     singular: str = "damp",
+    *,
+    overrelax: float = 1.0,
 ) -> tuple[torch.Tensor, SinkhornInfo]:
     """Entropic optimal transport plan, batched, differentiable in ``M``, ``r`` and ``c``.
 
@@ -419,6 +505,12 @@ def sinkhorn(
             ``"unrolled"`` (autograd through the iterations).
         singular: per-item fallback if the backward system is singular (``"damp"``,
             ``"min_norm"``, ``"zero"``).
+        overrelax: over-relaxation factor w, 1 <= w < 2, of the implicit-mode forward: each
+            scaling becomes ``u^(1-w) (r / K v)^w``. Same fixed point, same ``tol`` (then on the
+            row *and* column error, as columns are no longer exact), fewer iterations on slow
+            problems (bins); a relaxed step that fails a per-item Lyapunov (dual ascent) test
+            is replaced by the plain one. 1 (default) is plain Sinkhorn, exactly. Ignored by
+            ``backward="unrolled"``, which stays the plain log-domain reference.
 
     Returns:
         ``(P, info)``: (B, m, n) transport plans and per-item :class:`SinkhornInfo`.
@@ -429,13 +521,15 @@ def sinkhorn(
         >>> torch.allclose(P.sum(2), r, atol=1e-5)
         True
     """
-    _check_options(lam, backward, singular)
+    _check_options(lam, backward, singular, overrelax)
     _validate(M, r, c)
     r, c = r.to(M.dtype), c.to(M.dtype)
     if backward == "unrolled":
         return _sinkhorn_iterations(M, r, c, lam, max_iter, tol)
     holder: dict = {}
-    P = _SinkhornFunction.apply(M, r, c, float(lam), int(max_iter), float(tol), singular, holder)
+    P = _SinkhornFunction.apply(
+        M, r, c, float(lam), int(max_iter), float(tol), singular, holder, _check_overrelax(overrelax)
+    )
     return P, holder["info"]
 
 
@@ -443,24 +537,35 @@ class SinkhornOT(nn.Module):
     """Layer form of :func:`sinkhorn`; the last forward's diagnostics are in :attr:`last_info`.
 
     Args:
-        lam, max_iter, tol, backward, singular: as in :func:`sinkhorn`.
+        lam, max_iter, tol, backward, singular, overrelax: as in :func:`sinkhorn`.
     """
 
     def __init__(
-        self, lam: float = 10.0, max_iter: int = 100, tol: float = 1e-6, backward: str = "implicit", singular: str = "damp"
+        self,
+        lam: float = 10.0,
+        max_iter: int = 100,
+        tol: float = 1e-6,
+        backward: str = "implicit",
+        singular: str = "damp",
+        *,
+        overrelax: float = 1.0,
     ) -> None:
         super().__init__()
         if backward not in BACKWARD_MODES:
             raise ValueError(f"backward must be one of {BACKWARD_MODES}, got {backward!r}")
         self.lam, self.max_iter, self.tol, self.backward, self.singular = lam, max_iter, tol, backward, singular
+        self.overrelax = _check_overrelax(overrelax)
         self.last_info: SinkhornInfo | None = None
 
     def forward(self, M: torch.Tensor, r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        P, self.last_info = sinkhorn(M, r, c, self.lam, self.max_iter, self.tol, self.backward, self.singular)
+        P, self.last_info = sinkhorn(
+            M, r, c, self.lam, self.max_iter, self.tol, self.backward, self.singular, overrelax=self.overrelax
+        )
         return P
 
     def extra_repr(self) -> str:
-        return f"lam={self.lam}, max_iter={self.max_iter}, tol={self.tol}, backward={self.backward!r}"
+        extra = f", overrelax={self.overrelax}" if self.overrelax != 1.0 else ""
+        return f"lam={self.lam}, max_iter={self.max_iter}, tol={self.tol}, backward={self.backward!r}{extra}"
 
 
 # --------------------------------------------------------------------------------------------
@@ -536,6 +641,8 @@ def sinkhorn_with_bins(
     tol: float = 1e-6,
     backward: str = "implicit",
     singular: str = "damp",
+    *,
+    overrelax: float = 1.0,
 ) -> tuple[torch.Tensor, SinkhornInfo]:
     """Entropic OT with outlier bins (dustbins): every real point may stay unmatched.
 
@@ -552,8 +659,9 @@ def sinkhorn_with_bins(
         bin_cost: cost of leaving a point unmatched, in the units of ``M``: shape () shared by
             both sides, or (2,) ``[row -> bin column, column -> bin row]``; the corner (bin, bin)
             gets their mean. A float is taken as a shared cost.
-        lam, max_iter, tol, backward, singular: as in :func:`sinkhorn` (``tol`` is relative to
-            the total mass 1 of the augmented plan).
+        lam, max_iter, tol, backward, singular, overrelax: as in :func:`sinkhorn` (``tol`` is
+            relative to the total mass 1 of the augmented plan). The bins' large marginals make
+            plain Sinkhorn slow here; ``overrelax`` (e.g. 1.5) cuts the iterations.
 
     Returns:
         ``(P_aug, info)``: (B, m+1, n+1) plans, the bins last (``P_aug[:, m]``, ``P_aug[:, :, n]``),
@@ -573,7 +681,7 @@ def sinkhorn_with_bins(
     B, m, n = M.shape
     _validate_masks(mask_rows, mask_cols, B, m, n, M.device)
     r, c = bin_marginals(mask_rows, mask_cols, M.dtype)
-    return sinkhorn(_augmented_cost(M, bin_cost), r, c, lam, max_iter, tol, backward, singular)
+    return sinkhorn(_augmented_cost(M, bin_cost), r, c, lam, max_iter, tol, backward, singular, overrelax=overrelax)
 
 
 @dataclass
@@ -635,6 +743,7 @@ class SinkhornOTWithBins(nn.Module):
     Args:
         lam, max_iter, tol, backward, singular: as in :func:`sinkhorn` (same order as
             :class:`SinkhornOT`).
+        overrelax: as in :func:`sinkhorn` (keyword only).
         bins: ``"shared"`` (:attr:`bin_cost` of shape ()) or ``"per_side"`` (shape (2,):
             ``[row -> bin, column -> bin]``).
         bin_init: initial bin cost, in the units of ``M``. The network's costs lie in [0, 2]:
@@ -653,22 +762,33 @@ class SinkhornOTWithBins(nn.Module):
         *,
         bins: str = "shared",
         bin_init: float = 1.0,
+        overrelax: float = 1.0,
     ) -> None:
         super().__init__()
-        _check_options(lam, backward, singular)
+        _check_options(lam, backward, singular, overrelax)
         if bins not in BIN_MODES:
             raise ValueError(f"bins must be one of {BIN_MODES}, got {bins!r}")
         if not math.isfinite(bin_init):
             raise ValueError(f"bin_init must be finite, got {bin_init}")
         self.lam, self.max_iter, self.tol, self.backward, self.singular = lam, max_iter, tol, backward, singular
         self.bins = bins
+        self.overrelax = _check_overrelax(overrelax)
         self.bin_cost = nn.Parameter(torch.full(() if bins == "shared" else (2,), float(bin_init)))
         self.last_info: SinkhornInfo | None = None
 
     def forward(self, M: torch.Tensor, mask_rows: torch.Tensor, mask_cols: torch.Tensor) -> torch.Tensor:
         """(B, m, n) costs and (B, m), (B, n) masks -> (B, m+1, n+1) plans, bins last."""
         P_aug, self.last_info = sinkhorn_with_bins(
-            M, mask_rows, mask_cols, self.bin_cost, self.lam, self.max_iter, self.tol, self.backward, self.singular
+            M,
+            mask_rows,
+            mask_cols,
+            self.bin_cost,
+            self.lam,
+            self.max_iter,
+            self.tol,
+            self.backward,
+            self.singular,
+            overrelax=self.overrelax,
         )
         return P_aug
 
@@ -676,4 +796,5 @@ class SinkhornOTWithBins(nn.Module):
         return (
             f"bins={self.bins!r}, lam={self.lam}, max_iter={self.max_iter}, tol={self.tol}, "
             f"backward={self.backward!r}, singular={self.singular!r}"
+            + (f", overrelax={self.overrelax}" if self.overrelax != 1.0 else "")
         )

@@ -12,6 +12,7 @@ from bpnp.data.collate import collate_scenes
 from bpnp.data.synthetic import SyntheticConfig, make_instance
 from bpnp.geometry.metrics import pose_errors
 from bpnp.models import NOT_RUN, BlindPnPNet
+from bpnp.models.settings import SettingError
 from bpnp.training.losses import BlindPnPLoss
 
 
@@ -334,6 +335,28 @@ def test_refine_top_k_trains_and_keeps_float32_outputs():
     (out.R.sum() + out.t.sum()).backward()
     grads = [p.grad for p in net.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("top_k", [None, 3])
+def test_refine_dtype_sets_the_working_precision(top_k):
+    """refine.dtype: float64 (default) solves in float64 and returns float32; "input" solves in
+    the network's float32. Both recover the pose from true-match costs."""
+    batch = _batch(b=2, m=(20, 30))
+    net = _small_net(refine={"top_k": top_k}).eval()
+    assert net.pnp.work_dtype == torch.float64
+    out64 = net(batch, cost_override=_true_cost(batch), generator=_gen())
+    net.configure(refine={"dtype": "input"})
+    assert net.pnp.work_dtype is None and net.refine_top_k == top_k
+    out32 = net(batch, cost_override=_true_cost(batch), generator=_gen())
+    errs = []
+    for out in (out64, out32):
+        assert out.R.dtype == torch.float32 and out.refined
+        errs.append(pose_errors(out.R, out.t, batch["R"], batch["t"], batch["p3d"], batch["match"], batch["mask2d"],
+                                batch["mask3d"])["rot_err_deg"])
+        assert float(errs[-1].max()) < 1.0  # noise 1 px
+    assert float((errs[0] - errs[1]).abs().max()) < 0.01  # the same optimum in either precision
+    with pytest.raises(SettingError, match="refine.dtype"):
+        net.configure(refine={"dtype": "float16"})
 
 
 def test_input_check_syncs_with_the_host_once_per_batch():

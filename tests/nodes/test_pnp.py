@@ -159,6 +159,30 @@ def test_float32_converges():
     assert rotation_error(out.R.double(), R.double()).max() < 5e-3
 
 
+@pytest.mark.parametrize("backward", ["implicit", "unrolled"])
+def test_work_dtype_solves_float32_inputs_in_float64(backward):
+    """work_dtype=float64 on float32 inputs: the float64 solution, returned in float32, and the
+    gradient of the float64 node cast to float32 (the casts are differentiable)."""
+    W, b, p, R, t = make_problem(B=3, n=20, seed=4, noise=1e-3)
+    R0, t0 = perturb(R, t, 10.0, 0.2)
+    W, b, p, R0, t0 = (x.float().double() for x in (W, b, p, R0, t0))  # float32-representable inputs
+    node64 = PnPRefine(robust="geman_mcclure", robust_scale=5e-5, backward=backward)
+    W64 = W.clone().requires_grad_(True)
+    ref = node64(W64, b, p, R0, t0)
+    (g_ref,) = torch.autograd.grad(ref.R.sum() + ref.t.sum(), W64)
+    node = PnPRefine(robust="geman_mcclure", robust_scale=5e-5, backward=backward, work_dtype=torch.float64)
+    W32 = W.float().requires_grad_(True)
+    out = node(W32, b.float(), p.float(), R0.float(), t0.float())
+    assert out.R.dtype == out.t.dtype == out.objective.dtype == torch.float32
+    torch.testing.assert_close(out.R, ref.R.float(), rtol=0, atol=0)  # the float64 pose, rounded once
+    assert out.iterations.tolist() == ref.iterations.tolist()
+    (g,) = torch.autograd.grad(out.R.sum() + out.t.sum(), W32)
+    assert g.dtype == torch.float32
+    torch.testing.assert_close(g, g_ref.float(), rtol=1e-5, atol=1e-5 * float(g_ref.abs().max()))
+    with pytest.raises(ValueError, match="work_dtype"):
+        PnPRefine(work_dtype=torch.int32)
+
+
 def test_bad_shapes():
     W, b, p, R, t = make_problem(B=2, n=8)
     with pytest.raises(ValueError, match="bearings must have shape"):

@@ -226,8 +226,16 @@ def test_all_padding_item_and_points_behind_the_camera(net, batch):
     X[20:, 2] = -np.abs(X[20:, 2]) - 3
     s = pinhole_scene(X, np.eye(3), np.zeros(3))
     bb = collate_scenes([s])
-    with torch.no_grad():
-        out = net(bb, cost_override=true_cost(bb), generator=torch.Generator().manual_seed(0))
+    # Half of the true pairs are mirrored, so a minimal sample is all-front with probability of
+    # about 1/8-1/16: the fixture's 32 hypotheses can miss every one (they did once P changed
+    # within Sinkhorn's tolerance and moved the draw); 256 make the geometry, not the draw, what
+    # this checks.
+    net.configure(ransac={"num_hypotheses": 256})
+    try:
+        with torch.no_grad():
+            out = net(bb, cost_override=true_cost(bb), generator=torch.Generator().manual_seed(0))
+    finally:
+        net.configure(ransac={"num_hypotheses": TINY_NET["ransac"]["num_hypotheses"]})
     assert torch.allclose(out.R[0], torch.eye(3), atol=1e-4) and float(out.t.abs().max()) < 1e-4
 
 
