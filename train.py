@@ -48,7 +48,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict  # noqa: E402
 
 from bpnp.runtime.cli import (EXIT_USER_ERROR, ConfigError, config_error, console, is_unused_run_dir,  # noqa: E402
                               one_line, remove_unused_run_dir, run_with_error_policy, user_errors)
-from bpnp.runtime.config import check_train_config, compact_yaml  # noqa: E402
+from bpnp.runtime.config import check_train_config, compact_yaml, instantiate_group  # noqa: E402
 from bpnp.training.utils import register_resolvers  # noqa: E402
 
 register_resolvers()
@@ -215,7 +215,7 @@ def run(cfg: DictConfig) -> dict:
         _checkpoint_state(resume, ckpt_path, "ckpt_path", model, need_training_state=True)
         del resume  # Lightning reads the file itself
     try:
-        callbacks = utils.instantiate_group(cfg.get("callbacks"))
+        callbacks = instantiate_group(cfg.get("callbacks"))
     except Exception as exc:  # hydra's InstantiationException
         raise ConfigError(f"callbacks: {one_line(exc.__cause__ or exc)}") from exc
     callbacks.append(RunIdentity(utils.run_identity(cfg)))
@@ -225,7 +225,7 @@ def run(cfg: DictConfig) -> dict:
             cfg.logger[wandb_key].id = utils.read_wandb_id(out_dir)  # resume the same W&B run
             cfg.logger[wandb_key].resume = "allow"
     try:
-        loggers = utils.instantiate_group(cfg.get("logger"))
+        loggers = instantiate_group(cfg.get("logger"))
     except Exception as exc:
         raise ConfigError(f"logger: {one_line(exc.__cause__ or exc)}") from exc
     if not loggers:

@@ -36,11 +36,7 @@ from bpnp.evaluation.report import summarize_methods, write_metrics_json, write_
 from bpnp.evaluation.runner import EvalSettings, evaluate_instances
 from bpnp.evaluation.sweep import parse_fractions, run_sweep
 
-__all__ = ["EvaluationConfigError", "build_dataset", "resolve_device", "run_evaluation"]
-
-
-#: An evaluation setting (device, data config, thresholds...) that cannot be used as given.
-EvaluationConfigError = ConfigError
+__all__ = ["build_dataset", "resolve_device", "run_evaluation"]
 
 
 def _plain(cfg: Any) -> Any:
@@ -54,14 +50,14 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(str(name))
     except RuntimeError as exc:
-        raise EvaluationConfigError(f"device={name}: not a torch device ({exc})") from exc
+        raise ConfigError(f"device={name}: not a torch device ({exc})") from exc
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise EvaluationConfigError(f"device={name}: CUDA is not available on this machine")
+            raise ConfigError(f"device={name}: CUDA is not available on this machine")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise EvaluationConfigError(f"device={name}: only {torch.cuda.device_count()} CUDA device(s)")
+            raise ConfigError(f"device={name}: only {torch.cuda.device_count()} CUDA device(s)")
     elif device.type != "cpu":
-        raise EvaluationConfigError(f"device={name}: use cpu or cuda[:i]")
+        raise ConfigError(f"device={name}: use cpu or cuda[:i]")
     return device
 
 
@@ -73,7 +69,7 @@ def build_dataset(data_cfg: Mapping[str, Any] | DictConfig) -> tuple[Any, list[s
     evaluates every registered image of that one model (``test_scenes = [path]``).
 
     Raises:
-        EvaluationConfigError: the config cannot be built or configures no test data.
+        ConfigError: the config cannot be built or configures no test data.
         SceneFileError, ColmapFormatError, ...: the data files themselves are bad.
     """
     from hydra.utils import instantiate
@@ -83,40 +79,40 @@ def build_dataset(data_cfg: Mapping[str, Any] | DictConfig) -> tuple[Any, list[s
     path = cfg.get("path")
     if source == "scenes":
         if not path and not cfg.get("test_path"):
-            raise EvaluationConfigError("data=scenes: set data.path=<directory of scene .npz files>")
+            raise ConfigError("data=scenes: set data.path=<directory of scene .npz files>")
         cfg.update(train_path=None, val_path=None)
     elif source == "colmap":
         if path:
             cfg.update(root=None, test_scenes=[str(path)])
         elif not cfg.get("test_scenes"):
-            raise EvaluationConfigError("data=colmap: set data.path=<COLMAP sparse model directory>")
+            raise ConfigError("data=colmap: set data.path=<COLMAP sparse model directory>")
         cfg.update(train_scenes=None, val_scenes=None)
         cfg.pop("path", None)
     elif source == "synthetic":
         cfg.update(train_length=0, val_length=0)
     if "_target_" not in cfg:
-        raise EvaluationConfigError(f"data config has no _target_ (got keys {sorted(cfg)})")
+        raise ConfigError(f"data config has no _target_ (got keys {sorted(cfg)})")
     try:
         dm = instantiate(cfg, _convert_="all")
         dataset = dm.dataset("test")
     except (SceneFileError, ColmapFormatError, UnsupportedCameraError, PickleFormatError):
         raise
     except (ValueError, TypeError, FileNotFoundError) as exc:
-        raise EvaluationConfigError(f"data ({source}): {exc}") from exc
+        raise ConfigError(f"data ({source}): {exc}") from exc
     except Exception as exc:  # hydra wraps constructor errors in InstantiationException
         cause = exc.__cause__ or exc
         if isinstance(cause, (SceneFileError, ColmapFormatError, UnsupportedCameraError, PickleFormatError)):
             raise cause from None
-        raise EvaluationConfigError(f"data ({source}): {cause}") from exc
+        raise ConfigError(f"data ({source}): {cause}") from exc
     if dataset is None or len(dataset) == 0:
-        raise EvaluationConfigError(f"data ({source}): no test instances configured")
+        raise ConfigError(f"data ({source}): no test instances configured")
     return dataset, list(dm.names("test"))
 
 
 def _settings(cfg: Mapping[str, Any], device: torch.device) -> EvalSettings:
     dtype = getattr(torch, str(cfg.get("baseline_dtype", "float64")), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise EvaluationConfigError(f"baseline_dtype={cfg.get('baseline_dtype')}: use float32 or float64")
+        raise ConfigError(f"baseline_dtype={cfg.get('baseline_dtype')}: use float32 or float64")
     plots_cfg = cfg.get("plots") or {}
     try:
         return EvalSettings(
@@ -127,7 +123,7 @@ def _settings(cfg: Mapping[str, Any], device: torch.device) -> EvalSettings:
             overlay_pairs=int(plots_cfg.get("overlay_pairs", 50)), progress_every=int(cfg.get("progress_every", 10)),
         )
     except ValueError as exc:
-        raise EvaluationConfigError(str(exc)) from exc
+        raise ConfigError(str(exc)) from exc
 
 
 def _summary_kwargs(metric_cfg: Mapping[str, Any]) -> dict[str, Any]:
@@ -138,16 +134,16 @@ def _summary_kwargs(metric_cfg: Mapping[str, Any]) -> dict[str, Any]:
         try:
             out["success_thresholds"] = [(float(r), float(c)) for r, c in pairs]
         except (TypeError, ValueError) as exc:
-            raise EvaluationConfigError(f"metrics.success_thresholds must be [rot_deg, center_rel] pairs, "
+            raise ConfigError(f"metrics.success_thresholds must be [rot_deg, center_rel] pairs, "
                                         f"got {pairs!r}") from exc
     if "auc_thresholds_deg" in metric_cfg:
         ths = metric_cfg["auc_thresholds_deg"] or []
         try:
             out["auc_thresholds_deg"] = [float(x) for x in ths]
         except (TypeError, ValueError) as exc:
-            raise EvaluationConfigError(f"metrics.auc_thresholds_deg must be numbers, got {ths!r}") from exc
+            raise ConfigError(f"metrics.auc_thresholds_deg must be numbers, got {ths!r}") from exc
         if any(not 0 < x < float("inf") for x in out["auc_thresholds_deg"]):
-            raise EvaluationConfigError(f"metrics.auc_thresholds_deg must be > 0, got {ths!r}")
+            raise ConfigError(f"metrics.auc_thresholds_deg must be > 0, got {ths!r}")
     return out
 
 
@@ -184,7 +180,7 @@ def run_evaluation(cfg: DictConfig | Mapping[str, Any], out_dir: str | Path | No
     c = _plain(cfg) if not isinstance(cfg, DictConfig) else cfg
     ckpt_path = c.get("ckpt_path")
     if not ckpt_path:
-        raise EvaluationConfigError("ckpt_path is required: python evaluate.py ckpt_path=<file.ckpt> data=...")
+        raise ConfigError("ckpt_path is required: python evaluate.py ckpt_path=<file.ckpt> data=...")
     device = resolve_device(c.get("device", "cpu"))
     settings = _settings(c, device)
     summary_kwargs = _summary_kwargs(_plain(c.get("metrics")) or {})
@@ -194,7 +190,7 @@ def run_evaluation(cfg: DictConfig | Mapping[str, Any], out_dir: str | Path | No
         sweep_baselines = tuple(sweep_cfg.get("baselines", settings.baselines) or ())
         s_settings = EvalSettings(**{**settings.__dict__, "baselines": sweep_baselines})
     except (TypeError, ValueError) as exc:
-        raise EvaluationConfigError(f"sweep: {exc}" if "sweep" not in str(exc) else str(exc)) from exc
+        raise ConfigError(f"sweep: {exc}" if "sweep" not in str(exc) else str(exc)) from exc
 
     log(f"[evaluate] run dir: {out_dir}")
     from bpnp.runtime.config import compact_yaml

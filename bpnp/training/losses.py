@@ -34,12 +34,10 @@ from dataclasses import dataclass
 
 import torch
 
-from bpnp.geometry.correspondences import (correspondence_matrix, inlier_precision_recall, match_accuracy,
-                                           outlier_labels, true_pairs)
+from bpnp.geometry.correspondences import outlier_labels, true_pairs
 from bpnp.so3 import angle_from_chordal, chordal_distance
 
-__all__ = ["correspondence_matrix", "correspondence_loss", "bin_nll_loss", "outlier_labels", "inlier_precision_recall",
-           "match_accuracy", "CORR_KINDS", "pose_loss", "BlindPnPLoss", "LossTerms"]
+__all__ = ["correspondence_loss", "bin_nll_loss", "CORR_KINDS", "pose_loss", "BlindPnPLoss", "LossTerms"]
 
 
 CORR_KINDS = ("linear", "nll")

@@ -35,7 +35,6 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from bpnp.runtime.config import instantiate_group  # noqa: F401  (re-exported: train.py uses utils.instantiate_group)
 
 __all__ = [
     "register_resolvers", "find_last_checkpoint", "resolve_ckpt_path", "run_dir_for", "WANDB_ID_FILE",

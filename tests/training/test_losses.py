@@ -10,7 +10,8 @@ from bpnp.geometry.rotations import geodesic_angle, so3_exp
 import pytest
 
 from bpnp.nodes.sinkhorn import sinkhorn, uniform_marginals
-from bpnp.training.losses import (BlindPnPLoss, correspondence_loss, correspondence_matrix, match_accuracy, pose_loss)
+from bpnp.geometry.correspondences import correspondence_matrix, inlier_precision_recall, match_accuracy, outlier_labels
+from bpnp.training.losses import BlindPnPLoss, bin_nll_loss, correspondence_loss, pose_loss
 
 
 def test_correspondence_loss_equals_dense_formula():
@@ -160,7 +161,6 @@ def _bin_problem(seed=0):
 
 
 def test_outlier_labels_mark_unmatched_points_of_each_side():
-    from bpnp.training.losses import outlier_labels
 
     match = torch.tensor([[0, 2, -1, 2], [1, -1, -1, 3]])
     mask2d = torch.tensor([[True, True, True, True], [True, True, True, False]])
@@ -173,7 +173,6 @@ def test_outlier_labels_mark_unmatched_points_of_each_side():
 
 
 def test_bin_nll_loss_equals_dense_formula():
-    from bpnp.training.losses import bin_nll_loss, outlier_labels
 
     P_aug, match, mask2d, mask3d = _bin_problem()
     loss = bin_nll_loss(P_aug, match, mask2d, mask3d)
@@ -195,7 +194,6 @@ def test_bin_nll_loss_equals_dense_formula():
 def test_bin_nll_loss_is_zero_for_the_perfect_plan_and_used_by_blindpnploss():
     from types import SimpleNamespace
 
-    from bpnp.training.losses import bin_nll_loss
 
     # 3 2D points (the last an outlier), 3 3D points (the last an outlier): the perfect augmented
     # plan puts each real row's / column's whole mass 1/(m'+n') on its target.
@@ -213,7 +211,6 @@ def test_bin_nll_loss_is_zero_for_the_perfect_plan_and_used_by_blindpnploss():
 
 
 def test_bin_nll_loss_gradient_reaches_the_bin_cost():
-    from bpnp.training.losses import bin_nll_loss
     from bpnp.nodes import sinkhorn_with_bins
 
     torch.manual_seed(3)
@@ -227,7 +224,6 @@ def test_bin_nll_loss_gradient_reaches_the_bin_cost():
 
 
 def test_inlier_precision_recall_counts():
-    from bpnp.training.losses import inlier_precision_recall
 
     match = torch.tensor([[0, 1, -1, -1]])
     row = torch.tensor([[0.9, 0.2, 0.8, 0.1]])  # predicted inliers: 0 and 2; true: 0 and 1
