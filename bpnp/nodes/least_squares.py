@@ -77,6 +77,17 @@ def _closed_form_grads(A, b, weights, x, w, needs):
     return gA, gb, gw, gr
 
 
+def _finite_rows(v):
+    """An incoming gradient with non-finite items zeroed, and the (B,) mask of finite items: such
+    an item gets zero gradients and status NONFINITE, as in every node (not NaN everywhere)."""
+    finite = torch.isfinite(v).all(1)
+    return torch.where(finite[:, None], v, torch.zeros_like(v)), finite
+
+
+def _with_nonfinite(status, finite):
+    return torch.where(finite, status, torch.full_like(status, int(Status.NONFINITE)))
+
+
 def _column_scale(A, weights, ridge, augment):
     """Inverse column norms of the (weighted, ridge-augmented) matrix; 1 for a zero column."""
     sq = (A * A) if weights is None else weights.unsqueeze(-1) * A * A
@@ -95,7 +106,7 @@ class _WeightedLstsq(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, A, b, weights, ridge, augment, rcond):
+    def forward(ctx, A, b, weights, ridge, augment, rcond, holder):
         B, m, n = A.shape
         At, bt = A, b
         if weights is not None:
@@ -125,17 +136,21 @@ class _WeightedLstsq(torch.autograd.Function):
             x[bad] = (torch.linalg.pinv(At[bad]) @ bt[bad].unsqueeze(-1)).squeeze(-1)
         ctx.save_for_backward(A, b, weights, R_safe, c, x, full_rank)
         ctx.mark_non_differentiable(full_rank)
+        ctx.holder = holder
         return x, full_rank
 
     @staticmethod
     def backward(ctx, v, _unused):
         A, b, weights, R, c, x, full_rank = ctx.saved_tensors
+        v, finite = _finite_rows(v)
         # w = N^-1 v with N = A^T W A + beta I = diag(1/c) R^T R diag(1/c): the QR factor of the
         # scaled matrix is reused, so no normal equations are formed.
         z = torch.linalg.solve_triangular(R.transpose(1, 2), (c * v).unsqueeze(-1), upper=False)
         w = c * torch.linalg.solve_triangular(R, z, upper=True).squeeze(-1)  # (B, n)
         w = torch.where(full_rank[:, None], w, torch.zeros_like(w))  # rank deficient: no gradient
-        return _closed_form_grads(A, b, weights, x, w, ctx.needs_input_grad[:4]) + (None, None)
+        status = torch.where(full_rank, int(Status.OK), int(Status.ZEROED)).long()
+        ctx.holder["backward_status"] = _with_nonfinite(status, finite)
+        return _closed_form_grads(A, b, weights, x, w, ctx.needs_input_grad[:4]) + (None, None, None)
 
 
 class _MatrixFreeLstsq(torch.autograd.Function):
@@ -148,11 +163,11 @@ class _MatrixFreeLstsq(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, A, b, weights, ridge, augment, tol, max_iter):
+    def forward(ctx, A, b, weights, ridge, augment, tol, max_iter, holder):
         ridge_ = ridge if augment else None
         c = _column_scale(A, weights, ridge, augment)
         x, _, converged = cgls(A, b, weights, ridge_, c, tol, max_iter)
-        ctx.augment, ctx.tol, ctx.max_iter = augment, tol, max_iter
+        ctx.augment, ctx.tol, ctx.max_iter, ctx.holder = augment, tol, max_iter, holder
         ctx.save_for_backward(A, b, weights, ridge, c, x)
         ctx.mark_non_differentiable(converged)
         return x, converged
@@ -160,6 +175,7 @@ class _MatrixFreeLstsq(torch.autograd.Function):
     @staticmethod
     def backward(ctx, v, _unused):
         A, b, weights, ridge, c, x = ctx.saved_tensors
+        v, finite = _finite_rows(v)
 
         def hvp(y):  # C N C y, N = A^T W A + beta I
             Ay = (A @ (c * y).unsqueeze(-1)).squeeze(-1)
@@ -167,8 +183,9 @@ class _MatrixFreeLstsq(torch.autograd.Function):
             Ny = (A.transpose(1, 2) @ Ay.unsqueeze(-1)).squeeze(-1)
             return c * (Ny + ridge[:, None] * c * y if ctx.augment else Ny)
 
-        y, _ = conjugate_gradient(hvp, c * v, tol=ctx.tol, max_iter=ctx.max_iter, mode="zero")
-        return _closed_form_grads(A, b, weights, x, c * y, ctx.needs_input_grad[:4]) + (None, None, None)
+        y, status = conjugate_gradient(hvp, c * v, tol=ctx.tol, max_iter=ctx.max_iter, mode="zero")
+        ctx.holder["backward_status"] = _with_nonfinite(status, finite)
+        return _closed_form_grads(A, b, weights, x, c * y, ctx.needs_input_grad[:4]) + (None, None, None, None)
 
 
 def least_squares(
@@ -180,6 +197,7 @@ def least_squares(
     solver: str = "qr",
     tol: float | None = None,
     max_iter: int = 1000,
+    info: dict | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Solve ``min_x sum_k w_k (a_k^T x - b_k)^2 + ridge ||x||^2`` per batch item.
 
@@ -200,6 +218,9 @@ def least_squares(
             where the backward's CG meets zero curvature.
         tol, max_iter: ``solver="cg"`` only: relative residual tolerance of both CG solves
             (default :func:`~bpnp.nodes.linalg.default_cg_tol`) and their iteration limit.
+        info: optional dict; after a backward pass ``info["backward_status"]`` holds (B,) codes:
+            ``OK``, ``ZEROED`` (rank deficient, qr; zero curvature met, cg), ``MAX_ITER`` (cg) or
+            ``NONFINITE`` (a non-finite incoming gradient: that item's gradients are zero).
 
     Gradients are finite everywhere on the feasible set: to a weight ``w_k = 0`` (a removed or
     padded row) the one-sided derivative ``(a_k^T N^-1 v)(b_k - a_k^T x)`` of adding that row
@@ -235,18 +256,20 @@ def least_squares(
     if not augment and m < n:
         raise ValueError(f"underdetermined system: A has {m} rows < {n} columns; use ridge > 0")
     ridge_b = ridge_t.expand(B) if ridge_t.ndim == 0 else ridge_t
+    holder = {} if info is None else info
     if solver == "cg":
-        x, converged = _MatrixFreeLstsq.apply(A, b, weights, ridge_b, augment, tol, int(max_iter))
+        x, converged = _MatrixFreeLstsq.apply(A, b, weights, ridge_b, augment, tol, int(max_iter), holder)
         return x, torch.where(converged, int(Status.OK), int(Status.MAX_ITER)).long()
     rows = m + (n if augment else 0)
     rcond = rows * float(torch.finfo(A.dtype).eps) if rcond is None else rcond
-    x, full_rank = _WeightedLstsq.apply(A, b, weights, ridge_b, augment, rcond)
+    x, full_rank = _WeightedLstsq.apply(A, b, weights, ridge_b, augment, rcond, holder)
     status = torch.where(full_rank, int(Status.OK), int(Status.DEGENERATE)).long()
     return x, status
 
 
 class LeastSquares(nn.Module):
-    """Layer form of :func:`least_squares` with a fixed ``ridge``; ``last_status`` after each call."""
+    """Layer form of :func:`least_squares` with a fixed ``ridge``; ``last_status`` after each call,
+    ``last_backward_status`` after a backward pass."""
 
     def __init__(self, ridge: float = 0.0, rcond: float | None = None, solver: str = "qr",
                  tol: float | None = None, max_iter: int = 1000) -> None:
@@ -255,8 +278,15 @@ class LeastSquares(nn.Module):
             raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
         self.ridge, self.rcond, self.solver, self.tol, self.max_iter = ridge, rcond, solver, tol, max_iter
         self.last_status: torch.Tensor | None = None
+        self._info: dict = {}
+
+    @property
+    def last_backward_status(self) -> torch.Tensor | None:
+        """(B,) status codes of the last backward pass through the last forward (None before one)."""
+        return self._info.get("backward_status")
 
     def forward(self, A: torch.Tensor, b: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        self._info = {}
         x, self.last_status = least_squares(A, b, weights=weights, ridge=self.ridge, rcond=self.rcond,
-                                            solver=self.solver, tol=self.tol, max_iter=self.max_iter)
+                                            solver=self.solver, tol=self.tol, max_iter=self.max_iter, info=self._info)
         return x

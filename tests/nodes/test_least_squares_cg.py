@@ -90,3 +90,39 @@ def test_layer_and_bad_solver():
         least_squares(A, b, solver="lu")
     with pytest.raises(ValueError, match="solver"):
         LeastSquares(solver="lu")
+
+
+@pytest.mark.parametrize("solver", ["qr", "cg"])
+def test_backward_status_and_nonfinite_incoming_gradient(solver):
+    """A NaN incoming gradient on one item: that item's gradients are 0 and its backward status
+    NONFINITE; the other items' gradients are those of a clean backward."""
+    A, b, _, _ = _problem(8)
+    info = {}
+    Ag = A.clone().requires_grad_(True)
+    x, _ = least_squares(Ag, b, solver=solver, info=info)
+    v = torch.randn(3, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(9))
+    (g_clean,) = torch.autograd.grad(x, Ag, v, retain_graph=True)
+    assert info["backward_status"].tolist() == [int(Status.OK)] * 3
+    v_bad = v.clone()
+    v_bad[1, 2] = float("nan")
+    (g,) = torch.autograd.grad(x, Ag, v_bad)
+    assert info["backward_status"].tolist() == [int(Status.OK), int(Status.NONFINITE), int(Status.OK)]
+    assert torch.isfinite(g).all() and g[1].abs().sum() == 0
+    torch.testing.assert_close(g[[0, 2]], g_clean[[0, 2]])
+
+
+def test_backward_status_rank_deficient_and_layer():
+    A, b, _, _ = _problem(10, B=2, m=10, n=4)
+    A = A.clone()
+    A[1, :, 3] = A[1, :, 0]  # item 1: a repeated column
+    layer = LeastSquares()
+    assert layer.last_backward_status is None
+    Ag = A.requires_grad_(True)
+    layer(Ag, b).sum().backward()
+    assert layer.last_status.tolist() == [int(Status.OK), int(Status.DEGENERATE)]
+    assert layer.last_backward_status.tolist() == [int(Status.OK), int(Status.ZEROED)]
+    assert Ag.grad[1].abs().sum() == 0
+    info = {}
+    A2 = A.detach().clone().requires_grad_(True)
+    least_squares(A2, b, solver="cg", max_iter=1, info=info)[0].sum().backward()  # 1 CG step cannot solve 4 unknowns
+    assert int(Status.MAX_ITER) in info["backward_status"].tolist()
