@@ -111,8 +111,9 @@ class SinkhornInfo:
 
     ``marginal_error`` is measured on the returned plan: the larger of its L1 row and column
     marginal errors, relative to the mass. ``converged`` (status ``OK``) means it is within
-    ``max(tol, 10 eps)``; ``backward_status`` is set by the implicit backward (``NONFINITE`` for a
-    non-finite incoming gradient on the item's real entries)."""
+    ``max(tol, 10 eps)``; ``backward_status`` is set by the backward (``NONFINITE`` for a
+    non-finite incoming gradient on the item's real entries, whose gradients are then zero; the
+    implicit backward's linear-solve fallbacks otherwise, ``OK`` for the unrolled one)."""
 
     iterations: torch.Tensor
     converged: torch.Tensor
@@ -449,6 +450,16 @@ def _ot_backward(P, G, row, col, lam, need_marginals, singular):
     return gM, ga, gb, status
 
 
+def _screen_incoming(G, row, col):
+    """The incoming gradient dL/dP with every non-finite item zeroed, and the (B,) mask of finite
+    items. A non-finite value on an item's real entries makes that item NONFINITE with zero
+    gradients (not silently 0 with status OK, nor NaN in dL/dM); at padding (P = 0 exactly, a
+    constant) it is ignored."""
+    real = row[:, :, None] & col[:, None, :]
+    g_ok = torch.where(real, torch.isfinite(G), torch.ones_like(real)).flatten(1).all(1)
+    return torch.where(real & g_ok[:, None, None], G, torch.zeros_like(G)), g_ok
+
+
 class _SinkhornFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, M, r, c, lam, max_iter, tol, singular, holder, overrelax):
@@ -463,12 +474,7 @@ class _SinkhornFunction(torch.autograd.Function):
     def backward(ctx, G):
         P, row, col = ctx.saved_tensors
         need_r, need_c = ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        # A non-finite incoming gradient on an item's real entries makes that item NONFINITE with
-        # zero gradients (not silently 0 with status OK); at padding (P = 0 exactly, a constant)
-        # it is ignored.
-        real = row[:, :, None] & col[:, None, :]
-        g_ok = torch.where(real, torch.isfinite(G), torch.ones_like(real)).flatten(1).all(1)
-        G = torch.where(real & g_ok[:, None, None], G, torch.zeros_like(G))
+        G, g_ok = _screen_incoming(G, row, col)
         gM, ga, gb, status = _ot_backward(P, G, row, col, ctx.lam, need_r or need_c, ctx.singular)
         status = torch.where(g_ok, status, torch.full_like(status, int(Status.NONFINITE)))
         info = ctx.holder.get("info")
@@ -525,7 +531,17 @@ def sinkhorn(
     _validate(M, r, c)
     r, c = r.to(M.dtype), c.to(M.dtype)
     if backward == "unrolled":
-        return _sinkhorn_iterations(M, r, c, lam, max_iter, tol)
+        P, info = _sinkhorn_iterations(M, r, c, lam, max_iter, tol)
+        if P.requires_grad:  # the same screening of dL/dP as the implicit backward
+            row, col = r > 0, c > 0
+
+            def screen(G):
+                G, g_ok = _screen_incoming(G, row, col)
+                info.backward_status = torch.where(g_ok, int(Status.OK), int(Status.NONFINITE)).long()
+                return G
+
+            P.register_hook(screen)
+        return P, info
     holder: dict = {}
     P = _SinkhornFunction.apply(
         M, r, c, float(lam), int(max_iter), float(tol), singular, holder, _check_overrelax(overrelax)

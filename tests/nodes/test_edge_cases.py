@@ -281,14 +281,15 @@ def test_sinkhorn_reported_error_is_the_plans(backward):
     assert (info.status[~ok] == Status.MAX_ITER).all()
 
 
-def test_sinkhorn_nonfinite_incoming_gradient_is_reported():
-    """Was: a NaN in dL/dP became 0 with backward status OK."""
+@pytest.mark.parametrize("backward", ["implicit", "unrolled"])
+def test_sinkhorn_nonfinite_incoming_gradient_is_reported(backward):
+    """Was: a NaN in dL/dP became 0 with backward status OK (implicit) or NaN in dL/dM (unrolled)."""
     g = _gen(5)
     rm = torch.ones(3, 5, dtype=torch.bool)
     rm[2, 4] = False  # item 2 has a padded row
     r, c = uniform_marginals(rm, torch.ones(3, 6, dtype=torch.bool), dtype=F64)
     M = torch.rand(3, 5, 6, generator=g, dtype=F64, requires_grad=True)
-    P, info = sinkhorn(M, r, c, max_iter=2000, tol=1e-12)
+    P, info = sinkhorn(M, r, c, max_iter=2000, tol=1e-12, backward=backward)
     G = torch.randn(3, 5, 6, generator=g, dtype=F64)
     Gbad = G.clone()
     Gbad[1, 0, 0] = float("nan")  # a real entry of item 1
