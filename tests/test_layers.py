@@ -13,14 +13,15 @@ ROOT = Path(__file__).resolve().parents[1]
 #: Each layer and the layers it may import (itself always allowed).
 ALLOWED = {
     "so3": set(),
+    "values": set(),
     "nodes": {"so3"},
     "geometry": {"so3", "nodes"},
     "data": {"so3", "nodes", "geometry"},
-    "models": {"so3", "nodes", "geometry"},
+    "models": {"so3", "values", "nodes", "geometry"},
     "experiments": {"so3", "nodes", "geometry"},
-    "runtime": {"so3", "nodes", "geometry", "data", "models"},
-    "training": {"so3", "nodes", "geometry", "data", "models", "runtime"},
-    "evaluation": {"so3", "nodes", "geometry", "data", "models", "runtime"},
+    "runtime": {"so3", "values", "nodes", "geometry", "data", "models"},
+    "training": {"so3", "values", "nodes", "geometry", "data", "models", "runtime"},
+    "evaluation": {"so3", "values", "nodes", "geometry", "data", "models", "runtime"},
 }
 
 

@@ -29,6 +29,9 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable, Mapping
 
+from bpnp import values as checks
+from bpnp.values import Check
+
 __all__ = ["SettingError", "SinkhornSettings", "RansacSettings", "RefineSettings", "GROUPS", "MATCHERS", "BINS",
            "KERNELS", "check_net_config", "merge_overrides", "upgrade_flat_config", "LEGACY_KEYS"]
 
@@ -44,46 +47,29 @@ class SettingError(ValueError):
     dotted key (``model.net.sinkhorn.lam: expected a number > 0, got 'abc'``)."""
 
 
-# -- value checks: each returns the normalised value or raises SettingError naming the key -------------
-Check = Callable[[str, Any], Any]
-
-
+# -- value checks (bpnp.values, shared with the entry points' config checks); normalised on the way
 def _number(*, integer: bool = False, low: float | None = None, high: float | None = None, open_low: bool = False,
             none: bool = False) -> Check:
-    def check(key: str, value: Any) -> Any:
-        if value is None and none:
-            return None
-        kind = "an int" if integer else "a number"
-        bounds = []
-        if low is not None:
-            bounds.append(f"{'>' if open_low else '>='} {low:g}")
-        if high is not None:
-            bounds.append(f"< {high:g}")
-        want = kind + (" " + " and ".join(bounds) if bounds else "") + (" or null" if none else "")
-        ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if ok_type and integer and float(value) != int(value):
-            ok_type = False
-        if not ok_type or not math.isfinite(float(value)):
-            raise SettingError(f"{key}: expected {want}, got {value!r}")
-        v = int(value) if integer else float(value)
-        if (low is not None and (v <= low if open_low else v < low)) or (high is not None and v >= high):
-            raise SettingError(f"{key}: expected {want}, got {value!r}")
-        return v
-    return check
+    """A setting's number (an upper bound is always open; ints take none), returned as an int or
+    a float."""
+    if integer:
+        assert high is None and not open_low, "integer settings take an inclusive lower bound only"
+        return checks.integer(lo=low, none=none, coerce=True)
+    return checks.number(lo=low, hi=high, lo_open=open_low, hi_open=True, none=none, coerce=True)
 
 
 def _choice(options: tuple[str, ...]) -> Check:
-    def check(key: str, value: Any) -> Any:
-        if value not in options:
-            raise SettingError(f"{key}: expected one of {', '.join(options)}, got {value!r}")
-        return value
-    return check
+    return checks.choice(*options)
 
 
-def _flag(key: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise SettingError(f"{key}: expected true or false, got {value!r}")
-    return value
+_flag = checks.flag()
+
+
+def _checked(check: Check, key: str, value: Any) -> Any:
+    try:
+        return check(key, value)
+    except checks.ValueCheckError as exc:
+        raise SettingError(str(exc)) from None
 
 
 class _Group:
@@ -98,7 +84,7 @@ class _Group:
         unknown = [k for k in values if k not in known]
         if unknown:
             raise SettingError(f"{prefix}.{unknown[0]}: unknown setting (known: {', '.join(known)})")
-        return cls(**{k: cls.CHECKS[k](f"{prefix}.{k}", v) for k, v in values.items()})  # type: ignore[call-arg]
+        return cls(**{k: _checked(cls.CHECKS[k], f"{prefix}.{k}", v) for k, v in values.items()})  # type: ignore[call-arg]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)  # type: ignore[call-overload]
@@ -228,7 +214,7 @@ def check_net_config(net: Mapping[str, Any] | None, prefix: str = "model.net") -
             group = GROUPS[key].from_mapping(value, name)
             out[key] = {k: getattr(group, k) for k in dict(value or {})}
         elif key in TOP_LEVEL:
-            out[key] = TOP_LEVEL[key](name, value)
+            out[key] = _checked(TOP_LEVEL[key], name, value)
         elif key in LEGACY_KEYS:
             group, new = LEGACY_KEYS[key]
             raise SettingError(f"{name}: renamed, use {prefix}.{group}.{new}")

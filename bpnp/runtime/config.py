@@ -15,13 +15,13 @@ still rejects what it cannot use, with the config group in the message).
 
 from __future__ import annotations
 
-import math
 import os
 from typing import Any, Callable, Iterable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from bpnp.runtime.cli import ConfigError
+from bpnp.values import ValueCheckError, choice, either, flag, integer, is_int, number, text
 
 __all__ = ["instantiate_group", "check_train_config", "check_eval_config", "check_data_config", "usable_cpu_cores",
            "compact_yaml"]
@@ -55,99 +55,20 @@ def _get(cfg: DictConfig, key: str) -> Any:
     return value
 
 
-def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
-
-
-def _bound_text(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
-    def show(x: float) -> str:
-        return str(x) if isinstance(x, int) else f"{x:g}"
-
-    parts = []
-    if lo is not None:
-        parts.append(f"{'>' if lo_open else '>='} {show(lo)}")
-    if hi is not None:
-        parts.append(f"{'<' if hi_open else '<='} {show(hi)}")
-    return " " + " and ".join(parts) if parts else ""
-
-
-def _in_range(v: float, lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> bool:
-    if lo is not None and (v <= lo if lo_open else v < lo):
-        return False
-    if hi is not None and (v >= hi if hi_open else v > hi):
-        return False
-    return True
-
-
-def integer(lo: int | None = None, hi: int | None = None, none: bool = False, note: str = "") -> Callable:
-    def check(key: str, v: Any) -> None:
-        if v is None and none:
-            return
-        if not _is_int(v) or not _in_range(v, lo, hi, False, False):
-            want = "an integer" + _bound_text(lo, hi, False, False) + (" or null" if none else "") + note
-            raise ConfigError(f"{key}: expected {want}, got {v!r}")
-    return check
-
-
-def number(lo: float | None = None, hi: float | None = None, lo_open: bool = False, hi_open: bool = False,
-           none: bool = False, note: str = "") -> Callable:
-    def check(key: str, v: Any) -> None:
-        if v is None and none:
-            return
-        if not _is_number(v) or not _in_range(float(v), lo, hi, lo_open, hi_open):
-            want = "a number" + _bound_text(lo, hi, lo_open, hi_open) + (" or null" if none else "") + note
-            raise ConfigError(f"{key}: expected {want}, got {v!r}")
-    return check
-
-
-def flag(none: bool = False) -> Callable:
-    def check(key: str, v: Any) -> None:
-        if not (isinstance(v, bool) or (v is None and none)):
-            raise ConfigError(f"{key}: expected true or false{' or null' if none else ''}, got {v!r}")
-    return check
-
-
-def choice(*options: Any, none: bool = False) -> Callable:
-    def check(key: str, v: Any) -> None:
-        if not ((v is None and none) or (not isinstance(v, bool) and v in options)):
-            shown = ", ".join(str(o) for o in options) + (", null" if none else "")
-            raise ConfigError(f"{key}: expected one of {shown}, got {v!r}")
-    return check
-
-
-def text(none: bool = False) -> Callable:
-    def check(key: str, v: Any) -> None:
-        if not ((v is None and none) or (isinstance(v, str) and v)):
-            raise ConfigError(f"{key}: expected a non-empty string{' or null' if none else ''}, got {v!r}")
-    return check
-
-
-def either(*checks: Callable, want: str) -> Callable:
-    def check(key: str, v: Any) -> None:
-        for c in checks:
-            try:
-                c(key, v)
-                return
-            except ConfigError:
-                pass
-        raise ConfigError(f"{key}: expected {want}, got {v!r}")
-    return check
-
-
-def _target(key: str, v: Any) -> None:
+def _target(key: str, v: Any) -> Any:
     if not isinstance(v, dict) or not isinstance(v.get("_target_"), str):
-        raise ConfigError(f"{key}: expected a mapping with a _target_ (class path), got {v!r}")
+        raise ValueCheckError(f"{key}: expected a mapping with a _target_ (class path), got {v!r}")
+    return v
 
 
 def _apply(cfg: DictConfig, checks: Iterable[tuple[str, Callable]]) -> None:
     for key, check in checks:
         value = _get(cfg, key)
         if value is not _ABSENT:
-            check(key, value)
+            try:
+                check(key, value)
+            except ValueCheckError as exc:
+                raise ConfigError(str(exc)) from None
 
 
 # -- the groups -------------------------------------------------------------------------------------
@@ -232,13 +153,13 @@ def _check_devices(cfg: DictConfig) -> None:
     accel, devices = _get(cfg, "trainer.accelerator"), _get(cfg, "trainer.devices")
     if devices is _ABSENT:
         return
-    if not (devices == "auto" or _is_int(devices) or (isinstance(devices, list) and all(_is_int(d) for d in devices))
+    if not (devices == "auto" or is_int(devices) or (isinstance(devices, list) and all(is_int(d) for d in devices))
             or (isinstance(devices, str) and devices.replace(",", "").replace("-", "").strip().isdigit())):
         raise ConfigError(f"trainer.devices: expected an integer >= 1, a list of device indices or auto, got {devices!r}")
-    if _is_int(devices) and devices < 1 and not (devices == -1 and accel not in ("cpu", _ABSENT)):
+    if is_int(devices) and devices < 1 and not (devices == -1 and accel not in ("cpu", _ABSENT)):
         raise ConfigError(f"trainer.devices: expected an integer >= 1, got {devices}")
     if accel == "cpu":
-        if not _is_int(devices):
+        if not is_int(devices):
             raise ConfigError(f"trainer.devices: with trainer.accelerator=cpu give the number of processes, got {devices!r}")
         cores = usable_cpu_cores()
         if devices > cores:
@@ -251,7 +172,7 @@ def _check_devices(cfg: DictConfig) -> None:
         if not torch.cuda.is_available():
             raise ConfigError(f"trainer.accelerator={accel}: no CUDA GPU is available on this machine; {hint}")
         count = torch.cuda.device_count()
-        wanted = devices if _is_int(devices) and devices > 0 else (len(devices) if isinstance(devices, list) else 0)
+        wanted = devices if is_int(devices) and devices > 0 else (len(devices) if isinstance(devices, list) else 0)
         if wanted > count:
             raise ConfigError(f"trainer.devices={devices}: this machine has {count} CUDA GPU(s)")
 
