@@ -119,8 +119,7 @@ class _WeightedLstsq(torch.autograd.Function):
         # Column (Jacobi) scaling: the rank test and the solve see unit columns, so an item is
         # not called rank deficient because its unknowns have different units (columns 1e4 and
         # 1e-4 apart in float32 were: cond 1e8, from units alone).
-        norm = At.norm(dim=1)  # (B, n)
-        c = torch.where(norm > 0, 1.0 / torch.where(norm > 0, norm, torch.ones_like(norm)), torch.ones_like(norm))
+        c = _column_scale(A, weights, ridge, augment)  # (B, n)
         Q, R = torch.linalg.qr(At * c[:, None, :], mode="reduced")  # (B, M, n), (B, n, n)
         diag = torch.diagonal(R, dim1=-2, dim2=-1).abs()
         full_rank = diag.amin(-1) > rcond * diag.amax(-1).clamp_min(torch.finfo(A.dtype).tiny)

@@ -4,7 +4,8 @@ import math
 
 import torch
 
-from bpnp.nodes.pnp import so3_exp
+from bpnp.nodes.implicit import dense_hessian
+from bpnp.nodes.pnp import _derivatives, _retract, pnp_objective, so3_exp
 
 
 def random_rotation(B, g, dtype):
@@ -50,3 +51,19 @@ def perturb(R, t, angle_deg, shift, seed=1):
 def rotation_error(R1, R2):
     c = ((R1.transpose(1, 2) @ R2).diagonal(dim1=1, dim2=2).sum(-1) - 1) / 2
     return torch.arccos(c.clamp(-1, 1))
+
+
+def assert_derivatives_match_autograd(W, b, p, R0, t0, kernel):
+    """The node's analytic objective, gradient and Hessian in the local chart at (R0, t0) against
+    autograd through ``pnp_objective`` (dense W (B, m, n) or paired W (B, K)). Returns them."""
+    F, g, H, _ = _derivatives(W, b, p @ R0.transpose(1, 2) + t0[:, None], kernel)
+
+    def local(xi):
+        Rx, tx = _retract(R0, t0, xi)
+        return pnp_objective(W, b, p, Rx, tx, kernel)
+
+    xi0 = torch.zeros(W.shape[0], 6, dtype=W.dtype, requires_grad=True)
+    torch.testing.assert_close(F, local(xi0).detach())
+    torch.testing.assert_close(g, torch.autograd.grad(local(xi0).sum(), xi0)[0])
+    torch.testing.assert_close(H, dense_hessian(local, xi0.detach()))
+    return F, g, H

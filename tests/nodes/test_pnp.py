@@ -3,11 +3,10 @@
 import pytest
 import torch
 
-from bpnp.nodes.pnp import PnPRefine, _derivatives, _retract, pnp_objective, so3_exp
-from bpnp.nodes.implicit import dense_hessian
+from bpnp.nodes.pnp import PnPRefine, _derivatives, so3_exp
 from bpnp.nodes.robust import KERNELS, RobustKernel
 from bpnp.nodes.status import Status
-from tests.nodes.pnp_problems import make_problem, perturb, rotation_error
+from tests.nodes.pnp_problems import assert_derivatives_match_autograd, make_problem, perturb, rotation_error
 
 
 def test_so3_exp_is_rotation_and_second_order_at_zero():
@@ -29,17 +28,7 @@ def test_analytic_derivatives_match_autograd(robust):
     W = W + 0.01 * torch.rand(W.shape, dtype=W.dtype, generator=torch.Generator().manual_seed(0))
     R0, t0 = perturb(R, t, 10.0, 0.2)
     kernel = RobustKernel(robust, 0.005)
-    F, g, H, _ = _derivatives(W, b, p @ R0.transpose(1, 2) + t0[:, None], kernel)
-
-    def local(xi):
-        Rx, tx = _retract(R0, t0, xi)
-        return pnp_objective(W, b, p, Rx, tx, kernel)
-
-    xi0 = torch.zeros(2, 6, dtype=torch.float64, requires_grad=True)
-    g_ref = torch.autograd.grad(local(xi0).sum(), xi0)[0]
-    torch.testing.assert_close(F, local(xi0).detach())
-    torch.testing.assert_close(g, g_ref)
-    torch.testing.assert_close(H, dense_hessian(local, xi0.detach()))
+    F, g, H = assert_derivatives_match_autograd(W, b, p, R0, t0, kernel)
     if robust == "none":
         # The O(n) path with a = W^T B precomputed gives the same numbers.
         x = p @ R0.transpose(1, 2) + t0[:, None]

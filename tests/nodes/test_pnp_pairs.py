@@ -8,11 +8,10 @@ analytic derivatives match autograd; gradcheck of the implicit backward; implici
 import pytest
 import torch
 
-from bpnp.nodes.implicit import dense_hessian
-from bpnp.nodes.pnp import PnPRefine, _derivatives, _retract, gather_pairs, pnp_objective
+from bpnp.nodes.pnp import PnPRefine, _derivatives, gather_pairs
 from bpnp.nodes.robust import KERNELS, RobustKernel
 from bpnp.nodes.status import Status
-from tests.nodes.pnp_problems import make_problem, perturb, rotation_error
+from tests.nodes.pnp_problems import assert_derivatives_match_autograd, make_problem, perturb, rotation_error
 
 
 def _problem(B=2, n=8, seed=0, noise=0.01, spread=0.02):
@@ -70,16 +69,7 @@ def test_paired_derivatives_match_autograd(robust):
     Wk, bk, pk = gather_pairs(W, b, p, 3)
     R0, t0 = perturb(R, t, 10.0, 0.2)
     kernel = RobustKernel(robust, 0.005)
-    F, g, H, _ = _derivatives(Wk, bk, pk @ R0.transpose(1, 2) + t0[:, None], kernel)
-
-    def local(xi):
-        Rx, tx = _retract(R0, t0, xi)
-        return pnp_objective(Wk, bk, pk, Rx, tx, kernel)
-
-    xi0 = torch.zeros(2, 6, dtype=torch.float64, requires_grad=True)
-    torch.testing.assert_close(F, local(xi0).detach())
-    torch.testing.assert_close(g, torch.autograd.grad(local(xi0).sum(), xi0)[0])
-    torch.testing.assert_close(H, dense_hessian(local, xi0.detach()))
+    assert_derivatives_match_autograd(Wk, bk, pk, R0, t0, kernel)
 
 
 @pytest.mark.parametrize("robust", ["none", "geman_mcclure"])
