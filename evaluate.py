@@ -2,7 +2,7 @@
 
     python evaluate.py ckpt_path=<run>/checkpoints/last.ckpt data=scenes data.path=DIR
     python evaluate.py ckpt_path=<ckpt> data=synthetic data.test_length=100
-    python evaluate.py ckpt_path=<ckpt> data=colmap data.path=../shared/data/real/lund_door
+    python evaluate.py ckpt_path=<ckpt> data=colmap data.path=data/real/lund_door
     python evaluate.py ckpt_path=<ckpt> data=scenes data.path=DIR device=cuda logger=wandb
 
 Composes ``configs/evaluate.yaml`` and hands it to :func:`bpnp.evaluation.app.run_evaluation`,
@@ -11,6 +11,11 @@ run directory (``logs/eval/runs/<time>``, printed). Bad inputs (a missing file, 
 missing a key, a truncated COLMAP model, an incompatible checkpoint, an override of a config key
 that does not exist) print one line ``error: <message>`` to stderr and exit with code 2; an I/O
 failure while running (a full disk, an unwritable run directory) prints one line and exits with 1.
+Ctrl-C (SIGINT) or SIGTERM keeps the finished instances (``instances.csv`` is written as they
+finish, and a partial ``metrics.json`` with ``"complete": false``), prints one line
+``interrupted: kept 15 of 40 instances in <run dir> (metrics.json complete: false)`` and exits
+with 130 / 143. ``ckpt_path=last`` evaluates the newest ``last.ckpt`` of any task under
+``paths.log_dir`` (``logs/*/runs/*/checkpoints/last.ckpt``) and prints which one it picked.
 """
 
 from __future__ import annotations
@@ -27,12 +32,14 @@ from omegaconf import DictConfig  # noqa: E402
 
 def run(cfg: DictConfig, out_dir: str | Path | None = None) -> int:
     """Evaluate; return 0, or print one ``error:`` line and return the exit code of
-    the shared error policy (:mod:`bpnp.runtime.cli`: 2 for bad input, 1 for a failed write).
+    the shared error policy (:mod:`bpnp.runtime.cli`: 2 for bad input, 1 for a failed write;
+    one ``interrupted:`` line and 130 / 143 for SIGINT / SIGTERM).
     Every config value is checked first (:func:`bpnp.runtime.config.check_eval_config`), and
     that the run directory can be written; a run directory that a failed run left holding
     nothing but Hydra's files is removed."""
     from bpnp.evaluation.app import run_evaluation
-    from bpnp.runtime.cli import check_writable_dir, console, is_unused_run_dir, remove_unused_run_dir, run_with_error_policy
+    from bpnp.runtime.cli import (check_writable_dir, console, interrupt_signals, is_unused_run_dir, remove_unused_run_dir,
+                                  run_with_error_policy)
     from bpnp.runtime.config import check_eval_config
 
     if out_dir is None:
@@ -47,7 +54,8 @@ def run(cfg: DictConfig, out_dir: str | Path | None = None) -> int:
         check_writable_dir(out_dir, "run directory")  # now, not after the evaluation has run
         return run_evaluation(cfg, out_dir, log=log)
 
-    code, _ = run_with_error_policy(work)
+    with interrupt_signals():  # SIGTERM, like Ctrl-C, keeps the finished instances (exit 143 / 130)
+        code, _ = run_with_error_policy(work)
     if code and fresh:
         remove_unused_run_dir(out_dir)
     return code

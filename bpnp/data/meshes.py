@@ -1,9 +1,10 @@
 """Real triangle meshes for the synthetic generator's ``mesh`` family: listing, honest splits,
 a per-process cache of normalised arrays, and area-weighted surface sampling.
 
-The meshes live outside the repository (``${paths.shared_dir}/data/meshes``, one folder per
-category: ``CAD building furniture organic_scan other room terrain vehicle``) and are read at
-run time; nothing here copies them.
+The default meshes are the repository's embedded set (``${paths.data_dir}/meshes`` =
+``data/meshes``, one folder per category: ``CAD building furniture organic_scan other room
+terrain vehicle``; ``data/meshes/MANIFEST.md`` gives source and licence per file); any folder of
+that shape works (``paths.data_dir=../shared/data`` reads the project's 115 shared meshes).
 
 **Splits** (:func:`split_meshes`, a pure function of the sorted file list): one whole category
 (``heldout_category``, default ``vehicle``) is never used for training or validation; it is the
@@ -13,7 +14,7 @@ files are ranked by a SHA-256 hash of their path relative to the root (``"CAD/fa
 Python's salted ``hash``), the first ``ceil(h / 2)`` go to ``val``, the next ``floor(h / 2)`` to
 ``test_unseen_meshes``, the rest to ``train``. ``all`` is every file. A file's split depends
 only on its name and on how many files its category holds. ``python -m bpnp.data.meshes --root
-../shared/data/meshes`` prints the counts per category and split (``--list`` every file).
+data/meshes`` prints the counts per category and split (``--list`` every file).
 
 Why ``vehicle`` is the default held-out category: it is object-like (the camera model of
 objects, not the room/street/aerial views that the scene-like categories need, so holding it
@@ -52,6 +53,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+
+from bpnp.data.embedded import MESH_ROOT
 
 __all__ = [
     "CATEGORIES",
@@ -313,7 +316,7 @@ def clear_mesh_cache() -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# CLI: python -m bpnp.data.meshes --root ../shared/data/meshes
+# CLI: python -m bpnp.data.meshes --root data/meshes
 # ---------------------------------------------------------------------------------------------
 
 
@@ -337,7 +340,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         prog="python -m bpnp.data.meshes",
         description="Print the mesh splits of the synthetic generator's mesh family "
                     "(counts per category and split).")
-    parser.add_argument("--root", type=Path, required=True, help="mesh folder (category subfolders)")
+    parser.add_argument("--root", type=Path, default=MESH_ROOT,
+                        help="mesh folder (category subfolders; default: the embedded data/meshes)")
     parser.add_argument("--heldout-category", default="vehicle",
                         help="category held out for test_unseen_category ('none' for none)")
     parser.add_argument("--heldout-mesh-frac", type=float, default=0.2,

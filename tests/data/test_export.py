@@ -11,12 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bpnp.data.embedded import MESH_ROOT, REAL_ROOT
 from bpnp.data.export import main
 from bpnp.data.scenes import SceneDirectory, load_scene
 from bpnp.data.synthetic import SyntheticConfig, make_instance
 
 REPO = Path(__file__).resolve().parents[2]
-REAL = REPO.parent / "shared" / "data" / "real"
+REAL = REAL_ROOT
 
 
 def test_cli_synthetic_subprocess(tmp_path):
@@ -63,7 +64,6 @@ def test_bad_values_give_one_line_error(tmp_path, capsys):
     assert rc == 2 and "not a directory" in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not REAL.is_dir(), reason=f"shared COLMAP models not found at {REAL}")
 def test_colmap_export(tmp_path):
     out = tmp_path / "maup"
     assert main(["colmap", "--model", str(REAL / "maupertuis"), "--out", str(out),
@@ -81,12 +81,11 @@ def test_colmap_export(tmp_path):
         assert np.median(err) < 1.0
 
 
-MESHES = REPO.parent / "shared" / "data" / "meshes"
+MESHES = MESH_ROOT
 
 
-@pytest.mark.skipif(not MESHES.is_dir(), reason=f"shared meshes not found at {MESHES}")
-def test_world_preset_mesh_only_export_finds_the_shared_meshes(tmp_path):
-    """``--shapes mesh`` with no --set mesh_root: the shared meshes' default location is used
+def test_world_preset_mesh_only_export_finds_the_embedded_meshes(tmp_path):
+    """``--shapes mesh`` with no --set mesh_root: the embedded meshes (data/meshes) are used
     (the held-out test sets of docs/results.md are written this way)."""
     out = tmp_path / "cat"
     assert main(["synthetic", "--preset", "world", "--out", str(out), "--num", "2", "--min-points", "40",

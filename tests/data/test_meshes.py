@@ -1,6 +1,7 @@
 """The mesh family: splits, loading/normalisation, determinism, occlusion against ray casting,
 detection rate, the data module's split plumbing and export. Most tests use tiny meshes written
-to a temporary folder; those marked ``shared`` read ``../shared/data/meshes`` and skip without it."""
+to a temporary folder; the rest read the embedded meshes of ``data/meshes`` (always present), and
+one reads the project's full shared set (``../shared/data/meshes``) and skips without it."""
 
 from __future__ import annotations
 
@@ -13,12 +14,15 @@ import pytest
 trimesh = pytest.importorskip("trimesh", reason="trimesh (requirements.txt) is needed by the mesh family")
 
 from bpnp.data import meshes as M  # noqa: E402
+from bpnp.data.embedded import MESH_ROOT  # noqa: E402
 from bpnp.data.scenes import validate_scene  # noqa: E402
 from bpnp.data.synthetic import SyntheticConfig, make_instance  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
+EMBEDDED = MESH_ROOT
 SHARED = REPO.parent / "shared" / "data" / "meshes"
-shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"shared meshes not found at {SHARED}")
+shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"needs the project's full shared mesh set, "
+                                                       f"not found at {SHARED} (the embedded set is tested)")
 
 
 def _two_boxes() -> trimesh.Trimesh:
@@ -136,6 +140,33 @@ def test_shared_split_counts_and_cli(capsys):
     assert M.main(["--root", str(SHARED)]) == 0
     out = capsys.readouterr().out
     assert "vehicle" in out and "79" in out and "test_unseen_category" in out
+
+
+def test_embedded_split_counts_and_cli(capsys):
+    """The embedded set (data/meshes) and its splits, as docs/data.md lists them; the CLI's
+    default root is the embedded set."""
+    files = M.list_meshes(EMBEDDED)
+    assert len(files) == 88
+    s = M.split_meshes(files, "vehicle", 0.2)
+    assert {k: len(v) for k, v in s.items()} == {"train": 60, "val": 9, "test_unseen_meshes": 7,
+                                                 "test_unseen_category": 12, "all": 88}
+    assert all(f.startswith("vehicle/") for f in s["test_unseen_category"])
+    assert M.main([]) == 0
+    out = capsys.readouterr().out
+    assert f"88 meshes under {EMBEDDED}" in out and "60" in out
+
+
+def test_embedded_manifest_lists_every_file_with_a_redistributable_licence():
+    """Every embedded mesh has a MANIFEST row (source, licence) and no row names a licence that
+    forbids copying it here."""
+    rows = [line for line in (EMBEDDED / "MANIFEST.md").read_text().splitlines() if line.startswith("| `")]
+    cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows]
+    assert sorted(c[0].strip("`") for c in cells) == M.list_meshes(EMBEDDED)
+    for c in cells:
+        licence = c[5]
+        assert any(k in licence for k in ("CC BY 3.0", "CC BY 4.0", "MIT", "public domain")), c[0]
+        assert not any(k in licence for k in ("no repo licence", "GPL", "BY-SA")), c[0]
+    assert {p.name for p in (EMBEDDED / "LICENSES").iterdir()} >= {"MIT.txt", "MIT-0.txt"}
 
 
 def test_cli_lists_a_folder_and_reports_errors(mesh_root, capsys):
@@ -342,42 +373,39 @@ def test_export_writes_a_split_of_unseen_category(mesh_root, tmp_path):
         np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
 
 
-# --- the shared meshes ----------------------------------------------------------------------------
+# --- the embedded meshes --------------------------------------------------------------------------
 
 
-@shared
-def test_shared_meshes_load_normalised_one_per_category():
-    files = M.list_meshes(SHARED)
+def test_embedded_meshes_load_normalised_one_per_category():
+    files = M.list_meshes(EMBEDDED)
     for cat in M.CATEGORIES:
-        rel = min((f for f in files if f.startswith(cat + "/")), key=lambda f: (SHARED / f).stat().st_size)
-        m = M.load_mesh(SHARED / rel)
+        rel = min((f for f in files if f.startswith(cat + "/")), key=lambda f: (EMBEDDED / f).stat().st_size)
+        m = M.load_mesh(EMBEDDED / rel)
         assert m.category == cat
         assert np.linalg.norm(m.vertices[np.unique(m.faces)], axis=1).max() == pytest.approx(1.0)
         assert m.area > 0 and len(m.faces) > 0
 
 
-@shared
-def test_shared_world_instances_are_deterministic_and_valid():
-    cfg = SyntheticConfig.world(SHARED, num_points_2d=(60, 100), occlusion_samples=5000)
+def test_embedded_world_instances_are_deterministic_and_valid():
+    cfg = SyntheticConfig.world(EMBEDDED, num_points_2d=(60, 100), occlusion_samples=5000)
     a = [make_instance(cfg, 0, i) for i in range(3)]
     M.clear_mesh_cache()
     for i, x in enumerate(a):
-        validate_scene(x, f"shared/{i}")
+        validate_scene(x, f"embedded/{i}")
         y = make_instance(cfg, 0, i)
         for k in x:
             np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
-@shared
 def test_preload_reads_every_mesh_of_the_split_once():
     """What the data module calls before forking DataLoader workers: every mesh the training
     split can draw lands in the process cache, so workers never read one again."""
     from bpnp.data.datasets import SyntheticDataset
 
     M.clear_mesh_cache()
-    cfg = SyntheticConfig.world(mesh_root=str(SHARED))
+    cfg = SyntheticConfig.world(mesh_root=str(EMBEDDED))
     ds = SyntheticDataset(cfg, seed=0, length=4, schedule={3: {**cfg.to_dict(), "mesh_split": "train"}})
-    files, _ = M.mesh_choices(SHARED, "train")
+    files, _ = M.mesh_choices(EMBEDDED, "train")
     assert ds.preload_meshes() == len(files) > 0
     assert M._load.cache_info().currsize == len(files)
     misses = M._load.cache_info().misses

@@ -8,12 +8,13 @@ import pytest
 import torch
 from torch import nn
 
+from bpnp.data.embedded import REAL_ROOT
 from bpnp.data.scenes import save_scene
 from bpnp.data.synthetic import SyntheticConfig, make_instance
 from bpnp.models.network import BlindPnPNet
 
 ROOT = Path(__file__).resolve().parents[2]
-REAL_DATA = ROOT.parent / "shared" / "data" / "real"
+REAL_DATA = REAL_ROOT  # the embedded COLMAP models (data/real)
 
 #: Smallest real network: fast on CPU, same class and code path as a trained one.
 TINY_NET = dict(feature_dim=8, depth=1, ransac={"num_hypotheses": 64})
@@ -44,6 +45,9 @@ class GroundTruthCostNet(nn.Module):
 
     def configure(self, **settings):
         self.net.configure(**settings)
+
+    def settings(self):
+        return self.net.settings()
 
     def forward(self, batch, generator=None, refine=None):
         match = batch["match"]
