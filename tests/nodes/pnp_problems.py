@@ -38,6 +38,26 @@ def make_problem(B=2, n=12, seed=0, dtype=torch.float64, noise=0.0):
     return W.clone(), bearings, points, R, t
 
 
+def distant_scene(ratio, seed=0, n=20, width=1.0, noise_w=1e-3):
+    """Object ``width`` wide at depth ``ratio * width``, exact bearings, W = I/n plus a little
+    uniform weight everywhere; a start 10 deg off; a random loss on (R, t). All float64."""
+    g = torch.Generator().manual_seed(seed)
+    depth = ratio * width
+    R = random_rotation(1, g, torch.float64)
+    t = torch.tensor([[0.1, -0.1, depth]], dtype=torch.float64)
+    xc = (torch.rand(1, n, 3, generator=g, dtype=torch.float64) - 0.5) * width
+    xc[..., 2] += depth
+    points = (xc - t[:, None]) @ R
+    bearings = xc / xc.norm(dim=-1, keepdim=True)
+    W = torch.eye(n, dtype=torch.float64)[None] / n + noise_w * torch.rand(1, n, n, generator=g, dtype=torch.float64)
+    axis = torch.randn(1, 3, generator=g, dtype=torch.float64)
+    R0 = so3_exp(axis / axis.norm() * math.radians(10)) @ R
+    t0 = t + 0.05 * width * torch.randn(1, 3, generator=g, dtype=torch.float64)
+    GR = torch.randn(1, 3, 3, generator=g, dtype=torch.float64)
+    gt = torch.randn(1, 3, generator=g, dtype=torch.float64)
+    return W, bearings, points, R0, t0, GR, gt
+
+
 def perturb(R, t, angle_deg, shift, seed=1):
     g = torch.Generator().manual_seed(seed)
     B = R.shape[0]
@@ -67,3 +87,15 @@ def assert_derivatives_match_autograd(W, b, p, R0, t0, kernel):
     torch.testing.assert_close(g, torch.autograd.grad(local(xi0).sum(), xi0)[0])
     torch.testing.assert_close(H, dense_hessian(local, xi0.detach()))
     return F, g, H
+
+
+def float32_default_cases():
+    """Six ordinary scenes (40 exact points, starts 10-30 deg off) and a distant one (depth/extent
+    6, dense W), float32: the cases of the float32 defaults tests."""
+    cases = []
+    for seed in range(6):
+        W, b, p, R, t = make_problem(B=1, n=40, seed=seed, dtype=torch.float32)
+        cases.append((W, b, p, *perturb(R, t, (10.0, 20.0, 30.0)[seed % 3], 0.3, seed=seed + 7)))
+    W, b, p, R0, t0, _, _ = distant_scene(6.0, seed=0)
+    cases.append(tuple(x.float() for x in (W, b, p, R0, t0)))
+    return cases
