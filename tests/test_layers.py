@@ -22,6 +22,7 @@ ALLOWED = {
     "runtime": {"so3", "values", "nodes", "geometry", "data", "models"},
     "training": {"so3", "values", "nodes", "geometry", "data", "models", "runtime"},
     "evaluation": {"so3", "values", "nodes", "geometry", "data", "models", "runtime"},
+    "solve": {"so3", "values", "nodes", "geometry", "data", "models", "runtime"},
 }
 
 

@@ -5,6 +5,8 @@
                                    files, compatibility checks, ``--set`` overrides
 ``bpnp.runtime.cli``               the command-line error policy: one ``error:`` line, exit 2 / 1
 ``bpnp.runtime.config``            instantiating config groups (loggers, callbacks)
+``bpnp.runtime.solver``            ``BlindPnPSolver`` (``bpnp.BlindPnPSolver``): arrays in, pose out,
+                                   in one call; ``python -m bpnp.solve`` is its command line
 =================================  ==============================================================
 
 Layering: ``runtime`` imports ``models``, ``data``, ``geometry`` and ``nodes``, never ``training``
