@@ -35,10 +35,16 @@ __all__ = [
     "REQUIRED_KEYS",
     "OPTIONAL_KEYS",
     "validate_scene",
+    "float_array",
     "save_scene",
+    "read_scene_file",
     "load_scene",
     "list_scenes",
     "SceneDirectory",
+    "EXPORT_INCOMPLETE_MARKER",
+    "GT_RESIDUAL_BOUND_RAD",
+    "MIN_TRUE_PAIRS",
+    "check_ground_truth",
 ]
 
 REQUIRED_KEYS = ("p2d", "p3d", "R", "t", "match")
@@ -49,21 +55,29 @@ class SceneFileError(ValueError):
     """A scene (file or dict) violates the scene-file contract; the message names it."""
 
 
-def _float_array(scene: Mapping[str, Any], key: str, shape: tuple, name: str) -> np.ndarray:
-    """``scene[key]`` as float64 with the given shape (-1 = any length >= 1), finite."""
-    a = np.asarray(scene[key])
+def float_array(value: Any, key: str, shape: tuple, name: str, what: str = "key") -> np.ndarray:
+    """``value`` as a finite float64 array of ``shape`` (``-1`` or a letter such as ``"m"``: any
+    length), or :class:`SceneFileError` ``"<name>: <what> '<key>' ..."``: the scene-file checks of
+    one array, for callers that take arrays rather than files (:mod:`bpnp.runtime.solver`)."""
+    a = np.asarray(value)
+    label = f"{what} '{key}'"
     if a.dtype.kind not in "fiu":
-        raise SceneFileError(f"{name}: key '{key}' must be numeric, got dtype {a.dtype}")
-    ok = a.ndim == len(shape) and all(s == -1 or s == d for s, d in zip(shape, a.shape))
+        raise SceneFileError(f"{name}: {label} must be numeric, got dtype {a.dtype}")
+    ok = a.ndim == len(shape) and all(s == -1 or isinstance(s, str) or s == d for s, d in zip(shape, a.shape))
     if not ok:
         want = "(" + ", ".join("k" if s == -1 else str(s) for s in shape) + ")"
-        raise SceneFileError(f"{name}: key '{key}' must have shape {want}, got {a.shape}")
+        raise SceneFileError(f"{name}: {label} must have shape {want}, got {a.shape}")
     a = a.astype(np.float64)
     if not np.all(np.isfinite(a)):
         raise SceneFileError(
-            f"{name}: key '{key}' has {int(np.sum(~np.isfinite(a)))} non-finite values (NaN/Inf)"
+            f"{name}: {label} has {int(np.sum(~np.isfinite(a)))} non-finite values (NaN/Inf)"
         )
     return a
+
+
+def _float_array(scene: Mapping[str, Any], key: str, shape: tuple, name: str) -> np.ndarray:
+    """``scene[key]`` as float64 with the given shape (-1 = any length >= 1), finite."""
+    return float_array(scene[key], key, shape, name)
 
 
 def _int_array(scene: Mapping[str, Any], key: str, shape: tuple, name: str) -> np.ndarray:
@@ -169,6 +183,29 @@ def save_scene(path: str | Path, scene: Mapping[str, Any]) -> Path:
     return path
 
 
+def read_scene_file(path: str | Path) -> dict[str, np.ndarray]:
+    """Every array of a scene file as stored, not validated (:func:`load_scene` validates; a
+    tool that needs only some keys, such as ``python -m bpnp.solve``, checks those).
+
+    Raises:
+        SceneFileError: no such file, or unreadable, truncated or not an npz file; the message
+            starts with the path.
+    """
+    path = Path(path)
+    name = str(path)
+    if not path.is_file():
+        raise SceneFileError(f"{name}: no such file")
+    try:
+        # allow_pickle=False: scene files hold plain arrays; never execute pickled code.
+        with np.load(path, allow_pickle=False) as npz:
+            # Read every array now: NpzFile is lazy, and a truncated member only fails on access.
+            return {k: npz[k] for k in npz.files}
+    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, zipfile.LargeZipFile) as exc:
+        raise SceneFileError(f"{name}: unreadable, truncated or not an .npz file ({exc})") from exc
+    except Exception as exc:  # zlib.error, struct.error and the like from a corrupt archive
+        raise SceneFileError(f"{name}: unreadable, corrupt .npz file ({exc!r})") from exc
+
+
 def load_scene(path: str | Path) -> dict[str, np.ndarray]:
     """Read and validate one scene file.
 
@@ -180,20 +217,7 @@ def load_scene(path: str | Path) -> dict[str, np.ndarray]:
         SceneFileError: unreadable, truncated or not an npz file, or any :func:`validate_scene`
             problem; the message starts with the path.
     """
-    path = Path(path)
-    name = str(path)
-    if not path.is_file():
-        raise SceneFileError(f"{name}: no such file")
-    try:
-        # allow_pickle=False: scene files hold plain arrays; never execute pickled code.
-        with np.load(path, allow_pickle=False) as npz:
-            # Read every array now: NpzFile is lazy, and a truncated member only fails on access.
-            raw = {k: npz[k] for k in npz.files}
-    except (zipfile.BadZipFile, EOFError, OSError, ValueError, KeyError, zipfile.LargeZipFile) as exc:
-        raise SceneFileError(f"{name}: unreadable, truncated or not an .npz file ({exc})") from exc
-    except Exception as exc:  # zlib.error, struct.error and the like from a corrupt archive
-        raise SceneFileError(f"{name}: unreadable, corrupt .npz file ({exc!r})") from exc
-    return validate_scene(raw, name)
+    return validate_scene(read_scene_file(path), str(Path(path)))
 
 
 def list_scenes(directory: str | Path) -> list[Path]:
@@ -209,6 +233,84 @@ def list_scenes(directory: str | Path) -> list[Path]:
                   and not p.name.startswith(".tmp_"))
 
 
+#: File that ``python -m bpnp.data.export`` writes into a scene folder before its first scene and
+#: removes after ``index.json``, its last file: a folder holding it is an unfinished export.
+EXPORT_INCOMPLETE_MARKER = ".bpnp_export_incomplete"
+
+#: Median angle (radians) between the true pairs' 2D bearings and their 3D points under the
+#: scene's ``R, t`` above which the ground truth cannot be true (docs/reliability.md): 0.05 rad =
+#: 2.9 deg, i.e. 40 px of error at an 800 px focal length, far above any keypoint noise.
+GT_RESIDUAL_BOUND_RAD = 0.05
+#: Fewest true pairs with which an instance can be solved (and its success scored): P3P + 1.
+MIN_TRUE_PAIRS = 4
+
+
+def _median_residual(p2d: np.ndarray, X: np.ndarray, R: np.ndarray, t: np.ndarray) -> float:
+    """Median angle between the bearings of ``p2d`` (camera-normalised) and ``R X + t``."""
+    b = np.concatenate([p2d, np.ones((len(p2d), 1))], axis=1)
+    b /= np.linalg.norm(b, axis=1, keepdims=True)
+    xc = X @ R.T + t
+    norm = np.linalg.norm(xc, axis=1)
+    cos = np.einsum("ij,ij->i", b, xc) / np.where(norm > 0, norm, 1.0)
+    cos = np.where(norm > 0, cos, -1.0)
+    return float(np.median(np.arccos(np.clip(cos, -1.0, 1.0))))
+
+
+def check_ground_truth(scene: Mapping[str, Any], name: str = "<scene>",
+                       bound: float = GT_RESIDUAL_BOUND_RAD) -> None:
+    """Refuse an instance whose ground truth cannot be true, or that no method can solve, so that
+    a success rate is never taken over such instances (``evaluate.py`` calls it on every scene
+    file before any instance is evaluated). ``scene`` is a :func:`validate_scene` result.
+
+    Raises:
+        SceneFileError: fewer than :data:`MIN_TRUE_PAIRS` true pairs (``match >= 0``); the 3D
+            points of the true pairs all identical or collinear (rank of the centred points
+            < 2); or a median angular residual of the true pairs under ``R, t`` above ``bound``
+            (with the fix when ``p2d`` looks like pixels: ``K`` given and ``K^-1`` fixes it, or
+            ``|p2d|`` far above any camera-normalised coordinate).
+    """
+    match = np.asarray(scene["match"])
+    sel = match >= 0
+    k = int(sel.sum())
+    if k < MIN_TRUE_PAIRS:
+        raise SceneFileError(
+            f"{name}: only {k} true pair(s) (entries of 'match' >= 0); a pose needs at least {MIN_TRUE_PAIRS}, "
+            "so the instance can be neither solved nor scored: drop the file (or fix 'match')")
+    p2d = np.asarray(scene["p2d"], dtype=np.float64)[sel]
+    X = np.asarray(scene["p3d"], dtype=np.float64)[match[sel]]
+    sv = np.linalg.svd(X - X.mean(0), compute_uv=False)
+    scale = max(float(np.abs(X).max()), 1e-300)
+    if sv[0] <= 1e-9 * scale or sv[1] <= 1e-6 * sv[0]:
+        kind = "all identical" if sv[0] <= 1e-9 * scale else "collinear"
+        raise SceneFileError(
+            f"{name}: the 3D points of its {k} true pairs are {kind} (rank of the centred points < 2), "
+            "so the pose is not determined: drop the file")
+    R, t = np.asarray(scene["R"], dtype=np.float64), np.asarray(scene["t"], dtype=np.float64)
+    residual = _median_residual(p2d, X, R, t)
+    if residual <= bound:
+        return
+    head = (f"{name}: the true pairs do not reproject under 'R', 't': median angular residual "
+            f"{residual:.3g} rad over {k} pairs (bound {bound:g} rad)")
+    K = scene.get("K")
+    if K is not None:
+        K = np.asarray(K, dtype=np.float64)
+        if abs(np.linalg.det(K)) > 0:
+            uv1 = np.concatenate([p2d, np.ones((len(p2d), 1))], axis=1) @ np.linalg.inv(K).T
+            fixed = _median_residual(uv1[:, :2] / uv1[:, 2:3], X, R, t)
+            if fixed <= bound:
+                raise SceneFileError(
+                    f"{head}; p2d looks like pixels: divide by K (store ((u - cx) / fx, (v - cy) / fy); the true "
+                    f"pairs then reproject within {fixed:.2g} rad)")
+    size = float(np.median(np.abs(p2d)))
+    if size > 10.0:  # tan(84 deg): no camera-normalised keypoint is that far off the axis
+        raise SceneFileError(
+            f"{head}; p2d looks like pixels (median |p2d| = {size:.3g}; camera-normalised coordinates are "
+            "tangents of view angles, far below 10): divide by K (store K^-1 [u, v, 1])")
+    raise SceneFileError(
+        f"{head}; check that 'p2d' is camera-normalised, that 'R', 't' is the world-to-camera pose and that "
+        "'match' indexes 'p3d'")
+
+
 class SceneDirectory(Dataset):
     """A scene set: item ``i`` is :func:`load_scene` of the ``i``-th file by name, plus ``index``.
 
@@ -217,11 +319,17 @@ class SceneDirectory(Dataset):
         names: their stems (e.g. ``"0003"``), for per-instance reports: ``names[batch["index"]]``.
 
     Raises:
-        SceneFileError: if the directory is missing or holds no ``.npz`` file.
+        SceneFileError: if the directory is missing, holds no ``.npz`` file, or is an unfinished
+            export (it holds :data:`EXPORT_INCOMPLETE_MARKER`). A folder without ``index.json``
+            is fine (hand-made scene sets need none).
     """
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory)
+        if (self.directory / EXPORT_INCOMPLETE_MARKER).exists():
+            raise SceneFileError(
+                f"{self.directory}: an unfinished export (it holds {EXPORT_INCOMPLETE_MARKER}, which "
+                "python -m bpnp.data.export removes once its index.json is written): run the export again")
         self.files = list_scenes(self.directory)
         if not self.files:
             raise SceneFileError(f"{self.directory}: no .npz scene files in this directory")

@@ -11,7 +11,17 @@ Run directory contents (``hydra.run.dir``, default ``logs/eval/runs/<time>``)::
 
 Errors a user can cause (bad paths, bad files, an incompatible checkpoint, a bad data config)
 raise one of :func:`bpnp.runtime.cli.user_errors`, each with a one-line message naming the problem;
-``evaluate.py`` prints ``error: <message>`` and exits with code 2 for them.
+``evaluate.py`` prints ``error: <message>`` and exits with code 2 for them. They are found before
+any instance is evaluated: every scene file is read and its ground truth checked
+(:func:`bpnp.data.scenes.check_ground_truth`), and the largest instance's memory is compared with
+the memory available (:mod:`bpnp.evaluation.memory`).
+
+``instances.csv`` is written as instances finish (a row per method, flushed per instance). An
+interruption (Ctrl-C, or SIGTERM under :func:`bpnp.runtime.cli.interrupt_signals`) writes a
+partial ``metrics.json`` over the finished instances with ``"complete": false`` and
+``"instances_done"`` and re-raises :class:`bpnp.runtime.cli.Interrupted` saying what was kept;
+a complete run's ``metrics.json`` has ``"complete": true``. ``ckpt_path=last`` evaluates the
+newest ``<paths.log_dir>/*/runs/*/checkpoints/last.ckpt`` of any task and says which it picked.
 """
 
 from __future__ import annotations
@@ -28,11 +38,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from bpnp.data.bpnpnet_pickles import PickleFormatError
 from bpnp.data.cameras import UnsupportedCameraError
 from bpnp.data.colmap import ColmapFormatError
-from bpnp.data.scenes import SceneFileError
+from bpnp.data.scenes import SceneFileError, check_ground_truth
 from bpnp.evaluation import plots
-from bpnp.runtime.checkpoint import load_network
-from bpnp.runtime.cli import ConfigError
-from bpnp.evaluation.report import summarize_methods, write_metrics_json, write_records_csv
+from bpnp.evaluation.memory import check_instance_memory
+from bpnp.runtime.checkpoint import load_network, resolve_eval_checkpoint
+from bpnp.runtime.cli import ConfigError, Interrupted, resolve_device  # resolve_device: re-exported
+from bpnp.evaluation.report import RecordsCsvWriter, summarize_methods, write_metrics_json
 from bpnp.evaluation.runner import EvalSettings, evaluate_instances
 from bpnp.evaluation.sweep import parse_fractions, run_sweep
 
@@ -43,22 +54,6 @@ def _plain(cfg: Any) -> Any:
     if isinstance(cfg, DictConfig) or OmegaConf.is_config(cfg):
         return OmegaConf.to_container(cfg, resolve=True)
     return cfg
-
-
-def resolve_device(name: str) -> torch.device:
-    """``"cpu"``, ``"cuda"``, ``"cuda:1"``...; an unavailable CUDA device is a config error."""
-    try:
-        device = torch.device(str(name))
-    except RuntimeError as exc:
-        raise ConfigError(f"device={name}: not a torch device ({exc})") from exc
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError(f"device={name}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"device={name}: only {torch.cuda.device_count()} CUDA device(s)")
-    elif device.type != "cpu":
-        raise ConfigError(f"device={name}: use cpu or cuda[:i]")
-    return device
 
 
 def build_dataset(data_cfg: Mapping[str, Any] | DictConfig) -> tuple[Any, list[str]]:
@@ -151,10 +146,60 @@ def _safe_name(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[:60]
 
 
-def _validate_scene_files(dataset: Any, indices: list[int]) -> None:
-    """Load every scene once up front, so a bad file fails before any compute."""
+def _log_dir(c: Any) -> str:
+    """``paths.log_dir`` alone (its siblings may need Hydra's runtime to resolve), default logs."""
+    if isinstance(c, DictConfig):
+        value = OmegaConf.select(c, "paths.log_dir", default=None)
+    else:
+        value = (c.get("paths") or {}).get("log_dir")
+    return str(value) if value else "logs"
+
+
+def _scene_files(dataset: Any) -> list[Any] | None:
+    """The files of a scene-directory dataset (through an outlier wrapper), else None."""
+    while dataset is not None and not hasattr(dataset, "files"):
+        dataset = getattr(dataset, "base", None)
+    return None if dataset is None else list(dataset.files)
+
+
+def _validate_scene_files(dataset: Any, indices: list[int]) -> list[tuple[str, int, int]]:
+    """Load every scene once up front and check its ground truth, so a bad file fails before any
+    compute; returns ``(file, m, n)`` of each instance as it will be evaluated."""
+    files = _scene_files(dataset)
+    sizes = []
     for i in indices:
-        dataset[i]
+        scene = dataset[i]
+        name = str(files[i]) if files is not None else str(i)
+        check_ground_truth(scene, name)
+        sizes.append((name, len(scene["p2d"]), len(scene["p3d"])))
+    return sizes
+
+
+def _size_bounds(dataset: Any, names: list[str], indices: list[int], source: str) -> list[tuple[str, int, int]]:
+    """``(name, m, n)`` upper bounds of every instance from the dataset's ``size_bound`` (COLMAP,
+    synthetic; through an outlier wrapper, grown by its fractions), without building any; empty
+    when the dataset cannot tell."""
+    base, grow = dataset, (1.0, 1.0)
+    if not hasattr(base, "size_bound") and hasattr(base, "base") and hasattr(base, "frac_2d"):
+        grow = (1.0 / (1.0 - float(base.frac_2d)), 1.0 / (1.0 - float(base.frac_3d)))
+        base = base.base
+    bound = getattr(base, "size_bound", None)
+    if bound is None:
+        return []
+    out = []
+    for i in indices:
+        m, n = bound(i)
+        label = f"{source} instance {names[i] if i < len(names) else i}"
+        out.append((label, int(round(m * grow[0])), int(round(n * grow[1]))))
+    return out
+
+
+def _sweep_growth(sweep_cfg: Mapping[str, Any]) -> tuple[float, float]:
+    """How much the outlier sweep's largest fractions grow ``m`` and ``n`` (1 / (1 - f))."""
+    if not sweep_cfg.get("enabled", True) or not sweep_cfg.get("fractions"):
+        return 1.0, 1.0
+    pairs = parse_fractions(sweep_cfg["fractions"])
+    return 1.0 / (1.0 - max(f2 for f2, _ in pairs)), 1.0 / (1.0 - max(f3 for _, f3 in pairs))
 
 
 def run_evaluation(cfg: DictConfig | Mapping[str, Any], out_dir: str | Path | None = None,
@@ -198,52 +243,114 @@ def run_evaluation(cfg: DictConfig | Mapping[str, Any], out_dir: str | Path | No
     log("[evaluate] config (resolved):\n" + compact_yaml(c, ["ckpt_path", "device", "seed", "max_instances", "net_overrides",
                                                            "baselines", "data", "sweep"]))
     net_overrides = _plain(c.get("net_overrides")) or {}
+    log_dir = _log_dir(c)
+    ckpt_path, picked = resolve_eval_checkpoint(ckpt_path, log_dir)
+    if picked:
+        log(f"[evaluate] ckpt_path=last picked {ckpt_path} (the newest last.ckpt under {log_dir}/*/runs)")
     net = load_network(ckpt_path, device, overrides=net_overrides)
     dataset, names = build_dataset(c["data"])
     limit = c.get("max_instances")
     indices = list(range(len(dataset) if limit is None else min(int(limit), len(dataset))))
-    if (_plain(c["data"]) or {}).get("source") == "scenes":
-        _validate_scene_files(dataset, indices)
+    source = str((_plain(c["data"]) or {}).get("source"))
+    if source == "scenes":
+        sizes = _validate_scene_files(dataset, indices)
+    else:
+        sizes = _size_bounds(dataset, names, indices, source)
+    all_baselines = tuple(settings.baselines) + tuple(s_settings.baselines)
+    check_instance_memory(sizes, str(device), all_baselines, _sweep_growth(sweep_cfg), source=source)
     log(f"[evaluate] {len(indices)} instances, device {device}, baselines {list(settings.baselines)}")
 
     start = time.perf_counter()
-    records, overlays = evaluate_instances(net, dataset, names, settings, indices=indices, log=log)
-    metrics: dict[str, Any] = summarize_methods(records, **summary_kwargs)
-    files = {"instances_csv": write_records_csv(out_dir / "instances.csv", records)}
+    done: list[dict[str, Any]] = []  # records of the finished instances (also in instances.csv)
+    stage = {"name": "main", "count": 0}
+    files: dict[str, Path] = {}
+    main_csv = RecordsCsvWriter(out_dir / "instances.csv")
+    sweep_csv: RecordsCsvWriter | None = None
+    files["instances_csv"] = main_csv.path
 
-    sweep_records: list[dict[str, Any]] = []
-    if sweep_cfg.get("enabled", True) and sweep_cfg.get("fractions"):
-        s_limit = sweep_cfg.get("max_instances")
-        s_indices = indices if s_limit is None else indices[: int(s_limit)]
-        same = s_indices == indices and s_settings.baselines == settings.baselines
-        metrics["sweep"], sweep_records = run_sweep(
-            net, dataset, names, s_settings, sweep_cfg["fractions"], seed=int(sweep_cfg.get("seed", 0)),
-            indices=s_indices, reuse=records if same else None, summary_kwargs=summary_kwargs, log=log)
-        files["sweep_csv"] = write_records_csv(out_dir / "sweep_instances.csv", sweep_records)
+    def finished(recs: list[dict[str, Any]]) -> None:
+        main_csv.write(recs)
+        done.extend(recs)
+        stage["count"] += 1
 
-    plots_cfg = _plain(c.get("plots")) or {}
-    if plots_cfg.get("enabled", True):
-        pdir = out_dir / "plots"
-        files["error_cdf"] = plots.plot_error_cdfs(records, pdir / "error_cdf.png", title=f"{len(indices)} instances")
-        if "sweep" in metrics:
-            files["sweep_plot"] = plots.plot_sweep(metrics["sweep"], pdir / "sweep_success.png")
-        for k, ov in enumerate(overlays):
-            files[f"overlay_{k}"] = plots.plot_overlay(ov, pdir / f"overlay_{k}_{_safe_name(ov.name)}.png")
+    try:
+        records, overlays = evaluate_instances(net, dataset, names, settings, indices=indices, log=log,
+                                               on_instance=finished)
+        main_csv.close()
+        metrics: dict[str, Any] = summarize_methods(records, **summary_kwargs)
 
-    data_plain = _plain(c["data"]) or {}
-    metrics["meta"] = {
-        "ckpt_path": str(ckpt_path), "device": str(device), "net_overrides": dict(net_overrides),
-        "data": {k: data_plain.get(k) for k in ("source", "path", "test_scenes", "seed") if k in data_plain},
-        "num_instances": len(indices), "seed": settings.seed, "baselines": list(settings.baselines),
-        "wall_time_s": time.perf_counter() - start,
-        "files": {k: str(Path(v).relative_to(out_dir)) for k, v in files.items()},
-    }
+        sweep_records: list[dict[str, Any]] = []
+        if sweep_cfg.get("enabled", True) and sweep_cfg.get("fractions"):
+            stage["name"] = "sweep"
+            s_limit = sweep_cfg.get("max_instances")
+            s_indices = indices if s_limit is None else indices[: int(s_limit)]
+            same = s_indices == indices and s_settings.baselines == settings.baselines
+            sweep_csv = RecordsCsvWriter(out_dir / "sweep_instances.csv")
+            files["sweep_csv"] = sweep_csv.path
+            metrics["sweep"], sweep_records = run_sweep(
+                net, dataset, names, s_settings, sweep_cfg["fractions"], seed=int(sweep_cfg.get("seed", 0)),
+                indices=s_indices, reuse=records if same else None, summary_kwargs=summary_kwargs, log=log,
+                on_records=sweep_csv.write)
+            sweep_csv.close()
+        stage["name"] = "plots"
+        plots_cfg = _plain(c.get("plots")) or {}
+        if plots_cfg.get("enabled", True):
+            pdir = out_dir / "plots"
+            files["error_cdf"] = plots.plot_error_cdfs(records, pdir / "error_cdf.png",
+                                                       title=f"{len(indices)} instances")
+            if "sweep" in metrics:
+                files["sweep_plot"] = plots.plot_sweep(metrics["sweep"], pdir / "sweep_success.png")
+            for k, ov in enumerate(overlays):
+                files[f"overlay_{k}"] = plots.plot_overlay(ov, pdir / f"overlay_{k}_{_safe_name(ov.name)}.png")
+    except KeyboardInterrupt as exc:
+        main_csv.close()
+        if sweep_csv is not None:
+            sweep_csv.close()
+        raise _interrupted(exc, c, out_dir, done, stage, len(indices), summary_kwargs, settings, device,
+                           net_overrides, ckpt_path, start, files) from None
+    metrics["complete"] = True
+    metrics["instances_done"] = len(indices)
+
+    metrics["meta"] = _meta(c, ckpt_path, device, net_overrides, len(indices), settings, start, files, out_dir)
     path = write_metrics_json(out_dir / "metrics.json", metrics)
     _log_to_loggers(c, metrics, files, out_dir)
     log(f"[evaluate] model: success {metrics.get('success_rate', float('nan')):.3f}, median rot "
         f"{metrics.get('median_rot_err_deg', float('nan')):.3g} deg; wrote {path}")
     log(f"[evaluate] run dir: {out_dir} (metrics.json, instances.csv, plots/)")
     return metrics
+
+
+def _meta(c: Any, ckpt_path: Any, device: Any, net_overrides: Mapping[str, Any], num: int, settings: EvalSettings,
+          start: float, files: Mapping[str, Path], out_dir: Path) -> dict[str, Any]:
+    data_plain = _plain(c["data"]) or {}
+    return {
+        "ckpt_path": str(ckpt_path), "device": str(device), "net_overrides": dict(net_overrides),
+        "data": {k: data_plain.get(k) for k in ("source", "path", "test_scenes", "seed") if k in data_plain},
+        "num_instances": num, "seed": settings.seed, "baselines": list(settings.baselines),
+        "wall_time_s": time.perf_counter() - start,
+        "files": {k: str(Path(v).relative_to(out_dir)) for k, v in files.items()},
+    }
+
+
+def _interrupted(exc: BaseException, c: Any, out_dir: Path, done: list[dict[str, Any]], stage: Mapping[str, Any],
+                 total: int, summary_kwargs: Mapping[str, Any], settings: EvalSettings, device: Any,
+                 net_overrides: Mapping[str, Any], ckpt_path: Any, start: float,
+                 files: Mapping[str, Path]) -> Interrupted:
+    """Write the partial ``metrics.json`` of an interrupted run (the finished instances of the
+    main evaluation; ``"complete": false``) and the :class:`Interrupted` that says what was kept."""
+    signum = getattr(exc, "signum", 2)
+    count = int(stage["count"])
+    metrics: dict[str, Any] = summarize_methods(done, **summary_kwargs)
+    metrics.update(complete=False, instances_done=count, interrupted_in=str(stage["name"]))
+    metrics["meta"] = _meta(c, ckpt_path, device, net_overrides, total, settings, start, files, out_dir)
+    try:
+        write_metrics_json(out_dir / "metrics.json", metrics)
+    except OSError as err:  # the disk that is full: the CSV rows are still there
+        return Interrupted(signum, f"kept {count} of {total} instances in {out_dir / 'instances.csv'} "
+                                   f"(metrics.json not written: {err.strerror or err})")
+    after = {"main": "", "sweep": "; the outlier sweep was cut short", "plots": "; the plots were cut short"}
+    return Interrupted(signum, f"kept {count} of {total} instances in {out_dir}{after.get(str(stage['name']), '')} "
+                               "(metrics.json complete: false)")
 
 
 def _flat_scalars(metrics: Mapping[str, Any], prefix: str = "") -> dict[str, float]:

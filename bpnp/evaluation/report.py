@@ -52,6 +52,7 @@ __all__ = [
     "to_jsonable",
     "write_metrics_json",
     "write_records_csv",
+    "RecordsCsvWriter",
 ]
 
 #: Columns of the per-instance CSV, in order.
@@ -195,17 +196,44 @@ def _csv_value(v: Any) -> Any:
     return v
 
 
+class RecordsCsvWriter:
+    """A per-instance CSV written as the records come (``evaluate.py``'s ``instances.csv``): the
+    header at once, then :meth:`write` appends rows and flushes them to the file, so an
+    interrupted run keeps every finished instance. Use as a context manager or :meth:`close`."""
+
+    def __init__(self, path: str | Path, columns: Sequence[str] = CSV_COLUMNS) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.columns = list(columns)
+        self.rows = 0
+        self._file = self.path.open("w", newline="")
+        self._writer = csv.DictWriter(self._file, fieldnames=self.columns, extrasaction="ignore")
+        self._writer.writeheader()
+        self._file.flush()
+
+    def write(self, records: Iterable[Mapping[str, Any]]) -> None:
+        for r in records:
+            self._writer.writerow({k: _csv_value(r.get(k, "")) for k in self.columns})
+            self.rows += 1
+        self._file.flush()
+
+    def close(self) -> None:
+        if not self._file.closed:
+            self._file.close()
+
+    def __enter__(self) -> "RecordsCsvWriter":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
 def write_records_csv(path: str | Path, records: Sequence[Mapping[str, Any]],
                       columns: Sequence[str] = CSV_COLUMNS) -> Path:
     """Write per-instance records, one row each, with a header of ``columns``.
 
     Missing keys are left empty; ``success`` is written 0/1. Returns the path.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        for r in records:
-            writer.writerow({k: _csv_value(r.get(k, "")) for k in columns})
-    return path
+    with RecordsCsvWriter(path, columns) as writer:
+        writer.write(records)
+    return writer.path

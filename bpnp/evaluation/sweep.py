@@ -60,6 +60,7 @@ def run_sweep(
     reuse: Sequence[Mapping[str, Any]] | None = None,
     summary_kwargs: Mapping[str, Any] | None = None,
     log: Callable[[str], None] | None = print,
+    on_records: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Evaluate every fraction pair.
 
@@ -71,6 +72,8 @@ def run_sweep(
         reuse: records of the unchanged scenes (used for the ``(0, 0)`` entry when given).
         summary_kwargs: thresholds for :func:`bpnp.evaluation.report.summarize`.
         log: progress printer.
+        on_records: called with the records of each finished instance (the reused ``(0, 0)``
+            records at once), e.g. to append them to ``sweep_instances.csv`` as they come.
 
     Returns:
         ``(sweep, records)``: ``sweep = {"seed", "fractions": [[f2, f3], ...], "results": [
@@ -84,12 +87,15 @@ def run_sweep(
     for f2, f3 in pairs:
         if f2 == 0.0 and f3 == 0.0 and reuse is not None:
             recs = [dict(r) for r in reuse]
+            if on_records is not None:
+                on_records(recs)
         else:
             if log is not None:
                 log(f"[evaluate] outlier sweep: adding {f2:g} 2D / {f3:g} 3D outliers")
             ds = OutlierDataset(dataset, f2, f3, seed)
             quiet = EvalSettings(**{**settings.__dict__, "num_overlays": 0, "warmup": 0})
-            recs, _ = evaluate_instances(model, ds, names, quiet, frac=(f2, f3), indices=indices, log=log)
+            recs, _ = evaluate_instances(model, ds, names, quiet, frac=(f2, f3), indices=indices, log=log,
+                                         on_instance=on_records)
         all_records.extend(recs)
         results.append({"frac_2d": f2, "frac_3d": f3, **summarize_methods(recs, **summary_kwargs)})
     return {"seed": int(seed), "fractions": [list(p) for p in pairs], "results": results}, all_records

@@ -28,7 +28,8 @@ from torch import nn
 from bpnp.models.settings import SettingError, merge_overrides, upgrade_flat_config
 
 __all__ = ["CheckpointError", "build_net", "load_checkpoint_dict", "network_config", "load_network", "network_from_dict",
-           "save_weights_only", "parse_set_overrides", "state_dict_mismatch", "net_config_mismatch"]
+           "save_weights_only", "parse_set_overrides", "state_dict_mismatch", "net_config_mismatch", "check_weights",
+           "WEIGHT_BOUND", "RUNNING_STAT_BOUND", "find_latest_checkpoint", "resolve_eval_checkpoint"]
 
 #: Prefix of the network's parameters in the LightningModule's state dict (``self.net``).
 NET_PREFIX = "net."
@@ -134,6 +135,69 @@ def _network_state(ckpt: Mapping[str, Any], name: str) -> dict[str, torch.Tensor
     return dict(state)
 
 
+#: Largest |w| accepted in a checkpoint's weights (docs/reliability.md): trained weights of this
+#: network stay near 1 (the shipped checkpoints: max |w| 1.26), so 1e4 is far above any trained
+#: weight and far below what a flipped exponent bit gives (2.4e24 and the like).
+WEIGHT_BOUND = 1e4
+#: The same for batch-norm running statistics (``running_mean``/``running_var``), which scale with
+#: the (squared) activations rather than sit near 1.
+RUNNING_STAT_BOUND = 1e12
+
+
+def _short(x: float) -> str:
+    """``1e4`` rather than ``1e+04``."""
+    return f"{x:.0e}".replace("e+0", "e").replace("e+", "e")
+
+
+def check_weights(state: Mapping[str, Any], name: str = "<checkpoint>") -> None:
+    """Every floating-point tensor of a network state dict is finite and within
+    :data:`WEIGHT_BOUND` (:data:`RUNNING_STAT_BOUND` for batch-norm running statistics): a
+    corrupt checkpoint (flipped bytes) otherwise loads without complaint and its results look
+    real.
+
+    Raises:
+        CheckpointError: ``"<name>: weight '<key>' holds non-finite values (...)"`` or
+            ``"<name>: weight '<key>' has |w| up to 2.4e+24 (bound 1e4)"``.
+    """
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.numel() == 0:
+            continue
+        v = value.detach()
+        finite = torch.isfinite(v)
+        if not bool(finite.all()):
+            bad = int((~finite).sum())
+            raise CheckpointError(f"{name}: weight '{key}' holds non-finite values ({bad} of {v.numel()} NaN/Inf); "
+                                  "the file is corrupt: use another checkpoint")
+        bound = RUNNING_STAT_BOUND if str(key).endswith(("running_mean", "running_var")) else WEIGHT_BOUND
+        top = float(v.abs().max())
+        if top > bound:
+            raise CheckpointError(f"{name}: weight '{key}' has |w| up to {top:.2g} (bound {_short(bound)}); "
+                                  "the file is corrupt: use another checkpoint")
+
+
+def find_latest_checkpoint(log_dir: str | Path) -> Path | None:
+    """The newest (by modification time) ``<log_dir>/*/runs/*/checkpoints/last.ckpt`` across
+    tasks, or None: what ``evaluate.py ckpt_path=last`` evaluates."""
+    found = [p for p in Path(log_dir).expanduser().glob("*/runs/*/checkpoints/last.ckpt") if p.is_file()]
+    return max(found, key=lambda p: (p.stat().st_mtime, str(p))) if found else None
+
+
+def resolve_eval_checkpoint(ckpt_path: str | Path, log_dir: str | Path) -> tuple[str, bool]:
+    """``(path, picked)``: ``"last"`` becomes :func:`find_latest_checkpoint` of ``log_dir``
+    (``picked`` True), anything else is returned as given.
+
+    Raises:
+        CheckpointError: ``ckpt_path=last`` and no run under ``log_dir`` has a ``last.ckpt``.
+    """
+    if str(ckpt_path) != "last":
+        return str(ckpt_path), False
+    found = find_latest_checkpoint(log_dir)
+    if found is None:
+        raise CheckpointError(f"ckpt_path=last: no run with checkpoints/last.ckpt under {Path(log_dir)}/*/runs "
+                              "(pass ckpt_path=<run>/checkpoints/last.ckpt, or set paths.log_dir)")
+    return str(found), True
+
+
 def _summarise_keys(keys: list[str], limit: int = 3) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
@@ -168,6 +232,7 @@ def network_from_dict(ckpt: Mapping[str, Any], name: str = "<checkpoint>", devic
     """:func:`load_network` on a checkpoint dict already read by :func:`load_checkpoint_dict`
     (``name`` is the file named in errors); for callers that also need the dict's config."""
     state = _network_state(ckpt, name)
+    check_weights(state, name)
     cfg = legacy_network_defaults(network_config(ckpt, name), state)
     if overrides:  # a bad override is the user's error, named by its key (SettingError), not the checkpoint's
         cfg = merge_overrides(cfg, overrides, prefix="net_overrides")

@@ -9,15 +9,21 @@ and exits with :data:`EXIT_RUN_FAILED` (1). ``HYDRA_FULL_ERROR=1`` re-raises wit
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["ConfigError", "EXIT_USER_ERROR", "EXIT_RUN_FAILED", "user_errors", "one_line", "error_message",
-           "run_with_error_policy", "config_error", "check_writable_dir", "console", "is_unused_run_dir",
-           "remove_unused_run_dir"]
+           "run_with_error_policy", "config_error", "resolve_device", "check_writable_dir", "check_creatable_dir",
+           "console", "is_unused_run_dir", "remove_unused_run_dir", "Interrupted", "interrupt_signals", "exit_code_of_signal"]
 
 #: Exit code for bad input or configuration, found before any work starts.
 EXIT_USER_ERROR = 2
@@ -25,6 +31,49 @@ EXIT_USER_ERROR = 2
 EXIT_RUN_FAILED = 1
 
 T = TypeVar("T")
+
+
+def exit_code_of_signal(signum: int) -> int:
+    """The shell's convention: 128 + the signal number (SIGINT 130, SIGTERM 143)."""
+    return 128 + int(signum)
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT (Ctrl-C) or SIGTERM during a run: raised by the handlers of
+    :func:`interrupt_signals` (a plain ``KeyboardInterrupt`` counts as SIGINT). Code that keeps
+    partial results re-raises it with ``message`` saying what was kept; the error policy prints
+    ``interrupted: <message>`` and exits with 128 + the signal number."""
+
+    def __init__(self, signum: int = signal.SIGINT, message: str = "") -> None:
+        super().__init__(message)
+        self.signum = int(signum)
+        self.message = message
+
+    @property
+    def exit_code(self) -> int:
+        return exit_code_of_signal(self.signum)
+
+
+@contextlib.contextmanager
+def interrupt_signals():
+    """While inside, SIGINT and SIGTERM raise :class:`Interrupted` in the main thread (SIGTERM
+    would otherwise end the process at once, with nothing written); the previous handlers are
+    restored on exit. Outside the main thread it does nothing (signals only reach that one)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    previous = {}
+    try:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
 
 
 class ConfigError(ValueError):
@@ -81,10 +130,19 @@ def error_message(exc: BaseException) -> str:
 
 def run_with_error_policy(work: Callable[[], T]) -> tuple[int, T | None]:
     """``(0, work())``, or print one ``error:`` line and return ``(exit code, None)`` for bad
-    input (:func:`user_errors`, code 2) and for a failed write while running (OSError, code 1)."""
+    input (:func:`user_errors`, code 2) and for a failed write while running (OSError, code 1);
+    an interruption (Ctrl-C, or SIGTERM under :func:`interrupt_signals`) prints one
+    ``interrupted: ...`` line and returns 130 / 143."""
     full = os.environ.get("HYDRA_FULL_ERROR") == "1"  # the traceback too, for debugging
     try:
         return 0, work()
+    except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM under interrupt_signals(): one line, 130 / 143
+        signum = getattr(exc, "signum", signal.SIGINT)
+        message = getattr(exc, "message", "") or "stopped before any result was written"
+        _report(f"interrupted: {message}")
+        if full:
+            raise
+        return exit_code_of_signal(signum), None
     except user_errors() as exc:
         _report(f"error: {error_message(exc)}")
         if full:
@@ -148,6 +206,25 @@ def config_error(config_dir: str | Path, config_name: str, argv: list[str],
     return None
 
 
+def resolve_device(name: str) -> torch.device:
+    """``"cpu"``, ``"cuda"``, ``"cuda:1"``...; an unavailable CUDA device is a config error
+    (``evaluate.py device=...``, ``python -m bpnp.solve --device ...``)."""
+    import torch  # here, so that importing this module stays cheap
+
+    try:
+        device = torch.device(str(name))
+    except RuntimeError as exc:
+        raise ConfigError(f"device={name}: not a torch device ({exc})") from exc
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device={name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ConfigError(f"device={name}: only {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise ConfigError(f"device={name}: use cpu or cuda[:i]")
+    return device
+
+
 def check_writable_dir(path: str | Path, what: str) -> Path:
     """Create ``path`` if needed and write-test it; :class:`ConfigError` naming ``what``
     otherwise (checked before training, so a bad logger or checkpoint directory fails at once
@@ -161,6 +238,31 @@ def check_writable_dir(path: str | Path, what: str) -> Path:
             pass
     except OSError as exc:
         raise ConfigError(f"{what}={p}: not a writable directory ({exc.strerror or exc})") from exc
+    return p
+
+
+def check_creatable_dir(path: str | Path, what: str) -> Path:
+    """That ``path`` is, or can be created as, a writable directory, with no lasting side effect:
+    a probe directory is made (and removed at once) in ``path`` or in its nearest existing
+    ancestor. For directories that Hydra creates before the job starts (``paths.log_dir``,
+    ``hydra.run.dir``), where a failure would otherwise be Hydra's traceback.
+
+    Raises:
+        ConfigError: ``"<what>=<path>: cannot create a directory there (<reason>)"``.
+    """
+    import tempfile
+
+    p = Path(path).expanduser()
+    probe = p
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"{what}={p}: cannot create a directory there ({probe} is not a directory)")
+    try:
+        os.rmdir(tempfile.mkdtemp(dir=probe, prefix=".bpnp_write_test_"))
+    except OSError as exc:
+        where = "" if probe == p else f" in {probe}"
+        raise ConfigError(f"{what}={p}: cannot create a directory there ({exc.strerror or exc}{where})") from exc
     return p
 
 

@@ -20,11 +20,11 @@ from typing import Any, Callable, Iterable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from bpnp.runtime.cli import ConfigError
+from bpnp.runtime.cli import ConfigError, check_creatable_dir
 from bpnp.values import ValueCheckError, choice, either, flag, integer, is_int, number, text
 
-__all__ = ["instantiate_group", "check_train_config", "check_eval_config", "check_data_config", "usable_cpu_cores",
-           "compact_yaml"]
+__all__ = ["instantiate_group", "check_train_config", "check_eval_config", "check_data_config", "check_output_dirs",
+           "usable_cpu_cores", "compact_yaml", "SUPPORTED_PRECISIONS"]
 
 
 def instantiate_group(cfg: DictConfig | None) -> list[Any]:
@@ -110,12 +110,25 @@ MODEL = (
 
 _PRECISIONS = (16, 32, 64, "16", "32", "64", "bf16", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "32-true",
                "64-true", "transformer-engine", "transformer-engine-float16")
+#: The trainer precisions the network trains in: its nodes (Sinkhorn, RANSAC, refinement) need
+#: float32 or wider, and under 16-bit autocast Sinkhorn's marginals lose their equal mass
+#: (``ValueError: marginals must have equal mass per item`` at step 0).
+SUPPORTED_PRECISIONS = (32, "32", "32-true")
+
+
+def _precision(key: str, v: Any) -> Any:
+    choice(*_PRECISIONS)(key, v)
+    if v not in SUPPORTED_PRECISIONS:
+        raise ValueCheckError(
+            f"{key}={v}: not supported: the Sinkhorn, RANSAC and refinement nodes need float32 (16-bit and "
+            f"mixed precision break Sinkhorn's equal-mass marginals at the first step); use {key}=32")
+    return v
 
 TRAINER = (
     ("trainer.max_epochs", integer(lo=-1, note=" (-1 = no limit)")), ("trainer.min_epochs", integer(lo=0, none=True)),
     ("trainer.max_steps", integer(lo=-1, note=" (-1 = no limit)")), ("trainer.num_nodes", integer(lo=1)),
     ("trainer.accelerator", choice("cpu", "gpu", "cuda", "mps", "tpu", "auto")),
-    ("trainer.precision", choice(*_PRECISIONS)),
+    ("trainer.precision", _precision),
     ("trainer.check_val_every_n_epoch", integer(lo=1, none=True)), ("trainer.log_every_n_steps", integer(lo=1)),
     ("trainer.num_sanity_val_steps", integer(lo=-1, note=" (-1 = all)")),
     ("trainer.gradient_clip_val", number(lo=0.0, none=True)), ("trainer.gradient_clip_algorithm", choice("norm", "value")),
@@ -217,6 +230,27 @@ def _check_optimizer(cfg: DictConfig) -> None:
         build("model.scheduler", node, optimizer=opt)
 
 
+def check_output_dirs(cfg: DictConfig) -> None:
+    """``paths.log_dir`` and, composed with Hydra's config, ``hydra.run.dir`` can be created and
+    written: Hydra creates the run directory before the job starts, and a failure there is its
+    traceback (``paths.log_dir=/proc/x``). Nothing is left behind (:func:`check_creatable_dir`)."""
+    from pathlib import Path
+
+    checked: list[Path] = []
+    for key in ("paths.log_dir", "hydra.run.dir"):
+        try:
+            value = OmegaConf.select(cfg, key, default=None, throw_on_missing=False)
+        except Exception:  # an interpolation only Hydra's runtime can resolve
+            continue
+        if not isinstance(value, str) or not value:
+            continue
+        path = Path(value).expanduser().absolute()
+        if any(path == c or c in path.parents for c in checked):
+            continue  # the run dir under a log dir just checked: no probe inside it (runs of others)
+        check_creatable_dir(path, key)
+        checked.append(path)
+
+
 def check_data_config(cfg: DictConfig) -> None:
     """The datamodule's common keys (``data.*``), each named."""
     _apply(cfg, DATA)
@@ -227,6 +261,7 @@ def check_train_config(cfg: DictConfig) -> None:
     (types, ranges, choices, devices against this machine); raises :class:`ConfigError` naming
     the first bad key."""
     _apply(cfg, TOP_LEVEL_TRAIN)
+    check_output_dirs(cfg)
     _apply(cfg, TRAINER)
     _check_devices(cfg)
     _apply(cfg, DATA)
@@ -249,6 +284,7 @@ def check_eval_config(cfg: DictConfig) -> None:
     """Every value of a composed ``configs/evaluate.yaml`` that can be checked without reading a
     file; raises :class:`ConfigError` naming the first bad key."""
     _apply(cfg, TOP_LEVEL_EVAL)
+    check_output_dirs(cfg)
     for key in ("baselines", "sweep.baselines"):
         value = _get(cfg, key)
         if value is not _ABSENT and value is not None:
