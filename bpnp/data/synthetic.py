@@ -47,7 +47,17 @@ see, projects some of them (the inliers, with Gaussian pixel noise) and adds out
   ``d = detection_rate``, and the fired ones are the inliers. The 3D outliers are a uniform draw
   from the map points without a keypoint: visible-undetected ones (a share
   ``(1 - d) / (1 - d + H / V)``, with ``H / V`` the ratio of hidden to visible map points) and
-  hidden ones (occluded, back-facing, out of view, behind the camera).
+  hidden ones (occluded, back-facing, out of view, behind the camera). ``other_shape``: points on
+  the surface of a second, unrelated object (a random union of primitives with the main shape's
+  bounding radius) standing beside the structure, its centre 2-3 radii from the structure's; none is
+  observed.
+- ``outliers_2d="other_shape"``: the 2D outliers are projections of points on a second object
+  (a random union of primitives, 0.3-1 times the main radius) placed in the view between the
+  camera and the structure (keypoints of an unmodelled foreground object), topped up uniformly
+  over the image where too few of its points project inside it. Both ``other_shape`` modes draw
+  from a stream of their own (``(seed, index, 7)``), so an instance keeps the main shape and camera
+  of the same config with the other modes. They exist for the shift suite
+  (docs/results.md), never for training.
 - **Noise**: ``noise_px`` pixels of Gaussian noise per coordinate at the instance's focal length
   ``f``, i.e. ``noise_px / f`` in normalised units.
 
@@ -56,8 +66,8 @@ With every new field at its default (``mesh`` weight 0, ``image_width`` None, ``
 exactly what the generator produced before these options existed (tested against recorded
 instances). :data:`WORLD` is the realistic preset (``SyntheticConfig.world(mesh_root=...)``)
 that ``configs/data/synthetic.yaml`` mirrors. Measured over instances 0-199 of seed 0 with
-``python -m bpnp.data.synthetic --preset world --num 200`` (mesh root ``../shared/data/meshes``,
-mesh split ``train``)::
+``python -m bpnp.data.synthetic --preset world --num 200`` (measured before the embedded set,
+with ``--mesh-root ../shared/data/meshes``, mesh split ``train``)::
 
     2D points m             mean 816.130  min 102.000  median 802.500  max 1472.000
     3D points n             mean 844.620  min  63.000  median 748.500  max 2506.000
@@ -96,15 +106,17 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 from scipy.spatial.transform import Rotation
 
+from bpnp.data.embedded import MESH_ROOT
 from bpnp.data.meshes import CATEGORIES, MESH_SPLITS, load_mesh, mesh_choices, view_mode
 from bpnp.data.occlusion import zbuffer_visible
+from bpnp.data.ranges import config_kwargs, draw, draw_int, hi, lo
 from bpnp.data.shuffle import shuffle_sets
 
 __all__ = ["SyntheticConfig", "make_instance", "FAMILIES", "WORLD"]
 
 FAMILIES = ("sphere", "box", "cylinder", "torus", "union", "scene", "mesh")
-OUTLIERS_3D = ("uniform", "surface")
-OUTLIERS_2D = ("bbox", "image")
+OUTLIERS_3D = ("uniform", "surface", "other_shape")
+OUTLIERS_2D = ("bbox", "image", "other_shape")
 Range = tuple[float, float]
 
 #: The realistic preset (``configs/data/synthetic.yaml`` sets the same values; the dataclass
@@ -186,8 +198,10 @@ class SyntheticConfig:
         detection_rate: probability that a keypoint fires on a visible surface point, in
             (0, 1]; with ``outliers_3d="surface"`` it sets the share of 3D outliers that are
             visible but undetected (1 = every 3D outlier is hidden).
-        outliers_3d: ``uniform`` (old behaviour, see ``visible_only``) or ``surface``.
-        outliers_2d: ``bbox`` (old: uniform in the inliers' bounding box) or ``image``.
+        outliers_3d: ``uniform`` (old behaviour, see ``visible_only``), ``surface`` or
+            ``other_shape`` (a second object beside the structure; module docstring).
+        outliers_2d: ``bbox`` (old: uniform in the inliers' bounding box), ``image`` or
+            ``other_shape`` (projections of a foreground object; module docstring).
         outlier_2d_cluster_frac: with ``outliers_2d="image"``: fraction of the 2D outliers drawn
             in blobs around 1-4 random centres instead of uniformly.
     """
@@ -315,7 +329,7 @@ class SyntheticConfig:
         if self.shape_weights.get("mesh", 0.0) > 0:
             if not self.mesh_root:
                 raise ValueError("SyntheticConfig.mesh_root: required when shape_weights.mesh > 0 "
-                                 "(the folder of category subfolders, e.g. ../shared/data/meshes)")
+                                 "(the folder of category subfolders, e.g. data/meshes)")
             if not Path(self.mesh_root).is_dir():
                 raise FileNotFoundError(f"SyntheticConfig.mesh_root={self.mesh_root}: not a directory")
             mesh_choices(self.mesh_root, self.mesh_split, self.heldout_category,
@@ -328,20 +342,7 @@ class SyntheticConfig:
             return cls()
         if isinstance(d, cls):
             return d
-        d = dict(d)
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"SyntheticConfig: unknown keys {sorted(unknown)} (known: {sorted(known)})")
-        out = {}
-        for k, v in d.items():
-            if k in ("shape_weights", "mesh_category_weights"):
-                out[k] = dict(v)
-            elif not isinstance(v, (str, bytes)) and hasattr(v, "__len__"):
-                out[k] = tuple(v)
-            else:
-                out[k] = v
-        return cls(**out)
+        return cls(**config_kwargs(cls, d, mappings=("shape_weights", "mesh_category_weights")))
 
     @classmethod
     def world(cls, mesh_root: str | Path | None, **overrides: Any) -> "SyntheticConfig":
@@ -382,20 +383,7 @@ class SyntheticConfig:
         return np.array([[f, 0.0, w / 2.0], [0.0, f, h / 2.0], [0, 0, 1.0]])
 
 
-def _lo(v) -> float:
-    return v[0] if isinstance(v, tuple) else v
-
-
-def _hi(v) -> float:
-    return v[1] if isinstance(v, tuple) else v
-
-
-def _draw(rng: np.random.Generator, v) -> float:
-    return float(rng.uniform(v[0], v[1])) if isinstance(v, tuple) else float(v)
-
-
-def _draw_int(rng: np.random.Generator, v) -> int:
-    return int(rng.integers(int(v[0]), int(v[1]) + 1)) if isinstance(v, tuple) else int(v)
+_lo, _hi, _draw, _draw_int = lo, hi, draw, draw_int
 
 
 # ---------------------------------------------------------------------------------------------
@@ -812,6 +800,49 @@ def _image_outliers(rng, cam: _Cam, n: int, cluster_frac: float) -> np.ndarray:
     return (uv - size / 2.0) / cam.f
 
 
+def _shape_radius(shape, pts: np.ndarray) -> tuple[np.ndarray, float]:
+    """Centre and bounding radius of a structure from its sampled points."""
+    centre = (pts.min(0) + pts.max(0)) / 2.0
+    return centre, float(np.max(np.linalg.norm(pts - centre, axis=1)))
+
+
+def _other_shape_3d(rng, pts: np.ndarray, n: int) -> np.ndarray:
+    """``n`` points on a second object beside the structure sampled as ``pts`` (module docstring)."""
+    if n == 0:
+        return np.zeros((0, 3))
+    centre, radius = _shape_radius(None, pts)
+    other = _make_object(rng, "union")
+    other.normalise(rng, radius)
+    d = _unit(rng.normal(size=3))
+    p, _, _ = other.sample(rng, n)
+    return p + centre + rng.uniform(2.0, 3.0) * radius * d  # >= 1 radius clear of the structure's sphere
+
+
+def _other_shape_2d(rng, cam: _Cam, R: np.ndarray, t: np.ndarray, pts: np.ndarray, n: int) -> np.ndarray:
+    """``n`` 2D outliers: projections of a foreground object in view (module docstring)."""
+    if n == 0:
+        return np.zeros((0, 2))
+    centre, radius = _shape_radius(None, pts)
+    cam_centre = -R.T @ t
+    other = _make_object(rng, "union")
+    other.normalise(rng, rng.uniform(0.3, 1.0) * radius)
+    # A point on the ray from the camera towards the structure, 30-70 % of the way, pushed
+    # sideways by up to the structure's radius.
+    along = rng.uniform(0.3, 0.7)
+    place = cam_centre + along * (centre - cam_centre) + rng.uniform(-0.5, 0.5, 3) * radius
+    p, _, _ = other.sample(rng, 4 * n)
+    X = (p + place) @ R.T + t
+    size = np.array([cam.w, cam.h], dtype=np.float64)
+    front = X[:, 2] > 1e-6
+    uv = X[front, :2] / X[front, 2:3] * cam.f + size / 2.0
+    inside = uv[np.all((uv >= 0) & (uv < size), axis=1)]
+    out = inside[:n]
+    if len(out) < n:
+        fill = rng.uniform(0.0, 1.0, size=(n - len(out), 2)) * size
+        out = np.concatenate([out, fill])
+    return (out - size / 2.0) / cam.f
+
+
 def make_instance(cfg: SyntheticConfig, seed: int, index: int) -> dict[str, np.ndarray]:
     """Build synthetic instance ``index`` of the stream ``seed``.
 
@@ -835,7 +866,8 @@ def make_instance(cfg: SyntheticConfig, seed: int, index: int) -> dict[str, np.n
     cam = _camera(rng, cfg)
     noise = noise_px / cam.f
     det = _draw(rng, cfg.detection_rate)
-    cluster = _draw(rng, cfg.outlier_2d_cluster_frac) if cfg.outliers_2d == "image" else 0.0
+    # ("other_shape" draws it too, unused, so its instances keep the shape and camera of "image".)
+    cluster = _draw(rng, cfg.outlier_2d_cluster_frac) if cfg.outliers_2d in ("image", "other_shape") else 0.0
     m_out = int(round(f2 * m))
     k = m - m_out
 
@@ -843,6 +875,9 @@ def make_instance(cfg: SyntheticConfig, seed: int, index: int) -> dict[str, np.n
     weights = np.array([cfg.shape_weights[f] for f in names])
     n_out3 = int(round(f3 / (1.0 - f3) * k))
     surface = cfg.outliers_3d == "surface"
+    # The shift suite's modes draw from their own stream (the main stream stays that of "image" /
+    # "uniform"), so switching them changes only the outliers.
+    other_rng = np.random.default_rng([int(seed), int(index), 7])
 
     # With surface outliers the pool must hold the inliers and (in the worst case) every 3D
     # outlier hidden; which outliers are visible-undetected is decided from the pool below.
@@ -896,6 +931,8 @@ def make_instance(cfg: SyntheticConfig, seed: int, index: int) -> dict[str, np.n
     p2d_in = Xc[:, :2] / Xc[:, 2:3] + rng.normal(scale=noise, size=(k, 2))
     if cfg.outliers_2d == "image":
         p2d_out = _image_outliers(rng, cam, m_out, cluster)
+    elif cfg.outliers_2d == "other_shape":
+        p2d_out = _other_shape_2d(other_rng, cam, R, t, pool_p, m_out)
     else:
         lo2, hi2 = p2d_in.min(0), p2d_in.max(0)
         p2d_out = rng.uniform(lo2, hi2, size=(m_out, 2))
@@ -903,6 +940,8 @@ def make_instance(cfg: SyntheticConfig, seed: int, index: int) -> dict[str, np.n
     if surface:
         hidden = pool_p[rng.choice(hid_idx, size=n_hidden, replace=False)] if n_hidden > 0 else np.zeros((0, 3))
         p3d = np.concatenate([X_in, X_undet, hidden])
+    elif cfg.outliers_3d == "other_shape":
+        p3d = np.concatenate([X_in, _other_shape_3d(other_rng, pool_p, n_out3)])
     else:
         hidden = np.zeros((0, 3))
         if not cfg.visible_only and n_out3 > 0:
@@ -957,7 +996,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--preset", choices=["legacy", "world"], default="world",
                         help="legacy = SyntheticConfig() defaults; world = WORLD")
     parser.add_argument("--mesh-root", default=None,
-                        help="mesh folder (default: <repo>/../shared/data/meshes when it exists)")
+                        help="mesh folder (default: the embedded <repo>/data/meshes)")
     parser.add_argument("--num", type=int, default=200, help="number of instances")
     parser.add_argument("--seed", type=int, default=0, help="stream seed")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -971,8 +1010,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         overrides[key.strip()] = yaml.safe_load(value)
     root = args.mesh_root
     if root is None:
-        guess = Path(__file__).resolve().parents[3] / "shared" / "data" / "meshes"
-        root = str(guess) if guess.is_dir() else None
+        root = str(MESH_ROOT) if MESH_ROOT.is_dir() else None
     try:
         if args.preset == "world":
             cfg = SyntheticConfig.world(root, **overrides)

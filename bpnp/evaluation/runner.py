@@ -32,7 +32,7 @@ are evaluated, or in what order.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -48,7 +48,7 @@ from bpnp.nodes import PnPRefine
 __all__ = ["METHODS", "EvalSettings", "Overlay", "evaluate_instances", "instance_errors"]
 
 #: Every method the runner knows; ``model`` always runs.
-METHODS = ("model", "ransac", "oracle", "hungarian")
+METHODS = ("model", "ransac", "oracle", "hungarian", "nosearch")
 
 
 @dataclass
@@ -57,7 +57,9 @@ class EvalSettings:
 
     Attributes:
         device: torch device for the model and the baselines.
-        baselines: which of ``ransac``, ``oracle``, ``hungarian`` to run.
+        baselines: which of ``ransac``, ``oracle``, ``hungarian``, ``nosearch`` to run
+            (``nosearch``: the network with its pose search switched off, i.e. the refinement
+            from RANSAC's own pose; only where the search ran).
         baseline_dtype: working dtype of the oracle/Hungarian RANSAC and refinement.
         hungarian_weights: ``"P"`` or ``"uniform"`` (see :func:`~bpnp.evaluation.baselines.hungarian_pose`).
         seed: base seed of the RANSAC generators.
@@ -191,6 +193,7 @@ def evaluate_instances(
     frac: tuple[float, float] = (0.0, 0.0),
     indices: Sequence[int] | None = None,
     log: Callable[[str], None] | None = print,
+    on_instance: Callable[[list[dict[str, Any]]], None] | None = None,
 ) -> tuple[list[dict[str, Any]], list[Overlay]]:
     """Run the model and the baselines on every instance of ``dataset``.
 
@@ -202,6 +205,9 @@ def evaluate_instances(
         frac: (2D, 3D) added-outlier fractions, recorded in each record (for sweeps).
         indices: which items (default all, in order).
         log: progress printer (None = silent).
+        on_instance: called with the records of each instance once all its methods have run
+            (``evaluate.py`` appends them to ``instances.csv`` there, so an interrupted run keeps
+            every finished instance; an instance cut short leaves no record).
 
     Returns:
         ``(records, overlays)``: one record per (instance, method), keys of
@@ -232,7 +238,10 @@ def evaluate_instances(
             out, dt = _forward(model, scene, device, seeded_generator(settings.seed, index, device))
             timings = dict(getattr(model, "last_timings", None) or {})
             base = _base_record(name, index, scene, frac)
+            done = len(records)
             records.extend(_model_records(out, dt, timings, base, scene, settings))
+            if "nosearch" in settings.baselines and getattr(out, "R_ransac", None) is not None:
+                records.append(_nosearch_record(model, out, scene, device, base, dt, timings))
             if "oracle" in settings.baselines:
                 gen = seeded_generator(settings.seed, index, device)
                 _sync(device)
@@ -250,6 +259,8 @@ def evaluate_instances(
                 # The cost M is part of the method: add the forward's encoder stage when known.
                 own = time.perf_counter() - start + float(timings.get("encoders", 0.0))
                 records.append(_baseline_record(base, "hungarian", pose, scene, own))
+            if on_instance is not None:
+                on_instance(records[done:])
             if len(overlays) < int(settings.num_overlays):
                 overlays.append(_overlay(name, scene, out, int(settings.overlay_pairs)))
             if log is not None and settings.progress_every and ((pos + 1) % int(settings.progress_every) == 0
@@ -271,11 +282,32 @@ def _model_records(out: Any, dt: float, timings: Mapping[str, float], base: Mapp
               "ransac_status": int(out.ransac_status[0])}
     recs = [{**base, "method": "model", **instance_errors(out.R[0].detach().cpu(), out.t[0].detach().cpu(), scene),
              **shared, "time_s": dt, "pnp_status": int(out.pnp_status[0])}]
-    if "ransac" in settings.baselines:
+    if "ransac" in settings.baselines:  # RANSAC's own pose (before the pose search, when it ran)
+        R_r = out.R0 if getattr(out, "R_ransac", None) is None else out.R_ransac
+        t_r = out.t0 if getattr(out, "t_ransac", None) is None else out.t_ransac
+        spent = float(timings.get("refinement", 0.0)) + float(timings.get("search", 0.0))
         recs.append({**base, "method": "ransac",
-                     **instance_errors(out.R0[0].detach().cpu(), out.t0[0].detach().cpu(), scene), **shared,
-                     "time_s": max(dt - float(timings.get("refinement", 0.0)), 0.0), "pnp_status": -1})
+                     **instance_errors(R_r[0].detach().cpu(), t_r[0].detach().cpu(), scene), **shared,
+                     "time_s": max(dt - spent, 0.0), "pnp_status": -1})
     return recs
+
+
+def _nosearch_record(model: Any, out: Any, scene: Mapping[str, Any], device: torch.device, base: Mapping[str, Any],
+                     dt: float, timings: Mapping[str, float]) -> dict[str, Any]:
+    """The network without its pose search: the refinement node from RANSAC's own pose (the same
+    forward otherwise), so search on / off compare on the same encoders, plan and RANSAC draw."""
+    batch = {k: v.to(device) for k, v in collate_scenes([scene]).items()}
+    plain = replace(out, R0=out.R_ransac, t0=out.t_ransac, R_ransac=None, t_ransac=None, search_matches=None)
+    start = time.perf_counter()
+    refined = model.refine_pose(plain, batch)
+    _sync(device)
+    own = max(dt - float(timings.get("search", 0.0)) - float(timings.get("refinement", 0.0)), 0.0)
+    match = np.asarray(scene["match"])
+    return {**base, "method": "nosearch",
+            **instance_errors(refined.R[0].detach().cpu(), refined.t[0].detach().cpu(), scene),
+            "ransac_inliers": int(out.ransac_inliers[0]), "ransac_status": int(out.ransac_status[0]),
+            "match_acc": float(match_accuracy(out.P[:1].detach().cpu(), torch.as_tensor(match)[None])[0]),
+            "time_s": own + time.perf_counter() - start, "pnp_status": int(refined.pnp_status[0])}
 
 
 def _overlay(name: str, scene: Mapping[str, Any], out: Any, num_pairs: int) -> Overlay:

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from bpnp.geometry.p3p import p3p
 from bpnp.geometry.rotations import _check_float, _check_tensor, skew, so3_exp
 
-__all__ = ["RansacStatus", "RansacResult", "ransac_pnp", "default_top_k", "seeded_generator"]
+__all__ = ["RansacStatus", "RansacResult", "ransac_pnp", "default_top_k", "seeded_generator", "gauss_newton_angular"]
 
 
 class RansacStatus(IntEnum):
@@ -88,6 +88,11 @@ class RansacResult(NamedTuple):
     num_valid_hypotheses: torch.Tensor
     """(b,) int64 number of hypotheses that produced a valid pose (diagnostic; with
     ``score_all_solutions`` it counts valid P3P solutions)."""
+    R_top: torch.Tensor | None = None
+    """(b, k, 3, 3) the ``k = top_hypotheses`` best-ranked poses (slot 0 = ``R``, locally
+    optimised; the others as the minimal solver gave them), or None when ``top_hypotheses=1``."""
+    t_top: torch.Tensor | None = None
+    """(b, k, 3) their translations, or None."""
 
 
 def seeded_generator(seed: int, index: int, device: torch.device | str = "cpu") -> torch.Generator:
@@ -197,7 +202,7 @@ def _angular_scores(
     return sc[..., 0], sc[..., 1].round().long()
 
 
-def _refine(
+def gauss_newton_angular(
     R: torch.Tensor,
     t: torch.Tensor,
     bc: torch.Tensor,
@@ -206,7 +211,16 @@ def _refine(
     cos_thr: float,
     steps: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Damped Gauss-Newton on the weighted angular error of the current inliers (float64)."""
+    """Damped Gauss-Newton on ``sum_k w_k ||normalize(R p_k + t) - b_k||^2`` over the pairs whose
+    angle is within ``acos(cos_thr)`` of the current pose (RANSAC's local optimisation, also
+    :func:`bpnp.geometry.pose_search.pose_search`'s re-solve). A step is kept only where it
+    lowers the cost.
+
+    Args:
+        R (b, 3, 3), t (b, 3): start pose; bc (b, K, 3) unit bearings and pc (b, K, 3) points
+        of K pairs with weights wc (b, K) (0 = unused); cos_thr: cosine of the inlier angle;
+        steps: iterations. Returns the pose ``(R, t)``.
+    """
     eye3 = torch.eye(3, dtype=R.dtype, device=R.device)
 
     def cost_terms(R_, t_):
@@ -257,6 +271,7 @@ def ransac_pnp(
     score_all_solutions: bool = False,
     refine_steps: int = 5,
     generator: torch.Generator | None = None,
+    top_hypotheses: int = 1,
 ) -> RansacResult:
     r"""Robust pose from soft 2D-3D correspondences by batched, P-weighted RANSAC-P3P.
 
@@ -285,6 +300,8 @@ def ransac_pnp(
         refine_steps: Gauss-Newton steps of the local optimisation (0 = off).
         generator: source of the ``(B, H, 4)`` uniforms (drawn on its device); None uses the
             global RNG.
+        top_hypotheses: also return the ``k`` best-ranked poses (``R_top``, ``t_top``; for
+            :func:`bpnp.geometry.pose_search.pose_search`); 1 = only the best.
 
     Returns:
         :class:`RansacResult` with ``R`` (B, 3, 3) and ``t`` (B, 3) in the promoted dtype of
@@ -338,18 +355,20 @@ def ransac_pnp(
         raise ValueError(f"min_inlier_weight must be a fraction in [0, 1], got {min_inlier_weight!r}")
     if not isinstance(refine_steps, int) or refine_steps < 0:
         raise ValueError(f"refine_steps must be a non-negative int, got {refine_steps!r}")
+    if not isinstance(top_hypotheses, int) or top_hypotheses < 1:
+        raise ValueError(f"top_hypotheses must be a positive int, got {top_hypotheses!r}")
 
     with torch.no_grad():
         return _ransac(
             P.detach(), bearings.detach(), points.detach(), mask2d, mask3d,
             H=num_hypotheses, top_k=top_k, threshold=threshold, min_inliers=min_inliers,
             min_inlier_weight=min_inlier_weight, score_all=score_all_solutions,
-            refine_steps=refine_steps, generator=generator,
+            refine_steps=refine_steps, generator=generator, top=top_hypotheses,
         )
 
 
 def _ransac(P, bearings, points, mask2d, mask3d, *, H, top_k, threshold, min_inliers,
-            min_inlier_weight, score_all, refine_steps, generator) -> RansacResult:
+            min_inlier_weight, score_all, refine_steps, generator, top=1) -> RansacResult:
     b, m, n = P.shape
     device = P.device
     dtype = torch.promote_types(bearings.dtype, points.dtype)
@@ -368,9 +387,11 @@ def _ransac(P, bearings, points, mask2d, mask3d, *, H, top_k, threshold, min_inl
 
     if m == 0 or n == 0:
         z = torch.zeros(b, dtype=long, device=device)
+        tops = (None, None) if top == 1 else (eye.clone()[:, None].expand(b, top, 3, 3).clone(),
+                                                 torch.zeros(b, top, 3, dtype=dtype, device=device))
         return RansacResult(eye.clone(), torch.zeros(b, 3, dtype=dtype, device=device),
                             torch.zeros(b, dtype=dtype, device=device), z,
-                            torch.full_like(z, RansacStatus.TOO_FEW_CORRESPONDENCES), z.clone())
+                            torch.full_like(z, RansacStatus.TOO_FEW_CORRESPONDENCES), z.clone(), *tops)
 
     # ------------------------------------------------------------------ candidates
     ok_b = mask2d & torch.isfinite(bearings).all(-1)
@@ -447,7 +468,7 @@ def _ransac(P, bearings, points, mask2d, mask3d, *, H, top_k, threshold, min_inl
 
     # ------------------------------------------------------------------ local optimisation
     if refine_steps > 0:
-        R_ref, t_ref = _refine(R_best, t_best, bc.to(f64), pc.to(f64), w64, cos_thr, refine_steps)
+        R_ref, t_ref = gauss_newton_angular(R_best, t_best, bc.to(f64), pc.to(f64), w64, cos_thr, refine_steps)
         s_ref, c_ref = _angular_scores(
             R_ref.unsqueeze(1).to(dtype), t_ref.unsqueeze(1).to(dtype), bc, pc, wc.to(dtype), cos_thr
         )
@@ -468,4 +489,15 @@ def _ransac(P, bearings, points, mask2d, mask3d, *, H, top_k, threshold, min_inl
     t_out = torch.where(use_pose[:, None], t_best.to(dtype), torch.zeros(b, 3, dtype=dtype, device=device))
     score_out = torch.where(use_pose, score_best.to(dtype), torch.zeros_like(score_best, dtype=dtype))
     count_out = torch.where(use_pose, count_best, torch.zeros_like(count_best)).long()
-    return RansacResult(R_out, t_out, score_out, count_out, status, hvalid.sum(1).long())
+    R_top = t_top = None
+    if top > 1:
+        kk = min(top, rank_score.shape[1])
+        order = rank_score.topk(kk, dim=1).indices  # (b, kk)
+        R_top = torch.gather(hR, 1, order[..., None, None].expand(b, kk, 3, 3)).to(dtype)
+        t_top = torch.gather(ht, 1, order[..., None].expand(b, kk, 3)).to(dtype)
+        if kk < top:  # fewer hypotheses than asked: repeat the best
+            R_top = torch.cat([R_top, R_top[:, :1].expand(b, top - kk, 3, 3)], 1)
+            t_top = torch.cat([t_top, t_top[:, :1].expand(b, top - kk, 3)], 1)
+        R_top = torch.cat([R_out[:, None], R_top[:, 1:]], 1)
+        t_top = torch.cat([t_out[:, None], t_top[:, 1:]], 1)
+    return RansacResult(R_out, t_out, score_out, count_out, status, hvalid.sum(1).long(), R_top, t_top)

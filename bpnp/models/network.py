@@ -43,13 +43,15 @@ import torch
 from torch import nn
 
 from bpnp.geometry.bearings import to_bearings
+from bpnp.geometry.pose_search import pose_search
 from bpnp.geometry.ransac import ransac_pnp
 from bpnp.models.attention import AttentionMatcher
 from bpnp.models.context_norm import masked_rms_radius
 from bpnp.models.encoders import PointEncoder
 from bpnp.models.stn import STN3d
 from bpnp.nodes import PnPRefine, SinkhornOT, SinkhornOTWithBins, split_bins, uniform_marginals
-from bpnp.models.settings import BINS, MATCHERS, RansacSettings, RefineSettings, SinkhornSettings, check_net_config
+from bpnp.models.settings import (BINS, MATCHERS, RansacSettings, RefineSettings, SearchSettings, SinkhornSettings,
+                                  check_net_config)
 from bpnp.nodes.pnp import gather_pairs
 
 __all__ = ["BlindPnPNet", "BlindPnPOutput", "NOT_RUN", "MATCHERS", "BINS", "feature_cost"]
@@ -101,6 +103,12 @@ class BlindPnPOutput:
     """(B, m) probability that each 2D point has a match (1 - its bin mass), None without bins."""
     inlier3d: torch.Tensor | None = None
     """(B, n) probability that each 3D point is observed, None without bins."""
+    R_ransac: torch.Tensor | None = None
+    """(B, 3, 3) RANSAC's own pose when the pose search ran (then ``R0`` is the search's), else None."""
+    t_ransac: torch.Tensor | None = None
+    """(B, 3) its translation, or None."""
+    search_matches: torch.Tensor | None = None
+    """(B, m) int64 3D index per 2D point under the searched pose (-1 = none), None without search."""
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -153,6 +161,8 @@ class BlindPnPNet(nn.Module):
             (``lam``, ``max_iter``, ``tol``, ``bins``, ``bin_init``), a mapping or the dataclass.
         ransac: :class:`~bpnp.models.settings.RansacSettings` (``num_hypotheses``, ``top_k``,
             ``threshold``, ``refine_steps``).
+        search: :class:`~bpnp.models.settings.SearchSettings`: pose search after RANSAC
+            (inference only; :mod:`bpnp.geometry.pose_search`); its pose becomes ``R0``.
         refine: :class:`~bpnp.models.settings.RefineSettings` (``robust``, ``robust_scale``,
             ``max_iter``, ``gate``, ``top_k``, ``in_training``). With ``gate`` the refinement
             weighs only the pairs whose angular residual under the RANSAC pose is below it (a
@@ -188,6 +198,7 @@ class BlindPnPNet(nn.Module):
         sinkhorn: Mapping[str, Any] | SinkhornSettings | None = None,
         ransac: Mapping[str, Any] | RansacSettings | None = None,
         refine: Mapping[str, Any] | RefineSettings | None = None,
+        search: Mapping[str, Any] | SearchSettings | None = None,
     ) -> None:
         super().__init__()
         check_net_config(dict(matcher=matcher, feature_dim=feature_dim, depth=depth, knn=knn, heads=heads,
@@ -209,13 +220,14 @@ class BlindPnPNet(nn.Module):
             self.sinkhorn = SinkhornOT(**ot)
         else:
             self.sinkhorn = SinkhornOTWithBins(bins=sk.bins, bin_init=sk.bin_init, **ot)
-        self.configure(ransac=ransac or {}, refine=refine or {})
+        self.configure(ransac=ransac or {}, refine=refine or {}, search=search or {})
         # Stage timings (seconds) of the last forward when ``profile`` is on (bench/train_step.py).
         self.profile = False
         self.last_timings: dict[str, float] = {}
 
     def configure(self, ransac: Mapping[str, Any] | RansacSettings | None = None,
-                  refine: Mapping[str, Any] | RefineSettings | None = None) -> None:
+                  refine: Mapping[str, Any] | RefineSettings | None = None,
+                  search: Mapping[str, Any] | SearchSettings | None = None) -> None:
         """Set the inference settings (RANSAC, refinement) of a built network, validated; the
         weights are untouched. A mapping updates the given keys of the group's current settings
         (its defaults in the constructor).
@@ -231,12 +243,14 @@ class BlindPnPNet(nn.Module):
             self.pnp = PnPRefine(robust=f.robust, robust_scale=f.robust_scale, max_iter=f.max_iter, backward=self.backward,
                                  work_dtype=torch.float64 if f.dtype == "float64" else None)
             self.refine_in_training, self.refine_gate, self.refine_top_k = f.in_training, f.gate, f.top_k
+        if search is not None:
+            self.search_settings = _group(SearchSettings, search, "search", getattr(self, "search_settings", None))
 
     def settings(self) -> dict[str, Any]:
         """The geometric layers' settings in effect, as the nested config (``sinkhorn``,
         ``ransac``, ``refine``) that rebuilds them."""
         return {"sinkhorn": self.sinkhorn_settings.to_dict(), "ransac": self.ransac_settings.to_dict(),
-                "refine": self.refine_settings.to_dict()}
+                "refine": self.refine_settings.to_dict(), "search": self.search_settings.to_dict()}
 
     # -- pieces ---------------------------------------------------------------------------------
     def features(self, p2d: torch.Tensor, p3d: torch.Tensor, mask2d: torch.Tensor, mask3d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -355,9 +369,12 @@ class BlindPnPNet(nn.Module):
         info = self.sinkhorn.last_info
         timer.lap("sinkhorn")
 
+        search = self.search_settings if (pose and self.search_settings.enabled and not self.training) else None
+        R_ransac = t_ransac = search_matches = None
         if pose:
             bearings, points = _geometric_inputs(p2d, p3d, mask2d, mask3d)
-            rs = ransac_pnp(P.detach(), bearings, points, mask2d, mask3d, generator=generator, **self.ransac_kwargs)
+            rs = ransac_pnp(P.detach(), bearings, points, mask2d, mask3d, generator=generator,
+                            top_hypotheses=search.hypotheses if search else 1, **self.ransac_kwargs)
             R0, t0 = rs.R.to(P.dtype).detach(), rs.t.to(P.dtype).detach()
             ransac_status, ransac_inliers = rs.status, rs.num_inliers
         else:  # training steps that need only P: no pose, NaN so that no metric can mistake it for one
@@ -366,6 +383,16 @@ class BlindPnPNet(nn.Module):
             ransac_status = torch.full((B,), NOT_RUN, dtype=torch.long, device=P.device)
             ransac_inliers = torch.zeros(B, dtype=torch.long, device=P.device)
         timer.lap("ransac")
+        if search is not None:
+            R_top = rs.R_top if rs.R_top is not None else rs.R[:, None]
+            t_top = rs.t_top if rs.t_top is not None else rs.t[:, None]
+            ps = pose_search(P.detach(), bearings, points, mask2d, mask3d, R_top, t_top,
+                             iterations=search.iterations, threshold=search.threshold,
+                             start_threshold=max(search.start_threshold, search.threshold),
+                             prior_weight=search.prior_weight, solve_steps=search.solve_steps)
+            R_ransac, t_ransac, search_matches = R0, t0, ps.matches
+            R0, t0 = ps.R.to(P.dtype), ps.t.to(P.dtype)
+            timer.lap("search")
 
         out = BlindPnPOutput(
             P=P, M=M, R0=R0, t0=t0, R=R0, t=t0,
@@ -374,6 +401,7 @@ class BlindPnPNet(nn.Module):
             pnp_iterations=torch.zeros(B, dtype=torch.long, device=P.device),
             sinkhorn_iterations=info.iterations, sinkhorn_converged=info.converged, sinkhorn_status=info.status,
             refined=False, P_aug=P_aug, inlier2d=inlier2d, inlier3d=inlier3d,
+            R_ransac=R_ransac, t_ransac=t_ransac, search_matches=search_matches,
         )
         if refine:
             out = self._refine(out, bearings, points, mask2d, mask3d)
@@ -415,6 +443,13 @@ class BlindPnPNet(nn.Module):
     def _refine(self, out: BlindPnPOutput, bearings, points, mask2d, mask3d) -> BlindPnPOutput:
         P = out.P
         bearings, points = bearings.to(P.dtype), points.to(P.dtype)
+        if out.search_matches is not None and self.search_settings.refine_on_matches:
+            # The search's one-to-one matches, weight 1 / m each (items with fewer than 4 keep P).
+            sm = out.search_matches
+            hard = torch.zeros_like(P).scatter(2, sm.clamp_min(0).unsqueeze(-1),
+                                               (sm >= 0).to(P.dtype).unsqueeze(-1) / max(P.shape[1], 1))
+            enough = ((sm >= 0).sum(1) >= 4)[:, None, None]
+            P = torch.where(enough, hard, P)
         if self.refine_gate is not None:
             P = P * _consensus_mask(bearings, points, out.R0, out.t0, self.refine_gate).to(P.dtype)
         if self.refine_top_k is None:

@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping
 from bpnp import values as checks
 from bpnp.values import Check
 
-__all__ = ["SettingError", "SinkhornSettings", "RansacSettings", "RefineSettings", "GROUPS", "MATCHERS", "BINS",
+__all__ = ["SettingError", "SinkhornSettings", "RansacSettings", "RefineSettings", "SearchSettings", "GROUPS", "MATCHERS", "BINS",
            "KERNELS", "check_net_config", "merge_overrides", "upgrade_flat_config", "LEGACY_KEYS"]
 
 MATCHERS = ("attention", "bpnpnet")
@@ -168,7 +168,40 @@ class RefineSettings(_Group):
               "top_k": _number(integer=True, low=1, none=True), "dtype": _choice(REFINE_DTYPES), "in_training": _flag}
 
 
-GROUPS: dict[str, type[_Group]] = {"sinkhorn": SinkhornSettings, "ransac": RansacSettings, "refine": RefineSettings}
+@dataclass(frozen=True)
+class SearchSettings(_Group):
+    """Pose search after RANSAC (:func:`bpnp.geometry.pose_search.pose_search`; inference only,
+    never in training steps): re-match from the pose, re-solve, repeat, keep the largest consensus.
+
+    enabled: run it (eval / inference forwards only).
+    hypotheses: how many of RANSAC's best-ranked poses to search from (slot 0 = RANSAC's pose).
+    iterations: re-match / re-solve rounds per hypothesis.
+    threshold, start_threshold: final and first matching gate, radians (the gate shrinks
+        geometrically between them).
+    prior_weight: weight of ``log P`` (the learned matches) in the matching score; 0 = geometry only.
+    solve_steps: Gauss-Newton steps per round.
+    refine_on_matches: the refinement node weighs the search's matches (one-to-one, weight 1)
+        instead of ``P``.
+    """
+
+    enabled: bool = False
+    hypotheses: int = 4
+    iterations: int = 3
+    threshold: float = 0.01
+    start_threshold: float = 0.04
+    prior_weight: float = 1.0
+    solve_steps: int = 5
+    refine_on_matches: bool = False
+
+    CHECKS = {"enabled": _flag, "hypotheses": _number(integer=True, low=1), "iterations": _number(integer=True, low=1),
+              "threshold": _number(low=0, open_low=True, high=math.pi / 2),
+              "start_threshold": _number(low=0, open_low=True, high=math.pi / 2),
+              "prior_weight": _number(low=0), "solve_steps": _number(integer=True, low=0),
+              "refine_on_matches": _flag}
+
+
+GROUPS: dict[str, type[_Group]] = {"sinkhorn": SinkhornSettings, "ransac": RansacSettings, "refine": RefineSettings,
+                                   "search": SearchSettings}
 
 #: The matcher's and the network's own (non-group) keys.
 TOP_LEVEL: dict[str, Check] = {

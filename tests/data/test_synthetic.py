@@ -341,3 +341,39 @@ def test_world_config_round_trips_and_yaml_mirrors_it():
         got = yml[key]
         want = list(value) if isinstance(value, tuple) else value
         assert got == want, key
+
+
+# --- the shift suite's outlier modes (docs/results.md) -------------------------------------------
+
+
+def _nn_dist(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Distance from each row of ``a`` to its nearest row of ``b``."""
+    return np.sqrt(((a[:, None, :] - b[None, :, :]) ** 2).sum(-1)).min(1)
+
+
+def test_other_shape_outliers_keep_the_camera_and_form_a_separate_object():
+    base = dict(REAL, num_points_2d=(150, 200), outlier_frac_2d=0.4, outlier_frac_3d=0.4)
+    ref = SyntheticConfig.from_dict(base)
+    both = SyntheticConfig.from_dict({**base, "outliers_2d": "other_shape", "outliers_3d": "other_shape"})
+    for i in range(4):
+        a, x = make_instance(ref, 3, i), make_instance(both, 3, i)
+        validate_scene(x, f"other_shape/{i}")
+        np.testing.assert_array_equal(a["R"], x["R"])  # same shape and camera, other outliers
+        np.testing.assert_array_equal(a["K"], x["K"])
+        assert np.mean(x["match"] < 0) == pytest.approx(np.mean(a["match"] < 0), abs=0.01)
+        # 2D outliers inside the image.
+        w, h = x["image_size"]
+        uv = x["p2d"][x["match"] < 0] * x["K"][0, 0] + np.array([w / 2, h / 2])
+        assert np.all((uv >= 0) & (uv < np.array([w, h])))
+        # 3D outliers: a second object clear of the structure (farther from every inlier than the
+        # inliers are from one another).
+        used = np.zeros(len(x["p3d"]), dtype=bool)
+        used[x["match"][x["match"] >= 0]] = True
+        inl, out = x["p3d"][used], x["p3d"][~used]
+        spacing = np.median(np.sort(np.sqrt(((inl[:, None] - inl[None]) ** 2).sum(-1)), 1)[:, 1])
+        assert np.median(_nn_dist(out, inl)) > 5 * spacing
+    # Deterministic.
+    y = make_instance(both, 3, 1)
+    z = make_instance(both, 3, 1)
+    for k in y:
+        np.testing.assert_array_equal(y[k], z[k])

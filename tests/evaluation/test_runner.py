@@ -86,3 +86,22 @@ def test_plots_are_written(gt_model, scenes, tmp_path):
     paths.append(plots.plot_overlay(overlays[0], tmp_path / "overlay_norm.png"))
     for p in paths:
         assert p.is_file() and p.stat().st_size > 1000 and p.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_nosearch_baseline_is_the_refinement_from_ransacs_pose(gt_model, scenes):
+    """With the pose search on, ``nosearch`` is the same forward refined from RANSAC's own pose:
+    equal to a run with the search off; without the search the baseline is skipped."""
+    settings = EvalSettings(warmup=0, num_overlays=0, progress_every=0, baselines=("ransac", "nosearch"))
+    plain, _ = evaluate_instances(gt_model, scenes, names_of(scenes), settings, log=None)
+    assert {r["method"] for r in plain} == {"model", "ransac"}
+    gt_model.configure(search={"enabled": True})
+    try:
+        searched, _ = evaluate_instances(gt_model, scenes, names_of(scenes), settings, log=None)
+    finally:
+        gt_model.configure(search={"enabled": False})
+    assert {r["method"] for r in searched} == {"model", "ransac", "nosearch"}
+    for a, b in zip(_by(plain, "model"), _by(searched, "nosearch")):
+        assert b["rot_err_deg"] == pytest.approx(a["rot_err_deg"], abs=1e-9) and b["success"] == a["success"]
+    for a, b in zip(_by(plain, "ransac"), _by(searched, "ransac")):
+        assert b["rot_err_deg"] == a["rot_err_deg"]  # RANSAC's own pose, before the search
+    assert all(r["success"] for r in _by(searched, "model"))

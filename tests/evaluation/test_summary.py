@@ -21,7 +21,14 @@ def test_rows_name_the_set_and_carry_the_three_methods(tmp_path, capsys):
     table = summary_table([tmp_path / "a" / "runs" / "2026-01-01_00-00-00"])
     assert table.startswith(HEADER)
     assert table.splitlines()[-1] == ("| a | 40 | 90.0 % | 0.50 deg | 25.0 % | 50.0 % | 3.00 deg | "
-                                      "100.0 % |")
+                                      "100.0 % | n/a | n/a |")
+    searched = tmp_path / "s" / "runs" / "2026-01-01_00-00-00"
+    _write(searched, 0.9)
+    m = json.loads((searched / "metrics.json").read_text())
+    m["baselines"]["nosearch"] = {"success_rate": 0.7, "median_rot_err_deg": 1.0}
+    m["mean_time_s"] = 0.25
+    (searched / "metrics.json").write_text(json.dumps(m))
+    assert summary_table([searched]).splitlines()[-1].endswith("| 100.0 % | 70.0 %, 1.00 deg | 0.250 s |")
     assert main(["--latest", str(tmp_path / "a")]) == 0
     assert "| 80.0 % |" in capsys.readouterr().out  # the newest run
     (tmp_path / "loose").mkdir()

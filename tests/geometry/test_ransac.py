@@ -9,6 +9,7 @@ from bpnp.geometry.metrics import pose_errors
 from bpnp.geometry.p3p import p3p
 from bpnp.geometry.ransac import RansacStatus, default_top_k, ransac_pnp, seeded_generator
 from bpnp.geometry.rotations import random_rotation, geodesic_angle, so3_exp
+from tests.tolerances import eps, gamma, pnp_input_rounding_bound
 
 F64 = torch.float64
 
@@ -47,6 +48,17 @@ def _tied_P(b, m, n, seed):
     P = one_hot_P(b, m, n) * m
     P.scatter_(2, ((torch.arange(m) + torch.randint(1, n, (b, m), generator=g)) % n)[..., None], 1.0)
     return P / P.sum((1, 2), keepdim=True)
+
+
+def exact_pose_bounds(P, s, bearings=None, X=None):
+    """(rot (B,) radians, t (B,)) bounds on RANSAC's pose for exact correspondences in float32:
+    the inputs' rounding to float32 through the PnP conditioning (the local optimisation runs in
+    float64 to convergence from the P3P pose), plus the float32 rounding of the output, safety 2.
+    In t (world units, t <- Exp(w) t + v): |w| |t| + |v|, |v| <= depth times the bound."""
+    bearings, X = (s["bearings"] if bearings is None else bearings), (s["X"] if X is None else X)
+    rot = 2 * (pnp_input_rounding_bound(P, bearings, X, s["R"], s["t"], torch.float32) + eps(torch.float32))
+    depth = (X.double() @ s["R"].transpose(1, 2) + s["t"][:, None]).norm(dim=-1).mean(1)
+    return rot, rot * (s["t"].norm(dim=-1) + depth)
 
 
 def run(P, s, seed=0, **kw):
@@ -107,9 +119,11 @@ def test_exact_correspondences_recover_pose(score_all):
     assert res.status.tolist() == [0, 0, 0]
     assert res.R.dtype == torch.float32 and res.num_inliers.dtype == torch.long
     rot, cerr, terr = errors(res, s)
-    assert (rot < 1e-5).all() and (terr < 1e-5 * (1 + s["t"].norm(dim=-1))).all(), (rot, terr)
+    rot_bound, t_bound = exact_pose_bounds(one_hot_P(3, 30, 40), s)
+    assert (rot <= rot_bound).all() and (terr <= t_bound).all(), (rot, terr)
     assert res.num_inliers.tolist() == [30, 30, 30]
-    assert torch.allclose(res.score, torch.ones(3))
+    # the score: 30 weights fl(1/30), each within eps / 2, summed (gamma_30)
+    assert torch.allclose(res.score, torch.ones(3), rtol=gamma(31, torch.float32), atol=0)
 
 
 # ---------------------------------------------------------------------------------------- (b)
@@ -174,21 +188,27 @@ def test_padding_invariance_and_batch_independence(kind):
     got = run(P2, s2, seed=7)
     assert got.status.tolist() == ref.status.tolist()
     assert torch.equal(got.num_inliers, ref.num_inliers)
-    assert torch.allclose(got.R, ref.R, atol=1e-6) and torch.allclose(got.t, ref.t, atol=1e-5)
-    assert torch.allclose(got.score, ref.score, rtol=1e-5)
+    # The same hypothesis, refined in float64 on the same pairs in another order (summation-order
+    # noise ~1e-16 times the conditioning, far below float32's spacing), then rounded to float32:
+    # at most an ulp apart (eps for entries <= 1, eps |t| for t; safety 2). The scores: sums of
+    # the same weights over top-k candidate lists of different lengths K <= 2 m, each within gamma_K.
+    f32 = torch.float32
+    assert torch.allclose(got.R, ref.R, atol=2 * eps(f32), rtol=0)
+    assert torch.allclose(got.t, ref.t, atol=2 * eps(f32) * float(ref.t.abs().max()), rtol=0)
+    assert torch.allclose(got.score, ref.score, rtol=2 * gamma(P2.shape[1] * 2, f32), atol=0)
     # Item 0 does not depend on the other item's data.
     other = make_scene(b, m, n_extra3d=n - m, noise=5e-4, seed=99)
     mixed = {k: torch.cat([s[k][:1], other[k][1:]]) for k in ("X", "bearings", "mask2d", "mask3d")}
     P_mixed = torch.cat([P[:1], _noisy_soft_P(b, m, n, seed=100)[1:]])
     got = ransac_pnp(P_mixed, mixed["bearings"], mixed["X"], mixed["mask2d"], mixed["mask3d"],
                      generator=torch.Generator().manual_seed(7))
-    assert torch.allclose(got.R[0], ref.R[0], atol=1e-6) and got.num_inliers[0] == ref.num_inliers[0]
+    assert torch.allclose(got.R[0], ref.R[0], atol=2 * eps(f32), rtol=0) and got.num_inliers[0] == ref.num_inliers[0]
 
 
 def test_deterministic_given_generator():
     s = make_scene(2, 40, seed=8, noise=1e-3)
     P = _noisy_soft_P(2, 40, 40, seed=9)
-    a, b_ = run(P, s, seed=3), run(P, s, seed=3)
+    a, b_ = run(P, s, seed=3, top_hypotheses=3), run(P, s, seed=3, top_hypotheses=3)
     for x, y in zip(a, b_):
         assert torch.equal(x, y)
 
@@ -236,15 +256,15 @@ def test_too_few_correspondences_and_degenerate_items():
     X = s["X"].clone()  # item 2: all 3D points on a line -> P3P degenerate -> status 2
     X[2] = torch.linspace(0, 1, 20)[:, None] * torch.tensor([1.0, 2.0, 3.0])
     res = ransac_pnp(P, s["bearings"], X, s["mask2d"], s["mask3d"], num_hypotheses=32,
-                     generator=torch.Generator().manual_seed(0))
+                     generator=torch.Generator().manual_seed(0), top_hypotheses=4)
     assert res.status.tolist() == [RansacStatus.TOO_FEW_CORRESPONDENCES, RansacStatus.TOO_FEW_CORRESPONDENCES,
                                    RansacStatus.NO_VALID_HYPOTHESIS, RansacStatus.OK]
-    for field in res:
+    for field in res:  # the top hypotheses too
         assert torch.isfinite(field.double()).all()
     assert torch.equal(res.R[:3], torch.eye(3).expand(3, 3, 3)) and torch.equal(res.t[:3], torch.zeros(3, 3))
     assert res.num_inliers[:3].tolist() == [0, 0, 0]
     rot, _, _ = errors(res, s)
-    assert rot[3] < 1e-5
+    assert rot[3] <= exact_pose_bounds(P[3:], {k: s[k][3:] for k in ("R", "t")}, s["bearings"][3:], X[3:])[0][0]
 
 
 def test_empty_sets_and_validation():

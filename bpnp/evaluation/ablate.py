@@ -1,0 +1,170 @@
+"""Compare inference settings of one network on its run's VALIDATION split (never a test split).
+
+    python -m bpnp.evaluation.ablate <run_dir> --ckpt CKPT \\
+        --variant off: --variant search:search.enabled=true \\
+        --variant geo:search.enabled=true,search.prior_weight=0 --length 256
+    python -m bpnp.evaluation.ablate --scenes scenes/real_val_easy/* --ckpt CKPT --variant off: ...
+
+Each ``--variant NAME:KEY=VALUE,KEY=VALUE`` is a set of network inference settings (the
+``ransac``, ``refine`` and ``search`` groups of ``model.net``, dotted) over the checkpoint's, after
+the common ``--set`` ones. With ``--scenes DIR [DIR ...]`` the validation set is those scene
+folders (e.g. the exported images of validation scenes; never a test set). Otherwise the split is
+rebuilt as training built it (the run's
+``.hydra/config.yaml``: source, seed, ``val_synthetic``), optionally longer (``--length``: more
+instances of the same validation stream). Every instance is solved on its own, as ``evaluate.py``
+does (RANSAC drawing from ``seeded_generator(eval_seed, index)``), and the table gives per
+variant: success (docs/metrics.md), the RANSAC pose's success, the final pose's match accuracy
+(the share of true pairs whose 2D point the search matched to its true 3D point; without the
+search, the share that are their row's maximum of P) and the mean time per instance (forward
+only, one process, the machine's threads). The first variant is the reference; a variant is
+only worth choosing when it beats the reference by more than the noise (about two standard
+errors of a success rate, printed below the table).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from bpnp.runtime.checkpoint import CheckpointError, load_network, parse_set_overrides
+
+__all__ = ["parse_variant", "ablate", "main"]
+
+
+def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
+    """``"name:key=value,key=value"`` -> ``(name, {key: value})`` (values parsed as YAML)."""
+    name, sep, rest = text.partition(":")
+    if not sep or not name:
+        raise ValueError(f"--variant {text!r}: expected NAME:KEY=VALUE[,KEY=VALUE...] (NAME: for none)")
+    items = [s for s in rest.split(",") if s.strip()]
+    return name, parse_set_overrides(items)
+
+
+def _group_overrides(flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        group, dot, name = key.partition(".")
+        if not dot or group not in ("ransac", "refine", "search"):
+            raise ValueError(f"{key}: only the inference groups ransac.*, refine.* and search.* can vary")
+        out.setdefault(group, {})[name] = value
+    return out
+
+
+def ablate(net, dataset, variants: list[tuple[str, dict[str, Any]]], seed: int = 0) -> list[dict[str, Any]]:
+    """One row per variant: ``name``, ``n``, ``success``, ``ransac_success``, ``match_acc``,
+    ``time_s`` over the scenes of ``dataset`` (scene dicts)."""
+    from bpnp.data.collate import collate_scenes
+    from bpnp.evaluation.runner import instance_errors
+    from bpnp.geometry.ransac import seeded_generator
+
+    base = net.settings()
+    scenes = [dataset[i] for i in range(len(dataset))]
+    rows = []
+    for name, flat in variants:
+        groups = _group_overrides(flat)
+        net.configure(ransac={**base["ransac"], **groups.get("ransac", {})},
+                      refine={**base["refine"], **groups.get("refine", {})},
+                      search={**base["search"], **groups.get("search", {})})
+        net.eval()
+        succ, rsucc, acc, dts = [], [], [], []
+        with torch.no_grad():
+            for i, scene in enumerate(scenes):
+                batch = collate_scenes([scene])
+                start = time.perf_counter()
+                out = net(batch, generator=seeded_generator(seed, i))
+                dts.append(time.perf_counter() - start)
+                succ.append(instance_errors(out.R[0], out.t[0], scene)["success"])
+                R_r = out.R0 if out.R_ransac is None else out.R_ransac
+                t_r = out.t0 if out.t_ransac is None else out.t_ransac
+                rsucc.append(instance_errors(R_r[0], t_r[0], scene)["success"])
+                match = torch.as_tensor(np.asarray(scene["match"]))
+                true = match >= 0
+                if not bool(true.any()):
+                    continue
+                if out.search_matches is not None:
+                    got = out.search_matches[0]
+                else:
+                    got = out.P[0].argmax(-1)
+                acc.append(float((got[true] == match[true]).float().mean()))
+        rows.append({"name": name, "n": len(scenes), "success": float(np.mean(succ)),
+                     "ransac_success": float(np.mean(rsucc)), "match_acc": float(np.mean(acc)) if acc else math.nan,
+                     "time_s": float(np.mean(dts))})
+    net.configure(ransac=base["ransac"], refine=base["refine"], search=base["search"])
+    return rows
+
+
+def format_rows(rows: list[dict[str, Any]]) -> str:
+    lines = ["| variant | n | success | RANSAC-only success | match acc. | time per instance |",
+             "|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['name']} | {r['n']} | {100 * r['success']:.1f} % | {100 * r['ransac_success']:.1f} % | "
+                     f"{100 * r['match_acc']:.1f} % | {r['time_s']:.3f} s |")
+    n = rows[0]["n"] if rows else 0
+    p = rows[0]["success"] if rows else 0.0
+    se = math.sqrt(max(p * (1 - p), 0.25 / max(n, 1)) / max(n, 1))
+    lines.append(f"\ntwo standard errors of a success rate near the reference's: {200 * se:.1f} points")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bpnp.evaluation.ablate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("run_dir", nargs="?", default=None, help="a train.py run directory (with .hydra/config.yaml)")
+    ap.add_argument("--scenes", nargs="+", type=Path, default=None, metavar="DIR",
+                    help="validation scene folders instead of a run's validation split")
+    ap.add_argument("--ckpt", default=None, help="checkpoint (default <run_dir>/checkpoints/last.ckpt)")
+    ap.add_argument("--variant", action="append", required=True, metavar="NAME:KEY=VALUE,...")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="an inference setting for every variant (repeatable)")
+    ap.add_argument("--length", type=int, default=None, help="validation instances (default: the run's val_length)")
+    args = ap.parse_args(argv)
+    if (args.run_dir is None) == (args.scenes is None):
+        print("error: pass a run directory or --scenes DIR [DIR ...] (one of them)", file=sys.stderr)
+        return 2
+    run = None if args.run_dir is None else Path(args.run_dir)
+    cfg_path = None if run is None else run / ".hydra" / "config.yaml"
+    if cfg_path is not None and not cfg_path.is_file():
+        print(f"error: {cfg_path} not found (pass a train.py run directory)", file=sys.stderr)
+        return 2
+    if run is None and args.ckpt is None:
+        print("error: --scenes needs --ckpt", file=sys.stderr)
+        return 2
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+    from torch.utils.data import ConcatDataset
+
+    from bpnp.data.scenes import SceneDirectory
+
+    try:
+        variants = [parse_variant(v) for v in args.variant]
+        for _, flat in variants:
+            _group_overrides(flat)
+        net = load_network(args.ckpt or run / "checkpoints" / "last.ckpt", overrides=parse_set_overrides(args.overrides))
+        if args.scenes is not None:
+            dataset, seed, where = ConcatDataset([SceneDirectory(d) for d in args.scenes]), 0, \
+                f"{len(args.scenes)} scene folders"
+    except (CheckpointError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.scenes is None:
+        cfg = OmegaConf.load(cfg_path)
+        if args.length is not None:
+            cfg.data.val_length = int(args.length)
+        dm = instantiate(cfg.data)
+        dm.setup("validate")
+        dataset, seed, where = dm.dataset("val"), int(cfg.model.get("eval_seed", 0)), f"validation split of {run}"
+    rows = ablate(net, dataset, variants, seed=seed)
+    print(f"{where}: {rows[0]['n']} instances")
+    print(format_rows(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,183 @@
+r"""Pose search: re-estimate the correspondences from a pose, re-solve, repeat (inference only).
+
+Blind PnP couples two easy problems: given the matches the pose is a PnP problem, and given the
+pose the matches are a nearest-neighbour problem in the image (the lectures' alternation). RANSAC
+on the soft matches ``P`` of a learned matcher often lands *near* the pose while most of its
+candidate pairs are wrong; from there, the geometry alone can recover the matches that ``P``
+ranked too low. :func:`pose_search` does this for the best few RANSAC hypotheses of each item:
+
+1. **Re-match** under the pose ``(R, t)``: for every pair, the angular residual
+   :math:`r_{ij} = 1 - b_i \cdot \mathrm{normalize}(R p_j + t)` and the combined score
+   :math:`s_{ij} = w \log P_{ij} - r_{ij} / (1 - \cos\tau)`, where ``w`` (``prior_weight``)
+   weighs the learned matches against the geometry and :math:`\tau` is the current gate (an
+   angle). A pair is a match iff :math:`r_{ij} < 1 - \cos\tau`, ``j`` is the best partner of
+   ``i`` and ``i`` the best partner of ``j`` by ``s`` (mutual, so one-to-one).
+2. **Re-solve**: damped Gauss-Newton on the angular error of the matches
+   (:func:`bpnp.geometry.ransac.gauss_newton_angular`, the refinement's objective).
+3. **Repeat** ``iterations`` times with the gate shrinking geometrically from
+   ``start_threshold`` to ``threshold`` (a wide gate first, so a pose a few degrees off still
+   finds its matches).
+4. **Select** per item the hypothesis with the largest consensus: the number of mutual matches
+   within ``threshold`` (ties: the larger sum of ``P`` over them).
+
+Cost per item: ``k`` hypotheses x ``iterations`` x one (m, n) residual matrix, e.g. 4 x 3 x 10^6
+entries at m = n = 1000. Not differentiable (``torch.no_grad``): it chooses the pose the
+refinement node starts from, as RANSAC does.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from bpnp.geometry.ransac import gauss_newton_angular
+from bpnp.geometry.rotations import _check_tensor
+
+__all__ = ["PoseSearchResult", "pose_search", "rematch"]
+
+
+class PoseSearchResult(NamedTuple):
+    """Output of :func:`pose_search` (batch size b)."""
+
+    R: torch.Tensor
+    """(b, 3, 3) rotation of the selected hypothesis, world to camera."""
+    t: torch.Tensor
+    """(b, 3) its translation."""
+    matches: torch.Tensor
+    """(b, m) int64: the 3D index matched to each 2D point under the selected pose, or -1."""
+    consensus: torch.Tensor
+    """(b,) int64: number of matches of the selected pose (within ``threshold``)."""
+    hypothesis: torch.Tensor
+    """(b,) int64: which input hypothesis was selected (0 = the first, RANSAC's best)."""
+
+
+def rematch(P: torch.Tensor, bearings: torch.Tensor, points: torch.Tensor, mask2d: torch.Tensor,
+            mask3d: torch.Tensor, R: torch.Tensor, t: torch.Tensor, gate: float,
+            prior_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mutual best matches under poses (step 1 of the module docstring).
+
+    Args:
+        P: (b, m, n) soft matches (>= 0); bearings (b, m, 3) unit; points (b, n, 3); masks (b, m),
+            (b, n) bool; R (b, 3, 3), t (b, 3); gate: angle in radians; prior_weight: ``w``.
+
+    Returns:
+        ``(matches, prior)``: (b, m) int64 3D index or -1, and (b, m) the ``P`` of each match (0
+        where none).
+    """
+    x = points @ R.transpose(-1, -2) + t.unsqueeze(-2)  # (b, n, 3)
+    rays = F.normalize(x, dim=-1, eps=1e-12)
+    r = 1.0 - bearings @ rays.transpose(-1, -2)  # (b, m, n) in [0, 2]
+    scale = 1.0 - math.cos(gate)
+    real = mask2d.unsqueeze(-1) & mask3d.unsqueeze(-2)
+    ok = real & (r < scale) & (x[..., 2] > 0).unsqueeze(-2)
+    score = -r / scale
+    if prior_weight > 0:
+        score = score + prior_weight * torch.log(P.clamp_min(torch.finfo(P.dtype).tiny))
+    score = torch.where(ok, score, torch.full_like(score, -math.inf))
+    best_j = score.argmax(-1)  # (b, m)
+    best_i = score.argmax(-2)  # (b, n)
+    has = ok.any(-1)
+    mutual = torch.gather(best_i, 1, best_j) == torch.arange(score.shape[1], device=P.device).unsqueeze(0)
+    keep = has & mutual
+    matches = torch.where(keep, best_j, torch.full_like(best_j, -1))
+    prior = torch.where(keep, torch.gather(P, 2, best_j.unsqueeze(-1)).squeeze(-1), torch.zeros_like(has, dtype=P.dtype))
+    return matches, prior
+
+
+def _solve_on_matches(R, t, bearings, points, matches, gate, steps):
+    """Gauss-Newton on the angular error of the matched pairs (weights 1), within ``gate``."""
+    idx = matches.clamp_min(0)
+    pc = torch.gather(points, 1, idx.unsqueeze(-1).expand(*idx.shape, 3))
+    w = (matches >= 0).to(points.dtype)
+    return gauss_newton_angular(R, t, bearings, pc, w, math.cos(gate), steps)
+
+
+def pose_search(
+    P: torch.Tensor,
+    bearings: torch.Tensor,
+    points: torch.Tensor,
+    mask2d: torch.Tensor,
+    mask3d: torch.Tensor,
+    R_init: torch.Tensor,
+    t_init: torch.Tensor,
+    *,
+    iterations: int = 3,
+    threshold: float = 0.01,
+    start_threshold: float = 0.04,
+    prior_weight: float = 1.0,
+    solve_steps: int = 5,
+) -> PoseSearchResult:
+    """Alternate matching and pose from ``k`` initial poses per item; keep the best (module docstring).
+
+    Args:
+        P: (b, m, n) soft matches, >= 0 (e.g. Sinkhorn's real block).
+        bearings: (b, m, 3) unit bearings of the 2D points; points: (b, n, 3) world points.
+        mask2d, mask3d: (b, m), (b, n) bool, real points.
+        R_init, t_init: (b, k, 3, 3), (b, k, 3) initial poses (e.g. RANSAC's ``k`` best).
+        iterations: re-match / re-solve rounds (>= 1).
+        threshold, start_threshold: final and first gate, radians (``start >= final``).
+        prior_weight: ``w`` >= 0, weight of ``log P`` in the matching score (0 = geometry only).
+        solve_steps: Gauss-Newton steps per round.
+
+    Returns:
+        :class:`PoseSearchResult`. Computed in float64.
+
+    Example:
+        >>> from bpnp.geometry.bearings import to_bearings, project
+        >>> g = torch.Generator().manual_seed(0)
+        >>> X = torch.randn(1, 50, 3, generator=g, dtype=torch.float64) + torch.tensor([0.0, 0.0, 6.0])
+        >>> b = to_bearings(project(X))                       # true pose: identity
+        >>> P = torch.full((1, 50, 50), 1.0 / 2500, dtype=torch.float64)   # no learned information
+        >>> m = torch.ones(1, 50, dtype=torch.bool)
+        >>> R0 = torch.linalg.matrix_exp(torch.tensor([[0.0, -0.01, 0.0], [0.01, 0.0, 0.0], [0.0, 0.0, 0.0]],
+        ...                                            dtype=torch.float64))[None, None]   # 0.6 deg off
+        >>> res = pose_search(P, b, X, m, m, R0, torch.zeros(1, 1, 3, dtype=torch.float64))
+        >>> bool(res.consensus[0] >= 45), torch.allclose(res.R[0], torch.eye(3, dtype=torch.float64), atol=1e-6)
+        (True, True)
+    """
+    for name, x in (("P", P), ("bearings", bearings), ("points", points), ("R_init", R_init), ("t_init", t_init)):
+        _check_tensor(x, name)
+    if R_init.ndim != 4 or R_init.shape[-2:] != (3, 3) or t_init.shape != (*R_init.shape[:2], 3):
+        raise ValueError(f"R_init must have shape (b, k, 3, 3) and t_init (b, k, 3), got "
+                         f"{tuple(R_init.shape)} and {tuple(t_init.shape)}")
+    if not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"iterations must be a positive int, got {iterations!r}")
+    if not 0.0 < threshold <= start_threshold < math.pi / 2:
+        raise ValueError(f"need 0 < threshold <= start_threshold < pi/2 (radians), got {threshold!r}, "
+                         f"{start_threshold!r}")
+    if not prior_weight >= 0:
+        raise ValueError(f"prior_weight must be >= 0, got {prior_weight!r}")
+    with torch.no_grad():
+        f64 = torch.float64
+        b, k = R_init.shape[:2]
+        m, n = bearings.shape[1], points.shape[1]
+
+        def flat(x):  # (b, ...) -> (b k, ...) with each item repeated k times
+            return x.unsqueeze(1).expand(b, k, *x.shape[1:]).reshape(b * k, *x.shape[1:])
+
+        Pk, bk, pk = flat(P.detach().to(f64)), flat(bearings.detach().to(f64)), flat(points.detach().to(f64))
+        m2, m3 = flat(mask2d), flat(mask3d)
+        R = R_init.detach().to(f64).reshape(b * k, 3, 3)
+        t = t_init.detach().to(f64).reshape(b * k, 3)
+        finite = torch.isfinite(R).flatten(1).all(1) & torch.isfinite(t).all(1)
+        R = torch.where(finite[:, None, None], R, torch.eye(3, dtype=f64, device=R.device))
+        t = torch.where(finite[:, None], t, torch.zeros_like(t))
+        ratio = threshold / start_threshold
+        for it in range(iterations):
+            gate = start_threshold * ratio ** (it / max(iterations - 1, 1))
+            matches, _ = rematch(Pk, bk, pk, m2, m3, R, t, gate, prior_weight)
+            R_new, t_new = _solve_on_matches(R, t, bk, pk, matches, gate, solve_steps)
+            enough = (matches >= 0).sum(1) >= 4
+            R = torch.where(enough[:, None, None], R_new, R)
+            t = torch.where(enough[:, None], t_new, t)
+        matches, prior = rematch(Pk, bk, pk, m2, m3, R, t, threshold, prior_weight)
+        count = (matches >= 0).sum(1)
+        count = torch.where(finite, count, torch.full_like(count, -1))
+        # Largest consensus, then the larger P mass over it (prior < 1 in total, so it only breaks ties).
+        rank = count.to(f64) + prior.sum(1).clamp(max=0.999)
+        best = rank.reshape(b, k).argmax(1)
+        sel = torch.arange(b, device=best.device) * k + best
+        return PoseSearchResult(R[sel], t[sel], matches[sel], count[sel].clamp_min(0), best)
