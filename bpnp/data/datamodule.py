@@ -15,11 +15,14 @@ Built from plain arguments, so Hydra can instantiate it from ``configs/data/*.ya
   e.g. larger point sets in later epochs; each stage overrides the base ``synthetic``, not the
   previous stage; needs ``reload_dataloaders_every_n_epochs=1``).
 - ``scenes``: directories of ``.npz`` scene files; ``path`` is the test set (what
-  ``evaluate.py data=scenes data.path=DIR`` sets), ``train_path``/``val_path`` the others. With
+  ``evaluate.py data=scenes data.path=DIR`` sets), ``train_path``/``val_path`` the others;
+  ``max_points_2d``/``max_points_3d`` subsample each scene (seeded by split seed and item). With
   ``validate_files`` (default) :meth:`setup` reads every file of the splits it sets up once, so
   a bad file raises ``SceneFileError`` naming it before training starts.
 - ``colmap``: COLMAP models, split **by scene**: ``train_scenes``/``val_scenes``/``test_scenes``
   are folder names under ``root`` (or paths); a model may appear in one split only.
+  ``train_views`` / ``train_synthetic`` mix new views of the training models and synthetic mesh
+  instances into the training split (:mod:`bpnp.data.mixing`; val and test stay real images).
 - ``pickles``: BPnPNet pickles under ``root`` for ``dataset``; val is a seeded ``val_fraction``
   of the train split (the original validated on its test split), test is the test split.
 
@@ -144,9 +147,12 @@ class BlindPnPDataModule(pl.LightningDataModule):
         train_scenes: Sequence[str] | None = None,
         val_scenes: Sequence[str] | None = None,
         test_scenes: Sequence[str] | None = None,
+        train_views: Mapping[str, Any] | None = None,
+        train_synthetic: Mapping[str, Any] | None = None,
         max_points_2d: int | None = None,
         max_points_3d: int | None = None,
         outlier_frac_3d: float = 0.5,
+        outliers_per_inlier_2d: float | None = None,
         dataset: str | None = None,
         val_fraction: float = 0.1,
         w_gt_per: str | None = None,
@@ -247,7 +253,9 @@ class BlindPnPDataModule(pl.LightningDataModule):
             if p is not None and not Path(p).is_dir():
                 arg = "path" if split == "test" and a["test_path"] is None else f"{split}_path"
                 raise FileNotFoundError(f"BlindPnPDataModule: {arg}={p}: scene directory does not exist")
-            self._builders[split] = None if p is None else partial(SceneDataset, p)
+            self._builders[split] = None if p is None else partial(
+                SceneDataset, p, max_points_2d=a["max_points_2d"], max_points_3d=a["max_points_3d"],
+                seed=self.seeds[split])
 
     def _configure_colmap(self, a: dict) -> None:
         root = Path(a["root"]) if a["root"] else None
@@ -261,7 +269,9 @@ class BlindPnPDataModule(pl.LightningDataModule):
             for d in dirs:
                 if not d.is_dir():
                     raise FileNotFoundError(f"BlindPnPDataModule: {split}_scenes: COLMAP model "
-                                            f"folder {d} does not exist")
+                                            f"folder {d} does not exist (the repository embeds "
+                                            f"lund_door and maupertuis; paths.data_dir=<dir> reads "
+                                            f"<dir>/real, e.g. paths.data_dir=../shared/data)")
                 find_model_files(d)  # raises ColmapFormatError (a ValueError) naming the folder
                 key = d.resolve()
                 if key in owner:
@@ -276,8 +286,17 @@ class BlindPnPDataModule(pl.LightningDataModule):
             self._builders[split] = None if not resolved[split] else partial(
                 ColmapDataset, resolved[split], max_points_2d=a["max_points_2d"],
                 max_points_3d=a["max_points_3d"], outlier_frac_3d=a["outlier_frac_3d"],
-                seed=self.seeds[split],
+                outliers_per_inlier_2d=a["outliers_per_inlier_2d"], seed=self.seeds[split],
                 resample_each_epoch=self.resample_each_epoch and split == "train")
+        if a["train_views"] is not None or a["train_synthetic"] is not None:
+            # Training mix (bpnp.data.mixing): real images + new views + synthetic mesh instances.
+            from bpnp.data.mixing import colmap_train_mix
+
+            if not resolved["train"]:
+                raise ValueError("BlindPnPDataModule: train_views / train_synthetic need train_scenes")
+            self._builders["train"] = colmap_train_mix(
+                self._builders["train"], a["train_views"], a["train_synthetic"], self.seeds["train"],
+                self.resample_each_epoch, a["max_points_2d"], a["max_points_3d"])
 
     def _configure_pickles(self, a: dict) -> None:
         if not a["root"] or not a["dataset"]:

@@ -10,6 +10,7 @@ global state, so items are identical across DDP ranks, dataloader workers and re
 
 from __future__ import annotations
 
+import logging
 import zlib
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -19,13 +20,14 @@ from torch.utils.data import Dataset
 
 from bpnp.data.bpnpnet_pickles import bpnpnet_to_scene, default_w_gt_per, load_bpnpnet_split, split_dir
 from bpnp.data.colmap import read_model
-from bpnp.data.instances import instance_from_image
+from bpnp.data.instances import dropped_images_warning, instance_from_image, screen_images
 from bpnp.data.scenes import SceneDirectory
 from bpnp.data.shuffle import shuffle_sets
 from bpnp.data.synthetic import SyntheticConfig, make_instance
 
 __all__ = [
     "add_outliers",
+    "subsample_scene",
     "SyntheticDataset",
     "SceneDataset",
     "ColmapDataset",
@@ -130,6 +132,17 @@ class SyntheticDataset(Dataset):
     def __len__(self) -> int:
         return self.length
 
+    def size_bound(self, index: int) -> tuple[int, int]:
+        """Upper bounds of ``(m, n)`` of item ``index`` from the config alone (its largest
+        ``num_points_2d``; the inliers plus the largest 3D outlier fraction), without drawing it:
+        what ``evaluate.py`` checks memory against before any work."""
+        def hi(v: Any) -> float:
+            return float(v[1]) if isinstance(v, (tuple, list)) else float(v)
+
+        m = int(hi(self.cfg.num_points_2d))
+        f3 = min(hi(self.cfg.outlier_frac_3d), 0.999)
+        return m, m + int(round(f3 / (1.0 - f3) * m))
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < self.length:
             raise IndexError(index)
@@ -139,8 +152,65 @@ class SyntheticDataset(Dataset):
         return scene
 
 
+def subsample_scene(scene: Mapping[str, Any], max_points_2d: int | None, max_points_3d: int | None,
+                    rng: np.random.Generator | int) -> dict[str, Any]:
+    """At most ``max_points_2d`` 2D and ``max_points_3d`` 3D points of a scene, drawn as the
+    COLMAP instances are (:func:`bpnp.data.instances.instance_from_image`): inlier and outlier
+    2D points in proportion (at least 4 inliers), every 3D point a kept 2D point observes, then
+    other 3D points up to the cap; the order of each set is kept. A scene within both caps is
+    returned unchanged."""
+    m, n = len(scene["p2d"]), len(scene["p3d"])
+    if (max_points_2d is None or m <= max_points_2d) and (max_points_3d is None or n <= max_points_3d):
+        return dict(scene)
+    rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    match = np.asarray(scene["match"], dtype=np.int64)
+    inl, out = np.flatnonzero(match >= 0), np.flatnonzero(match < 0)
+    k, j = len(inl), len(out)
+    if max_points_2d is not None and k + j > max_points_2d:
+        k = min(len(inl), max(4, int(round(max_points_2d * len(inl) / (len(inl) + len(out))))))
+        j = max_points_2d - k
+    if max_points_3d is not None:
+        seen_frac = len(np.unique(match[inl])) / max(n, 1)  # the scene's 3D inlier fraction
+        k_cap = max(4, int(np.floor(max_points_3d * seen_frac)))
+        if k > k_cap:
+            j = int(round(k_cap * j / max(k, 1)))
+            k = k_cap
+    keep2 = np.sort(np.concatenate([rng.choice(inl, size=min(k, len(inl)), replace=False),
+                                    rng.choice(out, size=min(j, len(out)), replace=False)]))
+    seen = np.unique(match[keep2][match[keep2] >= 0])
+    others = np.setdiff1d(np.arange(n), seen, assume_unique=True)
+    n_out = len(others) if max_points_3d is None else min(len(others), max(max_points_3d - len(seen), 0))
+    keep3 = np.sort(np.concatenate([seen, rng.choice(others, size=n_out, replace=False)])).astype(np.int64)
+    new_index = np.full(n, -1, dtype=np.int64)
+    new_index[keep3] = np.arange(len(keep3))
+    sub = match[keep2]
+    out_scene = dict(scene)
+    out_scene.update(p2d=np.asarray(scene["p2d"])[keep2], p3d=np.asarray(scene["p3d"])[keep3],
+                     match=np.where(sub >= 0, new_index[np.maximum(sub, 0)], -1))
+    return out_scene
+
+
 class SceneDataset(SceneDirectory):
-    """A directory of scene files (see :class:`bpnp.data.scenes.SceneDirectory`)."""
+    """A directory of scene files (see :class:`bpnp.data.scenes.SceneDirectory`), optionally
+    subsampled to at most ``max_points_2d`` / ``max_points_3d`` points per scene
+    (:func:`subsample_scene`, item ``i`` drawn with ``default_rng([seed, i])``): how an instance
+    too large for memory is evaluated (``evaluate.py data.max_points_2d=...``)."""
+
+    def __init__(self, directory: str | Path, max_points_2d: int | None = None, max_points_3d: int | None = None,
+                 seed: int = 0):
+        for name, v in (("max_points_2d", max_points_2d), ("max_points_3d", max_points_3d)):
+            if v is not None and int(v) < 8:
+                raise ValueError(f"SceneDataset: {name} must be >= 8 (or null), got {v}")
+        super().__init__(directory)
+        self.max_points = (None if max_points_2d is None else int(max_points_2d),
+                           None if max_points_3d is None else int(max_points_3d))
+        self.seed = int(seed)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        scene = super().__getitem__(index)
+        if self.max_points == (None, None):
+            return scene
+        return subsample_scene(scene, *self.max_points, np.random.default_rng([self.seed, int(index)]))
 
 
 class ColmapDataset(Dataset):
@@ -153,7 +223,7 @@ class ColmapDataset(Dataset):
 
     Args:
         model_dirs: folders of COLMAP sparse models.
-        max_points_2d, max_points_3d, outlier_frac_3d: see
+        max_points_2d, max_points_3d, outlier_frac_3d, outliers_per_inlier_2d: see
             :func:`bpnp.data.instances.instance_from_image`.
         seed: base seed.
         resample_each_epoch: draw a new subsample every epoch.
@@ -162,7 +232,8 @@ class ColmapDataset(Dataset):
 
     def __init__(self, model_dirs: Sequence[str | Path], max_points_2d: int | None = None,
                  max_points_3d: int | None = None, outlier_frac_3d: float = 0.5, seed: int = 0,
-                 resample_each_epoch: bool = False, min_inliers: int = 4):
+                 resample_each_epoch: bool = False, min_inliers: int = 4,
+                 outliers_per_inlier_2d: float | None = None):
         if isinstance(model_dirs, (str, Path)):
             model_dirs = [model_dirs]
         if not model_dirs:
@@ -170,13 +241,19 @@ class ColmapDataset(Dataset):
         self.model_dirs = [Path(d) for d in model_dirs]
         self.models = [read_model(d) for d in self.model_dirs]
         self.kw = dict(max_points_2d=max_points_2d, max_points_3d=max_points_3d,
-                       outlier_frac_3d=outlier_frac_3d)
+                       outlier_frac_3d=outlier_frac_3d, outliers_per_inlier_2d=outliers_per_inlier_2d)
         self.seed, self.resample_each_epoch, self.epoch = int(seed), bool(resample_each_epoch), 0
         self.items: list[tuple[int, int]] = []
+        #: ``(model folder, image id, name, reason)`` of every image left out (said in one warning line per model)
+        self.dropped: list[tuple[str, int, str, str]] = []
         for mi, model in enumerate(self.models):
-            for image_id in model.image_ids:
-                if int(np.sum(model.images[image_id].point3D_ids >= 0)) >= max(min_inliers, 4):
-                    self.items.append((mi, image_id))
+            # Every camera and image now, before any instance: an unsupported camera fails here,
+            # naming the image, and images that cannot give an instance are named, never silently left out.
+            usable, dropped = screen_images(model, min_inliers)
+            self.items.extend((mi, image_id) for image_id in usable)
+            if dropped:
+                self.dropped.extend((str(model.path), i, name, why) for i, name, why in dropped)
+                logging.getLogger("bpnp.data").warning(dropped_images_warning(model, dropped))
         if not self.items:
             raise ValueError(f"ColmapDataset: no usable image in {[str(d) for d in self.model_dirs]}")
         self._keys = [zlib.crc32(d.resolve().name.encode()) for d in self.model_dirs]
@@ -190,6 +267,19 @@ class ColmapDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def size_bound(self, index: int) -> tuple[int, int]:
+        """Upper bounds of ``(m, n)`` of item ``index`` without building it (its keypoints and the
+        3D points they can bring, after the ``max_points_*`` caps): what ``evaluate.py`` checks
+        memory against before any work."""
+        mi, image_id = self.items[index]
+        model, image = self.models[mi], self.models[mi].images[image_id]
+        cap2, cap3, f3 = self.kw["max_points_2d"], self.kw["max_points_3d"], float(self.kw["outlier_frac_3d"])
+        m = len(image.xys) if cap2 is None else min(len(image.xys), int(cap2))
+        n_in = min(len(np.unique(image.point3D_ids[image.point3D_ids >= 0])), m)
+        n = n_in + int(round(f3 / (1.0 - f3) * n_in))
+        n = min(n, len(model.point_ids)) if cap3 is None else min(n, len(model.point_ids), int(cap3))
+        return m, n
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         mi, image_id = self.items[index]
