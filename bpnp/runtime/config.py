@@ -288,7 +288,7 @@ def check_eval_config(cfg: DictConfig) -> None:
     for key in ("baselines", "sweep.baselines"):
         value = _get(cfg, key)
         if value is not _ABSENT and value is not None:
-            known = ("oracle", "ransac", "hungarian")
+            known = ("oracle", "ransac", "hungarian", "nosearch")  # bpnp.evaluation.runner.METHODS[1:]
             if not isinstance(value, list) or any(v not in known for v in value):
                 raise ConfigError(f"{key}: expected a list of {', '.join(known)} (any subset), got {value!r}")
     _apply(cfg, DATA)

@@ -77,7 +77,7 @@ def test_train_run_checks_values_before_creating_anything(train_cli, capsys, tmp
 EVAL_VALUES = {
     "max_instances=0": "max_instances: expected an integer >= 1 or null, got 0",
     "progress_every=abc": "progress_every: expected an integer >= 0, got 'abc'",
-    "baselines=[oracle,ransacc]": "baselines: expected a list of oracle, ransac, hungarian (any subset), got ['oracle', 'ransacc']",
+    "baselines=[oracle,ransacc]": "baselines: expected a list of oracle, ransac, hungarian, nosearch (any subset), got ['oracle', 'ransacc']",
     "data.batch_size=0": "data.batch_size: expected an integer >= 1 (per device), got 0",
     "net_overrides={refine: {robust_scale: -1}}": "net_overrides.refine.robust_scale: expected a number > 0, got -1",
 }
