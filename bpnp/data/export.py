@@ -39,6 +39,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from bpnp.data.embedded import MESH_ROOT
+from bpnp.data.ranges import parse_set_items
 from bpnp.data.scenes import EXPORT_INCOMPLETE_MARKER, save_scene, validate_scene
 
 __all__ = ["main", "build_parser"]
@@ -128,8 +129,6 @@ def _write_all(out: Path, scenes: Iterable[tuple[dict[str, Any], dict[str, Any]]
 
 
 def _run_synthetic(args: argparse.Namespace) -> int:
-    import yaml
-
     from bpnp.data.synthetic import WORLD, SyntheticConfig, make_instance
 
     # Precedence: the preset, then the flags given, then --set KEY=VALUE.
@@ -148,11 +147,7 @@ def _run_synthetic(args: argparse.Namespace) -> int:
         kw["visible_only"] = False
     if args.shapes:
         kw["shape_weights"] = {s: 1.0 for s in args.shapes}
-    for item in args.set:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
-        kw[key.strip()] = yaml.safe_load(value)
+    kw.update(parse_set_items(args.set, strict=True))
     if kw.get("mesh_root") is None and float(dict(kw.get("shape_weights") or {}).get("mesh", 0)) > 0:
         kw["mesh_root"] = str(MESH_ROOT)
     cfg = SyntheticConfig.from_dict(kw)

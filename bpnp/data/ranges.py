@@ -9,7 +9,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-__all__ = ["lo", "hi", "draw", "draw_int", "config_kwargs"]
+__all__ = ["lo", "hi", "draw", "draw_int", "config_kwargs", "parse_set_items"]
 
 
 def lo(v) -> float:
@@ -30,6 +30,23 @@ def draw(rng: np.random.Generator, v) -> float:
 def draw_int(rng: np.random.Generator, v) -> int:
     """A uniform integer in ``[lo, hi]`` (inclusive), or the fixed integer (no draw consumed)."""
     return int(rng.integers(int(v[0]), int(v[1]) + 1)) if isinstance(v, tuple) else int(v)
+
+
+def parse_set_items(items: list[str], strict: bool = False) -> dict[str, Any]:
+    """``["key=value", ...]`` (the data tools' ``--set``) -> ``{key: YAML value}``.
+
+    Raises:
+        ValueError: with ``strict``, an item without ``=`` (``--set 'x': expected KEY=VALUE``).
+    """
+    import yaml
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if strict and not sep:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def config_kwargs(cls: type, d: Mapping[str, Any], mappings: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -74,7 +74,7 @@ import numpy as np
 
 from bpnp.data.cameras import SUPPORTED_MODELS
 from bpnp.data.colmap import ColmapModel, read_model
-from bpnp.data.ranges import config_kwargs, draw, hi, lo
+from bpnp.data.ranges import config_kwargs, draw, hi, lo, parse_set_items
 from bpnp.data.shuffle import shuffle_sets
 
 __all__ = ["ViewConfig", "RealViews", "make_view", "view_stats"]
@@ -486,12 +486,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a ViewConfig field (YAML value), repeatable")
     args = parser.parse_args(argv)
-    import yaml
-
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key.strip()] = yaml.safe_load(value)
+    overrides = parse_set_items(args.set)
     try:
         model = read_model(args.model)
         views = RealViews(model, overrides)

@@ -109,7 +109,7 @@ from scipy.spatial.transform import Rotation
 from bpnp.data.embedded import MESH_ROOT
 from bpnp.data.meshes import CATEGORIES, MESH_SPLITS, load_mesh, mesh_choices, view_mode
 from bpnp.data.occlusion import zbuffer_visible
-from bpnp.data.ranges import config_kwargs, draw, draw_int, hi, lo
+from bpnp.data.ranges import config_kwargs, draw, draw_int, hi, lo, parse_set_items
 from bpnp.data.shuffle import shuffle_sets
 
 __all__ = ["SyntheticConfig", "make_instance", "FAMILIES", "WORLD"]
@@ -1002,12 +1002,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a SyntheticConfig field (YAML value), repeatable")
     args = parser.parse_args(argv)
-    import yaml
-
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key.strip()] = yaml.safe_load(value)
+    overrides = parse_set_items(args.set)
     root = args.mesh_root
     if root is None:
         root = str(MESH_ROOT) if MESH_ROOT.is_dir() else None
