@@ -204,6 +204,10 @@ class SyntheticConfig:
             ``other_shape`` (projections of a foreground object; module docstring).
         outlier_2d_cluster_frac: with ``outliers_2d="image"``: fraction of the 2D outliers drawn
             in blobs around 1-4 random centres instead of uniformly.
+        other_shape_prob_2d, other_shape_prob_3d: per-instance probability that the 2D (3D)
+            outliers are ``other_shape`` instead of ``outliers_2d`` (``outliers_3d``): a mix of
+            placements for training (domain randomisation). Drawn from a stream of its own
+            (``[seed, index, 8]``), so 0 (the default) reproduces the single-mode generator.
     """
 
     num_points_2d: int | Range = (200, 1000)
@@ -236,6 +240,8 @@ class SyntheticConfig:
     outliers_3d: str = "uniform"
     outliers_2d: str = "bbox"
     outlier_2d_cluster_frac: float | Range = 0.0
+    other_shape_prob_2d: float = 0.0
+    other_shape_prob_3d: float = 0.0
 
     def __post_init__(self) -> None:
         # Accept lists (YAML/Hydra) for pairs; validate now so a bad config fails at build time.
@@ -323,6 +329,11 @@ class SyntheticConfig:
             raise ValueError(f"SyntheticConfig.outliers_3d must be one of {OUTLIERS_3D}, got {self.outliers_3d!r}")
         if self.outliers_2d not in OUTLIERS_2D:
             raise ValueError(f"SyntheticConfig.outliers_2d must be one of {OUTLIERS_2D}, got {self.outliers_2d!r}")
+        for name in ("other_shape_prob_2d", "other_shape_prob_3d"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.0 <= float(v) <= 1.0:
+                raise ValueError(f"SyntheticConfig.{name} must be a probability in [0, 1], got {v!r}")
+            setattr(self, name, float(v))
         if not (0.0 <= _lo(self.outlier_2d_cluster_frac) and _hi(self.outlier_2d_cluster_frac) <= 1.0):
             raise ValueError(f"SyntheticConfig.outlier_2d_cluster_frac must lie in [0, 1], got "
                              f"{self.outlier_2d_cluster_frac!r}")
@@ -843,6 +854,18 @@ def _other_shape_2d(rng, cam: _Cam, R: np.ndarray, t: np.ndarray, pts: np.ndarra
     return (out - size / 2.0) / cam.f
 
 
+def _outlier_modes(cfg: SyntheticConfig, seed: int, index: int) -> tuple[str, str]:
+    """This instance's 2D and 3D outlier modes: ``other_shape`` with probability
+    ``other_shape_prob_*``, else the configured mode (stream ``[seed, index, 8]``, untouched when
+    both probabilities are 0)."""
+    mode_2d, mode_3d = cfg.outliers_2d, cfg.outliers_3d
+    if cfg.other_shape_prob_2d > 0 or cfg.other_shape_prob_3d > 0:
+        u2, u3 = np.random.default_rng([int(seed), int(index), 8]).uniform(size=2)
+        mode_2d = "other_shape" if u2 < cfg.other_shape_prob_2d else mode_2d
+        mode_3d = "other_shape" if u3 < cfg.other_shape_prob_3d else mode_3d
+    return mode_2d, mode_3d
+
+
 def make_instance(cfg: SyntheticConfig, seed: int, index: int) -> dict[str, np.ndarray]:
     """Build synthetic instance ``index`` of the stream ``seed``.
 
@@ -866,15 +889,16 @@ def make_instance(cfg: SyntheticConfig, seed: int, index: int) -> dict[str, np.n
     cam = _camera(rng, cfg)
     noise = noise_px / cam.f
     det = _draw(rng, cfg.detection_rate)
+    mode_2d, mode_3d = _outlier_modes(cfg, seed, index)
     # ("other_shape" draws it too, unused, so its instances keep the shape and camera of "image".)
-    cluster = _draw(rng, cfg.outlier_2d_cluster_frac) if cfg.outliers_2d in ("image", "other_shape") else 0.0
+    cluster = _draw(rng, cfg.outlier_2d_cluster_frac) if mode_2d in ("image", "other_shape") else 0.0
     m_out = int(round(f2 * m))
     k = m - m_out
 
     names = [f for f in FAMILIES if cfg.shape_weights.get(f, 0.0) > 0]
     weights = np.array([cfg.shape_weights[f] for f in names])
     n_out3 = int(round(f3 / (1.0 - f3) * k))
-    surface = cfg.outliers_3d == "surface"
+    surface = mode_3d == "surface"
     # The shift suite's modes draw from their own stream (the main stream stays that of "image" /
     # "uniform"), so switching them changes only the outliers.
     other_rng = np.random.default_rng([int(seed), int(index), 7])
@@ -929,9 +953,9 @@ def make_instance(cfg: SyntheticConfig, seed: int, index: int) -> dict[str, np.n
 
     Xc = X_in @ R.T + t
     p2d_in = Xc[:, :2] / Xc[:, 2:3] + rng.normal(scale=noise, size=(k, 2))
-    if cfg.outliers_2d == "image":
+    if mode_2d == "image":
         p2d_out = _image_outliers(rng, cam, m_out, cluster)
-    elif cfg.outliers_2d == "other_shape":
+    elif mode_2d == "other_shape":
         p2d_out = _other_shape_2d(other_rng, cam, R, t, pool_p, m_out)
     else:
         lo2, hi2 = p2d_in.min(0), p2d_in.max(0)
@@ -940,7 +964,7 @@ def make_instance(cfg: SyntheticConfig, seed: int, index: int) -> dict[str, np.n
     if surface:
         hidden = pool_p[rng.choice(hid_idx, size=n_hidden, replace=False)] if n_hidden > 0 else np.zeros((0, 3))
         p3d = np.concatenate([X_in, X_undet, hidden])
-    elif cfg.outliers_3d == "other_shape":
+    elif mode_3d == "other_shape":
         p3d = np.concatenate([X_in, _other_shape_3d(other_rng, pool_p, n_out3)])
     else:
         hidden = np.zeros((0, 3))
