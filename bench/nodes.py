@@ -1,16 +1,20 @@
 """Benchmark of the declarative nodes: ratios measured side by side in one run.
 
     python bench/nodes.py              # every benchmark (about 5-10 minutes on 2 CPU cores)
-    python bench/nodes.py --only ot    # or ot-bins, ot-overrelax, ot-original, pnp, pnp-pairs, lstsq (repeatable)
+    python bench/nodes.py --only ot    # or ot-bins, ot-overrelax, ot-speed, ot-original, pnp, pnp-pairs, lstsq (repeatable)
+    python bench/nodes.py --only ot-speed --threads 1   # issue 27: bins forward and Schur CG, side by side
 
 1. ``ot``: Sinkhorn OT, b = 4, m = n = 1000, exactly 100 iterations: backward time, saved-tensor
    bytes and the peak RSS of a fresh process, implicit vs unrolled backward (targets: >= 10x less
    memory, >= 3x faster implicit). ``ot-bins``: the same with outlier bins
    (:func:`sinkhorn_with_bins`, a (4, 1001, 1001) augmented plan, gradient to M and to the shared
    bin cost).
-   ``ot-overrelax``: the bin Sinkhorn forward as the network runs it (b = 8, m = n = 1000,
+   ``ot-overrelax``: the plain bin Sinkhorn iteration (no balance step; b = 8, m = n = 1000,
    float32, tol 1e-6) for over-relaxation factors w = 1 (plain), 1.2, 1.4 (the config's), 1.5, on
    random costs and on the shipped checkpoint's costs: iterations and forward time.
+   ``ot-speed``: at m = n = 256 and 1000, b = 8, the plain node's forward against the bins'
+   forward before (no balance step, w = 1.4) and now (balance step, w = 1.2), and the backward's
+   Schur solve by dense Cholesky against preconditioned CG, on the same costs and tolerance.
 2. ``ot-original``: our Sinkhorn node (implicit backward) against the ORIGINAL's
    ``RegularisedTransport`` (../shared/reference/bpnpnet through ../shared/tools/refbench), on the
    harness's inputs (b = 4, m = n = 1000, lambda = 10, uniform marginals, a fixed upstream
@@ -392,8 +396,8 @@ def _trained_costs(b, n, ckpt=None):
 
 
 def bench_ot_overrelax(repeats, ws=(1.0, 1.2, 1.4, 1.5), b=8, n=1000):
-    """The bin Sinkhorn's forward (the network's: float32, lam 10, tol 1e-6) against the
-    over-relaxation factor w, on random costs U[0, 2] (random weights) and on the shipped network's
+    """The plain bin Sinkhorn iteration's forward (no balance step; float32, lam 10, tol 1e-6)
+    against the over-relaxation factor w, on random costs U[0, 2] (random weights) and on the shipped network's
     costs; the loop runs until the slowest item of the batch stops."""
     g = torch.Generator().manual_seed(0)
     costs = {"U[0, 2] (random network)": (2 * torch.rand(b, n, n, generator=g), torch.tensor(1.0))}
@@ -412,7 +416,8 @@ def bench_ot_overrelax(repeats, ws=(1.0, 1.2, 1.4, 1.5), b=8, n=1000):
         for _ in range(repeats):
             for w in ws:
                 t0 = time.perf_counter()
-                _, info = sinkhorn_with_bins(M, mask, mask, bin_cost, lam=10.0, max_iter=1000, tol=1e-6, overrelax=w)
+                _, info = sinkhorn_with_bins(M, mask, mask, bin_cost, lam=10.0, max_iter=1000, tol=1e-6, overrelax=w,
+                                             balance=False)
                 times[w].append(time.perf_counter() - t0)
                 its[w] = info.iterations.float()
         base = statistics.median(times[ws[0]])
@@ -421,9 +426,65 @@ def bench_ot_overrelax(repeats, ws=(1.0, 1.2, 1.4, 1.5), b=8, n=1000):
             print(f"| {name} | {w:g} | {int(its[w].max())} / {float(its[w].mean()):.1f} | {t:.3f} | {base / t:.2f}x |")
 
 
+def bench_ot_speed(repeats, sizes=(256, 1000), b=8):
+    """Issue 27, items 1-2, side by side on the same costs and tol (float32, lam 10, tol 1e-6,
+    the network's settings): the plain node's forward (uniform marginals, no bins) against the
+    bins' forward as shipped before (no balance step, w = 1.4) and now (balance step, w = 1.2);
+    then the implicit backward's Schur solve, dense Cholesky against preconditioned CG (same
+    plan, same upstream gradient), with the gradients' relative difference. Costs: U[0, 2] (a
+    random network) and the shipped network's on synthetic instances of m = n points."""
+    from bpnp.nodes.sinkhorn import uniform_marginals as um
+
+    print(f"\n## OT forward and backward, b = {b}, float32, lam 10, tol 1e-6, {torch.get_num_threads()} thread(s), "
+          f"median of {repeats}, contenders alternating")
+    print("| m = n | costs | plain node fwd s (iters max) | bins before: w 1.4, no balance s (iters) | "
+          "bins now: balance, w 1.2 s (iters) | bins now / plain | bins before / now | "
+          "backward Cholesky s | backward CG s | Cholesky / CG | grad rel. diff |")
+    print("|---" * 11 + "|")
+    for n in sizes:
+        g = torch.Generator().manual_seed(0)
+        costs = {"U[0, 2]": (2 * torch.rand(b, n, n, generator=g), torch.tensor(1.0))}
+        trained = _trained_costs(b, n)
+        if trained is not None:
+            costs["shipped network"] = trained
+        mask = torch.ones(b, n, dtype=torch.bool)
+        r, c = um(mask, mask)
+        G = torch.randn(b, n + 1, n + 1, generator=g)
+        for name, (M, bin_cost) in costs.items():
+            t = {k: [] for k in ("plain", "before", "now", "chol", "cg")}
+            its = {}
+            grads = {}
+            for _ in range(repeats):
+                for key in ("plain", "before", "now"):
+                    t0 = time.perf_counter()
+                    if key == "plain":
+                        _, info = sinkhorn(M, r, c, 10.0, 1000, 1e-6)
+                    else:
+                        _, info = sinkhorn_with_bins(M, mask, mask, bin_cost, lam=10.0, max_iter=1000, tol=1e-6,
+                                                     overrelax=1.4 if key == "before" else 1.2,
+                                                     balance=key == "now")
+                    t[key].append(time.perf_counter() - t0)
+                    its[key] = int(info.iterations.max())
+                for key, schur in (("chol", "cholesky"), ("cg", "cg")):
+                    Mg = M.clone().requires_grad_(True)
+                    P, _ = sinkhorn_with_bins(Mg, mask, mask, bin_cost, lam=10.0, max_iter=1000, tol=1e-6,
+                                              overrelax=1.2, schur=schur)
+                    loss = (P * G).sum()
+                    t0 = time.perf_counter()
+                    loss.backward()
+                    t[key].append(time.perf_counter() - t0)
+                    grads[key] = Mg.grad
+            med = {k: statistics.median(v) for k, v in t.items()}
+            diff = float((grads["cg"] - grads["chol"]).norm() / grads["chol"].norm())
+            print(f"| {n} | {name} | {med['plain']:.3f} ({its['plain']}) | {med['before']:.3f} ({its['before']}) | "
+                  f"{med['now']:.3f} ({its['now']}) | {med['now'] / med['plain']:.2f}x | "
+                  f"**{med['before'] / med['now']:.2f}x** | {med['chol']:.3f} | {med['cg']:.3f} | "
+                  f"**{med['chol'] / med['cg']:.2f}x** | {diff:.1e} |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["ot", "ot-bins", "ot-overrelax", "ot-original", "pnp", "pnp-pairs", "lstsq"],
+    ap.add_argument("--only", choices=["ot", "ot-bins", "ot-overrelax", "ot-speed", "ot-original", "pnp", "pnp-pairs", "lstsq"],
                     action="append")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
@@ -437,13 +498,15 @@ def main():
     os.environ["BENCH_THREADS"] = str(args.threads)
     print(f"# bpnp node benchmarks: torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f} at start")
-    todo = args.only or ["ot", "ot-bins", "ot-overrelax", "ot-original", "pnp", "pnp-pairs", "lstsq"]
+    todo = args.only or ["ot", "ot-bins", "ot-overrelax", "ot-speed", "ot-original", "pnp", "pnp-pairs", "lstsq"]
     if "ot" in todo:
         bench_ot(args.repeats)
     if "ot-bins" in todo:
         bench_ot(args.repeats, bins=True)
     if "ot-overrelax" in todo:
         bench_ot_overrelax(args.repeats)
+    if "ot-speed" in todo:
+        bench_ot_speed(args.repeats)
     if "ot-original" in todo:
         bench_ot_original(args.repeats, args.threads)
     if "pnp" in todo:

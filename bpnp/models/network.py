@@ -215,11 +215,12 @@ class BlindPnPNet(nn.Module):
             self.stn = STN3d(sync_batchnorm=sync_batchnorm) if use_stn else None
         self.normalize_3d = bool(normalize_3d)
         sk = self.sinkhorn_settings
-        ot = dict(lam=sk.lam, max_iter=sk.max_iter, tol=sk.tol, backward=backward, overrelax=sk.overrelax)
+        ot = dict(lam=sk.lam, max_iter=sk.max_iter, tol=sk.tol, backward=backward, overrelax=sk.overrelax,
+                  schur=sk.schur)
         if sk.bins == "none":
             self.sinkhorn = SinkhornOT(**ot)
         else:
-            self.sinkhorn = SinkhornOTWithBins(bins=sk.bins, bin_init=sk.bin_init, **ot)
+            self.sinkhorn = SinkhornOTWithBins(bins=sk.bins, bin_init=sk.bin_init, balance=sk.balance_bins, **ot)
         self.configure(ransac=ransac or {}, refine=refine or {}, search=search or {})
         # Stage timings (seconds) of the last forward when ``profile`` is on (bench/train_step.py).
         self.profile = False

@@ -40,6 +40,7 @@ BINS = ("none", "shared", "per_side")
 KERNELS = ("none", "huber", "geman_mcclure", "tanh")  # bpnp.nodes.robust.KERNELS (checked in a test)
 BACKWARDS = ("implicit", "unrolled")
 REFINE_DTYPES = ("float64", "input")
+SCHUR_SOLVERS = ("cg", "cholesky")  # bpnp.nodes.sinkhorn.SCHUR_SOLVERS (checked in a test)
 
 
 class SettingError(ValueError):
@@ -100,9 +101,15 @@ class SinkhornSettings(_Group):
         cost) or ``per_side``.
     bin_init: initial bin cost (feature costs lie in [0, 2]; unrelated unit features ~1.4).
     overrelax: over-relaxation factor of the Sinkhorn scaling forward, 1 <= w < 2 (1 = plain
-        Sinkhorn). Same plan to ``tol``, fewer iterations: 1.4 was chosen on the trained
-        network's costs (bins, the timing scenes: the slowest item of a batch 55 -> 19 iterations;
+        Sinkhorn). Same plan to ``tol``, fewer iterations. With ``balance_bins``, 1.2: the
+        slowest item of a batch needs 11 iterations on the trained network's costs and 7 on a
+        random network's (16 and 33 at the former default, 1.4 without the balance step;
         docs/benchmarks.md).
+    balance_bins: with bins, the forward's exact dual step along the bins' exchange direction
+        per iteration (:func:`bpnp.nodes.sinkhorn_with_bins` ``balance``): same plan to ``tol``,
+        on a random network's costs the plain problem's iteration count instead of ~10x it.
+    schur: the implicit backward's Schur solve, ``cg`` (preconditioned conjugate gradients to
+        ``tol``, dense fallback per item) or ``cholesky`` (dense).
     """
 
     lam: float = 10.0
@@ -110,11 +117,14 @@ class SinkhornSettings(_Group):
     tol: float = 1e-6
     bins: str = "shared"
     bin_init: float = 1.0
-    overrelax: float = 1.4
+    overrelax: float = 1.2
+    balance_bins: bool = True
+    schur: str = "cg"
 
     CHECKS = {"lam": _number(low=0, open_low=True), "max_iter": _number(integer=True, low=1),
               "tol": _number(low=0, open_low=True), "bins": _choice(BINS), "bin_init": _number(),
-              "overrelax": _number(low=1, high=2)}
+              "overrelax": _number(low=1, high=2), "balance_bins": _flag,
+              "schur": _choice(SCHUR_SOLVERS)}
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,13 @@ def test_kernel_names_are_the_nodes():
     assert KERNELS == NODE_KERNELS
 
 
+def test_schur_solver_names_are_the_nodes():
+    from bpnp.models.settings import SCHUR_SOLVERS
+    from bpnp.nodes.sinkhorn import SCHUR_SOLVERS as NODE_SOLVERS
+
+    assert SCHUR_SOLVERS == NODE_SOLVERS
+
+
 @pytest.mark.parametrize("cfg, message", [
     ({"sinkhorn": {"lam": "abc"}}, "model.net.sinkhorn.lam: expected a number > 0, got 'abc'"),
     ({"sinkhorn": {"lam": 0}}, "model.net.sinkhorn.lam: expected a number > 0, got 0"),

@@ -238,3 +238,76 @@ def test_bad_input():
         SinkhornOTWithBins(bins="both")
     with pytest.raises(ValueError, match="backward"):
         SinkhornOTWithBins(backward="exact")
+
+
+# --- the bins' balance step (sinkhorn_with_bins(balance=True), the default) -------------------
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (F64, 1e-10)])
+@pytest.mark.parametrize("shape", [(), (2,)])
+def test_balance_gives_the_plain_iterations_plan(dtype, tol, shape):
+    """Same fixed point: with and without the balance step, both plans meet tol and agree
+    within the sum of their a-posteriori bounds (tests/tolerances.py), padding included."""
+    from tests.tolerances import marginal_rounding, plan_gap, sinkhorn_plan_bound
+
+    from bpnp.nodes.sinkhorn import _augmented_cost
+
+    B, m, n = 3, 40, 30
+    M = _cost(B, m, n, seed=11, dtype=dtype)
+    rows, cols = _padded_masks(B, m, n)
+    rows[2, 25:] = False  # m' = 25 < n' = 30: the balance step's linear term is non-zero
+    g = torch.tensor(1.0 if shape == () else [0.8, 1.2], dtype=dtype)
+    P0, i0 = sinkhorn_with_bins(M, rows, cols, g, lam=10.0, max_iter=20000, tol=tol, balance=False)
+    P1, i1 = sinkhorn_with_bins(M, rows, cols, g, lam=10.0, max_iter=20000, tol=tol, balance=True)
+    slack = 2 * marginal_rounding(m + 1, n + 1, dtype)
+    for info in (i0, i1):
+        assert (info.marginal_error <= tol + slack).all(), info.marginal_error
+    assert (i1.status == Status.OK).all(), i1.status
+    A = _augmented_cost(M, g)
+    r, c = bin_marginals(rows, cols, dtype)
+    bound = sinkhorn_plan_bound(P0, A, 10.0, r, c, dtype) + sinkhorn_plan_bound(P1, A, 10.0, r, c, dtype)
+    assert (plan_gap(P0, P1) <= bound).all(), (plan_gap(P0, P1), bound)
+    assert (P1[1, 1] == 0).all() and (P1[1, :, n - 1] == 0).all() and (P1[2, 25:m] == 0).all()
+
+
+def test_balance_removes_the_slow_mode():
+    """The slow mode of the bins problem is the exchange of mass between the rows' and the
+    columns' bin entries; with the exact step along it the bins problem converges in about as
+    many iterations as the plain one. Measured here (float64, 200 x 200 U[0, 2], lam 10, tol
+    1e-6): 87 plain, 5-6 with the step; 'at least 5x fewer' leaves room for rounding."""
+    M = _cost(2, 200, 200, seed=12)
+    rows, cols = _masks(2, 200, 200)
+    _, i0 = sinkhorn_with_bins(M, rows, cols, 1.0, lam=10.0, max_iter=2000, tol=1e-6, balance=False)
+    _, i1 = sinkhorn_with_bins(M, rows, cols, 1.0, lam=10.0, max_iter=2000, tol=1e-6)
+    assert (i1.status == Status.OK).all()
+    assert (5 * i1.iterations <= i0.iterations).all(), (i0.iterations, i1.iterations)
+
+
+def test_balance_step_maximises_the_dual_along_its_direction():
+    """_balance_bins returns the maximiser of the concave dual along (bin column x, bin row
+    1/x): moving the factor either way from it lowers the dual."""
+    from bpnp.nodes.sinkhorn import _augmented_cost, _balance_bins
+
+    B, m, n = 2, 12, 9
+    M = _cost(B, m, n, seed=13)
+    rows, cols = _masks(B, m, n)
+    cols[1, 6:] = False
+    r, c = bin_marginals(rows, cols, F64)
+    K = torch.exp(-5.0 * _augmented_cost(M, torch.tensor(1.0, dtype=F64)))
+    K = torch.where((r > 0)[:, :, None] & (c > 0)[:, None, :], K, torch.zeros_like(K))
+    u = torch.rand(B, m + 1, generator=_gen(14), dtype=F64) * (r > 0) + 0.1 * (r > 0)
+    v = torch.rand(B, n + 1, generator=_gen(15), dtype=F64) * (c > 0) + 0.1 * (c > 0)
+
+    def dual(u, v):
+        lu = torch.where(r > 0, torch.log(u.clamp_min(1e-300)), torch.zeros_like(u))
+        lv = torch.where(c > 0, torch.log(v.clamp_min(1e-300)), torch.zeros_like(v))
+        return (r * lu).sum(1) + (c * lv).sum(1) - (u[:, :, None] * K * v[:, None, :]).sum((1, 2))
+
+    ub, vb = _balance_bins(u, v, K, r, c, torch.finfo(F64).tiny)
+    torch.testing.assert_close(ub[:, :-1], u[:, :-1], rtol=0, atol=0)  # only the bins move
+    torch.testing.assert_close(vb[:, :-1], v[:, :-1], rtol=0, atol=0)
+    best = dual(ub, vb)
+    assert (best >= dual(u, v)).all()
+    for f in (0.9, 1.1):
+        moved_u = torch.cat([ub[:, :-1], ub[:, -1:] / f], 1)
+        moved_v = torch.cat([vb[:, :-1], vb[:, -1:] * f], 1)
+        assert (dual(moved_u, moved_v) < best).all()
