@@ -6,9 +6,9 @@
 
 What ``evaluate.py``'s ``mean_time_s`` measures (forward only, b = 1, eval mode, no grad, RANSAC
 seeded per instance as evaluate.py seeds it), split by the network's stage timer (encoders,
-Sinkhorn, RANSAC, refinement), with the success rate and median rotation error of each variant.
+Sinkhorn, RANSAC, the pose search, refinement), with the success rate and median rotation error of each variant.
 A variant is a comma-separated list of ``group.key=value`` settings over the checkpoint's
-(``ransac.*``, ``refine.*``; YAML values, ``null`` = None). Variants alternate per instance (one
+(``ransac.*``, ``refine.*``, ``search.*``; YAML values, ``null`` = None). Variants alternate per instance (one
 untimed warm-up forward first), so that machine load hits them alike; the means are over the
 instances of ``--scenes`` after ``--warmup-passes`` untimed passes over all of them. One thread
 unless ``--threads``.
@@ -28,7 +28,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-STAGES = ("encoders", "sinkhorn", "ransac", "refinement")
+STAGES = ("encoders", "sinkhorn", "ransac", "search", "refinement")
 
 
 def parse_variant(text: str) -> dict[str, dict]:
@@ -36,8 +36,9 @@ def parse_variant(text: str) -> dict[str, dict]:
     for item in filter(None, (s.strip() for s in text.split(","))):
         key, _, value = item.partition("=")
         group, _, name = key.partition(".")
-        if group not in ("ransac", "refine") or not name or not _:
-            raise SystemExit(f"--variant: expected ransac.KEY=VALUE or refine.KEY=VALUE items, got {item!r}")
+        if group not in ("ransac", "refine", "search") or not name or not _:
+            raise SystemExit(f"--variant: expected ransac.KEY=VALUE, refine.KEY=VALUE or search.KEY=VALUE items, "
+                             f"got {item!r}")
         out.setdefault(group, {})[name] = yaml.safe_load(value)
     return out
 
@@ -74,7 +75,8 @@ def main() -> None:
                 batch = collate_scenes([scene])
                 for name, v in variants:
                     net.configure(ransac={**base["ransac"], **v.get("ransac", {})},
-                                  refine={**base["refine"], **v.get("refine", {})})
+                                  refine={**base["refine"], **v.get("refine", {})},
+                                  search={**base["search"], **v.get("search", {})})
                     t0 = time.perf_counter()
                     out = net(batch, generator=seeded_generator(args.seed, i, "cpu"))
                     dt = time.perf_counter() - t0
@@ -83,14 +85,14 @@ def main() -> None:
                     r = rec[name]
                     r["total"].append(dt)
                     for s in STAGES:
-                        r[s].append(net.last_timings[s])
+                        r[s].append(net.last_timings.get(s, 0.0))  # no "search" lap when it is off
                     e = pose_errors(out.R, out.t, batch["R"], batch["t"], batch["p3d"], batch["match"], batch["mask2d"],
                                     batch["mask3d"])
                     r["success"].append(float(e["success"][0]))
                     r["rot"].append(float(e["rot_err_deg"][0]))
     m = {len(s["p2d"]) for s in scenes}
     print(f"{args.ckpt} on {args.scenes} ({len(scenes)} instances, m = {sorted(m)}), {torch.get_num_threads()} thread(s), "
-          f"forward only, b = 1; checkpoint settings ransac {base['ransac']}, refine {base['refine']}")
+          f"forward only, b = 1; checkpoint settings ransac {base['ransac']}, refine {base['refine']}, search {base['search']}")
     print("| variant | mean time per instance s | " + " | ".join(STAGES) + " | success | median rot err deg |")
     print("|---" * (5 + len(STAGES)) + "|")
     for name, _ in variants:

@@ -56,34 +56,53 @@ class PoseSearchResult(NamedTuple):
 
 def rematch(P: torch.Tensor, bearings: torch.Tensor, points: torch.Tensor, mask2d: torch.Tensor,
             mask3d: torch.Tensor, R: torch.Tensor, t: torch.Tensor, gate: float,
-            prior_weight: float) -> tuple[torch.Tensor, torch.Tensor]:
+            prior_weight: float, log_prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mutual best matches under poses (step 1 of the module docstring).
 
     Args:
         P: (b, m, n) soft matches (>= 0); bearings (b, m, 3) unit; points (b, n, 3); masks (b, m),
-            (b, n) bool; R (b, 3, 3), t (b, 3); gate: angle in radians; prior_weight: ``w``.
+            (b, n) bool; R (b, 3, 3), t (b, 3) one pose per item, or R (b, k, 3, 3), t (b, k, 3)
+            ``k`` poses per item; gate: angle in radians; prior_weight: ``w``.
+        log_prior: ``w log P`` (b, m, n) if already computed (:func:`pose_search` forms it once
+            for all its rounds), else formed here from ``P`` and ``prior_weight``.
 
     Returns:
-        ``(matches, prior)``: (b, m) int64 3D index or -1, and (b, m) the ``P`` of each match (0
-        where none).
+        ``(matches, prior)``: (b, m) (or (b, k, m)) int64 3D index or -1, and the ``P`` of each
+        match (0 where none).
+
+    The (b, k, m, n) score matrix is the one large tensor: it is formed by one batched
+    ``1 - b . ray`` product and then updated in place, and ``P`` is never copied per pose (a
+    fresh multi-megabyte tensor per step costs more in page faults than its arithmetic).
     """
-    x = points @ R.transpose(-1, -2) + t.unsqueeze(-2)  # (b, n, 3)
-    rays = F.normalize(x, dim=-1, eps=1e-12)
-    r = 1.0 - bearings @ rays.transpose(-1, -2)  # (b, m, n) in [0, 2]
+    single = R.ndim == 3
+    if single:
+        R, t = R.unsqueeze(1), t.unsqueeze(1)
+    b, k = R.shape[:2]
+    m, n = bearings.shape[1], points.shape[1]
+    x = points.unsqueeze(1) @ R.transpose(-1, -2) + t.unsqueeze(-2)  # (b, k, n, 3)
+    rays = F.normalize(x, dim=-1, eps=1e-12).reshape(b * k, n, 3)
+    bk = bearings.unsqueeze(1).expand(b, k, m, 3).reshape(b * k, m, 3)
+    one = torch.ones((1, 1, 1), dtype=rays.dtype, device=rays.device)
+    r = torch.baddbmm(one, bk, rays.transpose(-1, -2), alpha=-1.0).view(b, k, m, n)  # 1 - b . ray, in [0, 2]
     scale = 1.0 - math.cos(gate)
-    real = mask2d.unsqueeze(-1) & mask3d.unsqueeze(-2)
-    ok = real & (r < scale) & (x[..., 2] > 0).unsqueeze(-2)
-    score = -r / scale
-    if prior_weight > 0:
-        score = score + prior_weight * torch.log(P.clamp_min(torch.finfo(P.dtype).tiny))
-    score = torch.where(ok, score, torch.full_like(score, -math.inf))
-    best_j = score.argmax(-1)  # (b, m)
-    best_i = score.argmax(-2)  # (b, n)
+    real = (mask2d.unsqueeze(-1) & mask3d.unsqueeze(-2)).unsqueeze(1)  # (b, 1, m, n)
+    ok = (r < scale) & real & (x[..., 2] > 0).unsqueeze(-2)
+    score = r.mul_(-1.0 / scale)  # r is not needed past ok: the score takes its memory
+    if log_prior is None and prior_weight > 0:
+        log_prior = prior_weight * torch.log(P.clamp_min(torch.finfo(P.dtype).tiny)).to(score.dtype)
+    if log_prior is not None:
+        score.add_(log_prior.unsqueeze(1))
+    score.masked_fill_(~ok, -math.inf)
+    best_j = score.argmax(-1)  # (b, k, m)
+    best_i = score.argmax(-2)  # (b, k, n)
     has = ok.any(-1)
-    mutual = torch.gather(best_i, 1, best_j) == torch.arange(score.shape[1], device=P.device).unsqueeze(0)
+    mutual = torch.gather(best_i, 2, best_j) == torch.arange(m, device=P.device)
     keep = has & mutual
     matches = torch.where(keep, best_j, torch.full_like(best_j, -1))
-    prior = torch.where(keep, torch.gather(P, 2, best_j.unsqueeze(-1)).squeeze(-1), torch.zeros_like(has, dtype=P.dtype))
+    chosen = torch.gather(P.unsqueeze(1).expand(b, k, m, n), 3, best_j.unsqueeze(-1)).squeeze(-1)
+    prior = torch.where(keep, chosen, torch.zeros_like(chosen))
+    if single:
+        matches, prior = matches.squeeze(1), prior.squeeze(1)
     return matches, prior
 
 
@@ -153,27 +172,32 @@ def pose_search(
     with torch.no_grad():
         f64 = torch.float64
         b, k = R_init.shape[:2]
-        m, n = bearings.shape[1], points.shape[1]
-
-        def flat(x):  # (b, ...) -> (b k, ...) with each item repeated k times
-            return x.unsqueeze(1).expand(b, k, *x.shape[1:]).reshape(b * k, *x.shape[1:])
-
-        Pk, bk, pk = flat(P.detach().to(f64)), flat(bearings.detach().to(f64)), flat(points.detach().to(f64))
-        m2, m3 = flat(mask2d), flat(mask3d)
+        m = bearings.shape[1]
+        P64, b64, p64 = P.detach().to(f64), bearings.detach().to(f64), points.detach().to(f64)
+        # w log P once for every round and hypothesis (broadcast over the k poses, never copied).
+        log_prior = prior_weight * torch.log(P64.clamp_min(torch.finfo(f64).tiny)) if prior_weight > 0 else None
+        bk = b64.unsqueeze(1).expand(b, k, m, 3).reshape(b * k, m, 3)  # small: for the re-solve
+        pk = p64.unsqueeze(1).expand(b, k, *p64.shape[1:]).reshape(b * k, *p64.shape[1:])
         R = R_init.detach().to(f64).reshape(b * k, 3, 3)
         t = t_init.detach().to(f64).reshape(b * k, 3)
         finite = torch.isfinite(R).flatten(1).all(1) & torch.isfinite(t).all(1)
         R = torch.where(finite[:, None, None], R, torch.eye(3, dtype=f64, device=R.device))
         t = torch.where(finite[:, None], t, torch.zeros_like(t))
+
+        def match(R, t, gate):
+            mt, pr = rematch(P64, b64, p64, mask2d, mask3d, R.view(b, k, 3, 3), t.view(b, k, 3), gate,
+                             prior_weight, log_prior)
+            return mt.reshape(b * k, m), pr.reshape(b * k, m)
+
         ratio = threshold / start_threshold
         for it in range(iterations):
             gate = start_threshold * ratio ** (it / max(iterations - 1, 1))
-            matches, _ = rematch(Pk, bk, pk, m2, m3, R, t, gate, prior_weight)
+            matches, _ = match(R, t, gate)
             R_new, t_new = _solve_on_matches(R, t, bk, pk, matches, gate, solve_steps)
             enough = (matches >= 0).sum(1) >= 4
             R = torch.where(enough[:, None, None], R_new, R)
             t = torch.where(enough[:, None], t_new, t)
-        matches, prior = rematch(Pk, bk, pk, m2, m3, R, t, threshold, prior_weight)
+        matches, prior = match(R, t, threshold)
         count = (matches >= 0).sum(1)
         count = torch.where(finite, count, torch.full_like(count, -1))
         # Largest consensus, then the larger P mass over it (prior < 1 in total, so it only breaks ties).

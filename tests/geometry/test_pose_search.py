@@ -35,6 +35,24 @@ def test_rematch_from_the_true_pose_finds_the_true_pairs():
     assert (prior[matches >= 0] > 0).all()
 
 
+def test_rematch_of_k_poses_per_item_equals_one_call_per_pose():
+    """The (b, k) form pose_search uses (k poses against one P, with w log P formed once) gives
+    exactly the per-pose calls' matches and priors."""
+    s = make_scene(2, 50, n_extra3d=20, seed=5)
+    b, X = s["bearings"].double(), s["X"].double()
+    P = torch.rand(2, 50, 70, generator=torch.Generator().manual_seed(6), dtype=F64) + 1e-3
+    poses = [_perturbed(s, deg, seed) for deg, seed in ((0.0, 7), (0.5, 8), (2.0, 9))]
+    R = torch.stack([p[0] for p in poses], 1)
+    t = torch.stack([p[1] for p in poses], 1)
+    lp = 0.7 * torch.log(P)
+    mk, pk = rematch(P, b, X, s["mask2d"], s["mask3d"], R, t, 0.02, 0.7, log_prior=lp)
+    assert mk.shape == (2, 3, 50) and pk.shape == (2, 3, 50)
+    for i, (Ri, ti) in enumerate(poses):
+        m1, p1 = rematch(P, b, X, s["mask2d"], s["mask3d"], Ri, ti, 0.02, 0.7)
+        assert torch.equal(mk[:, i], m1)
+        torch.testing.assert_close(pk[:, i], p1, rtol=0, atol=0)
+
+
 def test_search_recovers_the_pose_without_learned_matches():
     """From 2 degrees off, with a P that says nothing, the geometry alone finds the pose."""
     s = make_scene(3, 80, n_extra3d=40, noise=1e-4, seed=2)
