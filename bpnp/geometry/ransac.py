@@ -402,10 +402,16 @@ def _ransac(P, bearings, points, mask2d, mask3d, *, H, top_k, threshold, min_inl
     # by (i, j); padding only inserts indices, so it keeps that order among the real entries.
     # topk's own tie-breaking is unspecified (and differs between devices), hence a second topk
     # that re-selects the entries tied with the k-th value by index.
-    v_k = key.topk(K, dim=1).values[:, -1:]
-    flat_idx = torch.arange(m * n, device=device).unsqueeze(0)
-    sel_key = torch.where(key > v_k, -1, torch.where(key == v_k, flat_idx, m * n))
-    flat = sel_key.topk(K, dim=1, largest=False).indices
+    first = key.topk(K, dim=1)
+    v_k = first.values[:, -1:]
+    if bool(((key == v_k).sum(1) == (first.values == v_k).sum(1)).all()):
+        # Every entry tied with the k-th value is already selected (the usual case for float P):
+        # the set is unique, so the second topk would pick the same entries.
+        flat = first.indices
+    else:
+        flat_idx = torch.arange(m * n, device=device).unsqueeze(0)
+        sel_key = torch.where(key > v_k, -1, torch.where(key == v_k, flat_idx, m * n))
+        flat = sel_key.topk(K, dim=1, largest=False).indices
     flat, _ = flat.sort(dim=1)
     vals = key.gather(1, flat)
     # Value desc, then index asc (stable sort of index-sorted entries).
