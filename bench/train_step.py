@@ -25,7 +25,9 @@ bpnp configurations (``--configs``), composed from configs/ (Hydra) and built li
 - ``like-original``: the original's encoders (``model/net=bpnpnet``, 12 blocks, STN, no kNN stem),
   uniform marginals (no bins), plain weighted angular error (``refine.robust=none``, dense, in
   float32), the original's linear correspondence loss;
-- ``original-encoders-shipped``: the original's encoders with the rest as shipped.
+- ``original-encoders-shipped``: the original's encoders with the rest as shipped;
+- ``session-9-ot``: shipped, with the OT node as it was before issue 27 (no bins balance step,
+  w = 1.4, dense Cholesky Schur solve).
 
 Weights are random (as the harness's original) unless ``--init CKPT`` loads a trained network into
 the configurations it fits: a random network's diffuse P makes the refinement run to its
@@ -69,6 +71,10 @@ CONFIGS = {
                       "model.net.refine.robust=none", "model.net.refine.gate=null", "model.net.refine.top_k=null",
                       "model.net.refine.dtype=input", "model.loss.corr_kind=linear"],
     "original-encoders-shipped": ["model/net=bpnpnet", "model.net.knn=0"],
+    # The shipped configuration's OT node as of session 9 (before issue 27): plain bins iteration
+    # over-relaxed at 1.4, dense Cholesky backward.
+    "session-9-ot": ["model.net.sinkhorn.balance_bins=false", "model.net.sinkhorn.overrelax=1.4",
+                     "model.net.sinkhorn.schur=cholesky"],
 }
 STAGES = ("encoders", "ot_fwd", "ransac", "refine_fwd", "refine_bwd", "ot_bwd", "encoders_bwd")
 GEOMETRIC = ("ot_fwd", "ransac", "refine_fwd", "refine_bwd", "ot_bwd")
