@@ -70,9 +70,9 @@ def rematch(P: torch.Tensor, bearings: torch.Tensor, points: torch.Tensor, mask2
         ``(matches, prior)``: (b, m) (or (b, k, m)) int64 3D index or -1, and the ``P`` of each
         match (0 where none).
 
-    The (b, k, m, n) score matrix is the one large tensor: it is formed by one batched
-    ``1 - b . ray`` product and then updated in place, and ``P`` is never copied per pose (a
-    fresh multi-megabyte tensor per step costs more in page faults than its arithmetic).
+    The (b, k, m, n) score matrix is the one large tensor (with its boolean gate mask): it is
+    formed by one batched ``b . ray`` product and then updated in place, and ``P`` is never
+    copied per pose (a fresh multi-megabyte tensor per step costs more than its arithmetic).
     """
     single = R.ndim == 3
     if single:
@@ -80,22 +80,26 @@ def rematch(P: torch.Tensor, bearings: torch.Tensor, points: torch.Tensor, mask2
     b, k = R.shape[:2]
     m, n = bearings.shape[1], points.shape[1]
     x = points.unsqueeze(1) @ R.transpose(-1, -2) + t.unsqueeze(-2)  # (b, k, n, 3)
-    rays = F.normalize(x, dim=-1, eps=1e-12).reshape(b * k, n, 3)
-    bk = bearings.unsqueeze(1).expand(b, k, m, 3).reshape(b * k, m, 3)
-    one = torch.ones((1, 1, 1), dtype=rays.dtype, device=rays.device)
-    r = torch.baddbmm(one, bk, rays.transpose(-1, -2), alpha=-1.0).view(b, k, m, n)  # 1 - b . ray, in [0, 2]
+    # Rays of padded points and of points behind the camera are 0, and so are padded bearings:
+    # their cosine with anything is 0 < cos(gate), which the gate test below then rejects (so
+    # no separate masks need combining over the (b, k, m, n) matrix).
+    front = mask3d.unsqueeze(1) & (x[..., 2] > 0)
+    rays = torch.where(front.unsqueeze(-1), F.normalize(x, dim=-1, eps=1e-12), torch.zeros_like(x))
+    bw = torch.where(mask2d.unsqueeze(-1), bearings, torch.zeros_like(bearings))
+    bk = bw.unsqueeze(1).expand(b, k, m, 3).reshape(b * k, m, 3)
+    cos = torch.bmm(bk, rays.reshape(b * k, n, 3).transpose(-1, -2)).view(b, k, m, n)  # b_i . ray_j
     scale = 1.0 - math.cos(gate)
-    real = (mask2d.unsqueeze(-1) & mask3d.unsqueeze(-2)).unsqueeze(1)  # (b, 1, m, n)
-    ok = (r < scale) & real & (x[..., 2] > 0).unsqueeze(-2)
-    score = r.mul_(-1.0 / scale)  # r is not needed past ok: the score takes its memory
+    outside = cos <= math.cos(gate)  # residual 1 - cos >= 1 - cos(gate): not a candidate
+    # The score -r / scale + w log P, up to the constant -1 / scale (argmax ignores it), in place.
+    score = cos.mul_(1.0 / scale)
     if log_prior is None and prior_weight > 0:
         log_prior = prior_weight * torch.log(P.clamp_min(torch.finfo(P.dtype).tiny)).to(score.dtype)
     if log_prior is not None:
         score.add_(log_prior.unsqueeze(1))
-    score.masked_fill_(~ok, -math.inf)
+    score.masked_fill_(outside, -math.inf)
     best_j = score.argmax(-1)  # (b, k, m)
     best_i = score.argmax(-2)  # (b, k, n)
-    has = ok.any(-1)
+    has = ~outside.all(-1)
     mutual = torch.gather(best_i, 2, best_j) == torch.arange(m, device=P.device)
     keep = has & mutual
     matches = torch.where(keep, best_j, torch.full_like(best_j, -1))
