@@ -35,6 +35,13 @@ set                    setting (vs the base)                       training draw
 ``outliers_uniform`` is at the edge of training's range, not outside it (training's blob
 fraction starts at 0); it is kept because users' outliers often look like it.
 
+"Training draws" is the main job (``configs/experiment/bpnp_synthetic.yaml``). Its continuation
+(``configs/experiment/bpnp_synthetic_continue.yaml``, session 10) draws wider, still outside
+every value above: noise 0.1-2.8 px, 25-110 deg, objects filling 0.3-1.2 of the view and scenes
+0.65-2.2, 0-80 % of the 2D outliers in blobs; but it also draws other-object outliers in a
+quarter of its instances per side, so for weights trained with it ``outliers_shape`` and
+``outliers3d_shape`` hold out only the objects, not the placement.
+
 ``python -m bpnp.data.shift_suite --out scenes/shift`` writes every set at 25 % and 50 % outliers
 per side (``<out>/<set>_out<frac>``, 40 instances each; ``--only`` a subset, ``--fracs`` other
 fractions) with :mod:`bpnp.data.export`, so each folder has its ``index.json``.
