@@ -74,6 +74,8 @@ def rematch(P: torch.Tensor, bearings: torch.Tensor, points: torch.Tensor, mask2
     formed by one batched ``b . ray`` product and then updated in place, and ``P`` is never
     copied per pose (a fresh multi-megabyte tensor per step costs more than its arithmetic).
     """
+    if not 0.0 < gate < math.pi / 2:  # the zeroed rays below rely on cos(gate) > 0
+        raise ValueError(f"rematch: gate must lie in (0, pi/2) radians, got {gate!r}")
     single = R.ndim == 3
     if single:
         R, t = R.unsqueeze(1), t.unsqueeze(1)

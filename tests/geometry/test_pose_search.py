@@ -53,6 +53,14 @@ def test_rematch_of_k_poses_per_item_equals_one_call_per_pose():
         torch.testing.assert_close(pk[:, i], p1, rtol=0, atol=0)
 
 
+def test_rematch_refuses_a_gate_outside_zero_to_a_right_angle():
+    s = make_scene(1, 10, seed=10)
+    for gate in (0.0, math.pi / 2, 2.0):
+        with pytest.raises(ValueError, match="gate must lie in"):
+            rematch(_uniform_P(s), s["bearings"].double(), s["X"].double(), s["mask2d"], s["mask3d"],
+                    s["R"], s["t"], gate, 0.0)
+
+
 def test_search_recovers_the_pose_without_learned_matches():
     """From 2 degrees off, with a P that says nothing, the geometry alone finds the pose."""
     s = make_scene(3, 80, n_extra3d=40, noise=1e-4, seed=2)
