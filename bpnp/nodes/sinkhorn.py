@@ -57,8 +57,8 @@ diagonal), leaving the Schur complement :math:`S = \mathrm{diag}(P\mathbf 1) - P
 with the gradient as right-hand side (never an explicit inverse); by default (``schur="cg"``)
 the same system is solved matrix-free by Jacobi-preconditioned conjugate gradients to the
 forward's tolerance (two (B, m, n) mat-vecs per iteration instead of an (m, n, m) product and an
-:math:`m^3` factorisation; 8-12 iterations on trained plans at 1,000 points), with the dense
-Cholesky for any item CG does not certify. :math:`S` is singular along
+:math:`m^3` factorisation; docs/benchmarks.md times both), with the dense Cholesky for any item
+CG does not certify. :math:`S` is singular along
 :math:`\mathbf 1` (the gauge :math:`a + t, b - t`); the lecture drops one unknown, we instead add
 :math:`\tau\, u u^\top` (:math:`u` = normalised mask of real rows), which makes :math:`S` positive
 definite without index bookkeeping around padding and does not change :math:`a_i + b_j` because
@@ -477,8 +477,8 @@ def _sinkhorn_scaling(M, r, c, lam, max_iter, tol, overrelax=1.0, balance_bins=F
 
 
 SCHUR_SOLVERS = ("cg", "cholesky")
-#: Iteration limit of the Schur system's conjugate gradients; an item that needs more (far more
-#: than the 8-12 measured on trained plans at 1,000 points) is solved densely instead.
+#: Iteration limit of the Schur system's conjugate gradients; an item that needs more is solved
+#: densely instead (a well-conditioned S converges in far fewer).
 CG_MAX_ITER = 100
 
 
@@ -702,7 +702,7 @@ def sinkhorn(
     holder: dict = {}
     P = _SinkhornFunction.apply(
         M, r, c, float(lam), int(max_iter), float(tol), singular, holder, _check_overrelax(overrelax),
-        bool(balance_bins), _check_schur(schur),
+        bool(balance_bins), schur,
     )
     return P, holder["info"]
 
