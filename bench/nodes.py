@@ -1,7 +1,7 @@
 """Benchmark of the declarative nodes: ratios measured side by side in one run.
 
     python bench/nodes.py              # every benchmark (about 5-10 minutes on 2 CPU cores)
-    python bench/nodes.py --only ot    # or ot-bins, ot-overrelax, ot-speed, ot-original, pnp, pnp-pairs, lstsq (repeatable)
+    python bench/nodes.py --only ot    # or ot-bins, ot-overrelax, ot-speed, ot-original, pnp, pnp-pairs, pnp-lm, lstsq (repeatable)
     python bench/nodes.py --only ot-speed --threads 1   # issue 27: bins forward and Schur CG, side by side
 
 1. ``ot``: Sinkhorn OT, b = 4, m = n = 1000, exactly 100 iterations: backward time, saved-tensor
@@ -336,6 +336,52 @@ def bench_pnp_pairs(repeats, ks=(1, 4, 8), b=8, m=1000, n=1000):
               f"{statistics.median(times[k][1]):.3f} | {int(o.iterations.max())} | {drot:.4f} |")
 
 
+def bench_pnp_lm(repeats, sizes=(256, 1000), k=4, b=8):
+    """Issue 27: the paired LM's derivatives by weighted moments (one product) against the
+    general chart path they replaced (``_paired_derivatives_rank_one``), per call and inside the
+    whole solve, alternating. Two kinds of W: an OT plan of random costs (an untrained network:
+    LM wanders to its iteration limit) and pnp_inputs' half-true plan (a trained one)."""
+    import bpnp.nodes.pnp as pnp_mod
+
+    fast = pnp_mod._paired_derivatives
+    node = PnPRefine(robust="geman_mcclure", robust_scale=5e-5, max_iter=50)
+    print(f"\n## Paired refinement (top-{k} per row, float64, Geman-McClure 5e-5), b = {b}: derivatives by moments "
+          f"against the chart path, median of {repeats}, alternating")
+    print("| m = n | W | derivatives: chart path ms | moments ms | ratio | LM solve: chart path s | moments s | ratio "
+          "| iterations (max) | rotation difference deg |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for n in sizes:
+        W, bear, points, R0, t0 = pnp_inputs(b=b, m=n, n=n, dtype=torch.float64)
+        r, c = uniform_marginals(torch.ones(b, n, dtype=torch.bool), torch.ones(b, n, dtype=torch.bool), dtype=torch.float64)
+        Wr, _ = sinkhorn(2 * torch.rand(b, n, n, generator=torch.Generator().manual_seed(7), dtype=torch.float64),
+                         r, c, lam=10.0)
+        for name, Wd in (("random costs' plan", Wr), ("half on true pairs", W)):
+            Wk, bk, pk = gather_pairs(Wd, bear, points, k)
+            x = pnp_mod._camera_points(R0, t0, pk)
+            times = {key: [] for key in ("d_ref", "d_fast", "s_ref", "s_fast")}
+            outs = {}
+            for rep in range(repeats + 1):  # the first round warms up
+                for key, fn in (("ref", pnp_mod._paired_derivatives_rank_one), ("fast", fast)):
+                    t_0 = time.perf_counter()
+                    fn(Wk, bk, x, node.kernel)
+                    t_1 = time.perf_counter()
+                    pnp_mod._paired_derivatives = fn
+                    try:
+                        outs[key] = node.solve(Wk, bk, pk, R0, t0)
+                    finally:
+                        pnp_mod._paired_derivatives = fast
+                    t_2 = time.perf_counter()
+                    if rep:
+                        times["d_" + key].append(t_1 - t_0)
+                        times["s_" + key].append(t_2 - t_1)
+            med = {key: statistics.median(v) for key, v in times.items()}
+            chord = (outs["ref"][0] - outs["fast"][0]).flatten(1).norm(dim=1)
+            drot = float(torch.rad2deg(2 * torch.asin((chord / math.sqrt(8)).clamp(max=1))).max())
+            print(f"| {n} | {name} | {1e3 * med['d_ref']:.2f} | {1e3 * med['d_fast']:.2f} | **{med['d_ref'] / med['d_fast']:.2f}x** | "
+                  f"{med['s_ref']:.3f} | {med['s_fast']:.3f} | **{med['s_ref'] / med['s_fast']:.2f}x** | "
+                  f"{int(outs['ref'][3].max())} / {int(outs['fast'][3].max())} | {drot:.1e} |")
+
+
 # --------------------------------------------------------------------------------------------
 # 5. Least squares
 # --------------------------------------------------------------------------------------------
@@ -484,7 +530,8 @@ def bench_ot_speed(repeats, sizes=(256, 1000), b=8):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", choices=["ot", "ot-bins", "ot-overrelax", "ot-speed", "ot-original", "pnp", "pnp-pairs", "lstsq"],
+    ap.add_argument("--only", choices=["ot", "ot-bins", "ot-overrelax", "ot-speed", "ot-original", "pnp", "pnp-pairs", "pnp-lm",
+                                       "lstsq"],
                     action="append")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
@@ -498,7 +545,7 @@ def main():
     os.environ["BENCH_THREADS"] = str(args.threads)
     print(f"# bpnp node benchmarks: torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f} at start")
-    todo = args.only or ["ot", "ot-bins", "ot-overrelax", "ot-speed", "ot-original", "pnp", "pnp-pairs", "lstsq"]
+    todo = args.only or ["ot", "ot-bins", "ot-overrelax", "ot-speed", "ot-original", "pnp", "pnp-pairs", "pnp-lm", "lstsq"]
     if "ot" in todo:
         bench_ot(args.repeats)
     if "ot-bins" in todo:
@@ -513,6 +560,8 @@ def main():
         bench_pnp(args.repeats, args.threads)
     if "pnp-pairs" in todo:
         bench_pnp_pairs(args.repeats)
+    if "pnp-lm" in todo:
+        bench_pnp_lm(args.repeats)
     if "lstsq" in todo:
         bench_lstsq(args.repeats)
 

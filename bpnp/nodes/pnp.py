@@ -60,6 +60,11 @@ def _camera_points(R: torch.Tensor, t: torch.Tensor, points: torch.Tensor) -> to
     return points @ R.transpose(1, 2) + t[:, None, :]
 
 
+def _mean_depth(r: torch.Tensor) -> torch.Tensor:
+    """(B,) mean distance of the camera points from their norms ``r`` (B, n, 1), never 0."""
+    return r.squeeze(-1).mean(1).clamp_min(torch.finfo(r.dtype).eps)
+
+
 def _unit(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     r = x.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(x.dtype).eps)
     return x / r, r
@@ -77,8 +82,16 @@ def pnp_objective(
     ``F = sum_k W_k rho(1 - b_k . N(R p_k + t))``, O(K) (the dense form with a diagonal ``W``).
     """
     u, _ = _unit(_camera_points(R, t, points))
+    return _objective_at(W, bearings, u, kernel)
+
+
+def _objective_at(W, bearings, u, kernel, linear=None):
+    """:func:`pnp_objective` from the unit camera rays ``u`` (B, n or K, 3); ``linear`` as in
+    :func:`_derivatives`."""
     if W.ndim == 2:
         return (W * kernel.rho(1 - (bearings * u).sum(-1))).sum(1)
+    if linear is not None:
+        return linear[2] - (linear[0] * u).sum((1, 2))
     if kernel.is_identity:
         return W.sum((1, 2)) - ((W.transpose(1, 2) @ bearings) * u).sum((1, 2))
     E = torch.baddbmm(torch.ones_like(W), bearings, u.transpose(1, 2), alpha=-1)
@@ -100,19 +113,10 @@ def _derivatives(W, bearings, x, kernel, linear=None):
     rho'_ij`` and, for a robust kernel, ``C_j = sum_i W_ij rho''_ij b_i b_i^T``; the O(n) rest is
     :func:`_chart_derivatives`.
     """
-    u, r = _unit(x)
     if W.ndim == 2:
-        beta = (bearings * u).sum(-1)  # (B, K)
-        rho, d1, d2 = kernel.all(1 - beta)
-        F = (W * rho).sum(1)
-        wsum = W * d1
-        a = wsum[..., None] * bearings
-        # C_k = W rho'' b b^T is rank one: proj C proj = W rho'' v v^T with v = b - beta u, and
-        # the chart maps v to g(v) = (x × b, v) (x × u = 0).
-        v = bearings - beta[..., None] * u
-        gv = torch.cat([torch.cross(x, bearings, dim=-1), v], -1)
-        second = [(gv, gv, W * d2)]
-    elif linear is not None:
+        return _paired_derivatives(W, bearings, x, kernel)
+    u, r = _unit(x)
+    if linear is not None:
         a, wsum, mass = linear
         F = mass - (a * u).sum((1, 2))
         second = []
@@ -137,6 +141,92 @@ def _derivatives(W, bearings, x, kernel, linear=None):
         second = [(G[c], G[c], C[..., 4 * c]) for c in range(3)]
         second += [(G[c], G[d], 2 * C[..., 3 * c + d]) for c in range(3) for d in range(c + 1, 3)]  # symmetrised below
     g, H, Hgn = _chart_derivatives(x, u, r, a, wsum, second)
+    return F, g, H, Hgn
+
+
+def _paired_derivatives(W, bearings, x, kernel):
+    r""":func:`_derivatives` of the paired form (``W`` (B, K), bearings and camera points (B, K, 3)),
+    every O(K) sum in one matrix product.
+
+    With ``c1 = W rho'``, ``c2 = W rho''``, ``beta = b . u``, ``s = x × b`` and ``q = b - beta u``
+    per pair, the chart formulas of :func:`_chart_derivatives` (``a = c1 b``, the rank-one
+    second-order term ``c2 g(q) g(q)^T``, ``g(q) = (s, q)``) reduce to weighted moments of
+    ``z = (s, q, u)``:
+
+    - gradient ``-(sum c1/r s, sum c1/r q)``;
+    - exact Hessian: rotation block ``(sum c1 beta) I - sum c1 beta u u^T - 1/2 sum c1 (q u^T + u
+      q^T) + sum c2/r^2 s s^T``; mixed ``sum c1/r^2 s u^T + [sum c1 beta/r u]_x + sum c2/r^2 s
+      q^T``; translation ``sum c1/r^2 (q u^T + u q^T) - sum c1 beta/r^2 u u^T + (sum c1 beta/r^2)
+      I + sum c2/r^2 q q^T``;
+    - Gauss-Newton Hessian ``[[sum c1 (I - u u^T), [sum c1/r u]_x], [-[.]_x, sum c1/r^2 (I - u
+      u^T)]]``.
+
+    The general chart path (:func:`_paired_derivatives_rank_one`) forms ~60 (B, K, .)
+    intermediates and seven matrix products per call; here about fifteen and one product ``Z R^T``
+    (Z = ``(s, q, u, 1)`` channels first, R: 18 weighted columns of z and 7 weights), which
+    is cheaper (``python bench/nodes.py --only pnp-lm`` times both).
+    tests/nodes/test_pnp_pairs.py checks it against :func:`_paired_derivatives_rank_one`, the
+    dense formulas and autograd.
+    """
+    # Channels first (B, C, K): concatenating along C copies whole rows; along a last dim of 3
+    # (the (B, K, 3) layout) torch's CPU cat was 70 % of the time.
+    xT, bT = x.transpose(1, 2).contiguous(), bearings.transpose(1, 2).contiguous()
+    r = (xT * xT).sum(1).sqrt().clamp_min(torch.finfo(x.dtype).eps)  # (B, K); norm(dim=1) is ~20x slower here
+    inv_r = 1.0 / r
+    u = xT * inv_r[:, None]
+    beta = (bT * u).sum(1)
+    rho, d1, d2 = kernel.all(1 - beta)
+    c1, c2 = W * d1, W * d2
+    q = bT - beta[:, None] * u
+    s = torch.cross(xT, bT, dim=1)
+    w1 = c1 * inv_r * inv_r  # c1 / r^2
+    w2 = w1 * beta  # c1 beta / r^2
+    w5 = c1 * beta
+    w6 = c1 * inv_r
+    Z = torch.cat([s, q, u, torch.ones_like(r)[:, None]], 1)  # (B, 10, K)
+    # The weights go on the narrow side: 25 rows, and every sum is a column of Z R^T.
+    R = torch.cat([
+        u * w1[:, None], u * w2[:, None], u * c1[:, None], u * w5[:, None],  # columns 0-11: against u, 4 weights
+        Z[:, :6] * (c2 * inv_r * inv_r)[:, None],  # 12-17: c2/r^2 (s, q)
+        torch.stack([w6, w6 * beta, w1, w2, c1, w5, W * rho], 1),  # 18-24: plain weights (sums with z and 1)
+    ], 1)
+    M = Z @ R.transpose(1, 2)  # (B, 10, 25): rows s (0-2), q (3-5), u (6-8), 1 (9)
+    S, Q, U, ONE = slice(0, 3), slice(3, 6), slice(6, 9), 9
+    G1su, G1qu, G1uu = M[:, S, 0:3], M[:, Q, 0:3], M[:, U, 0:3]  # sum c1/r^2 s u^T, ...
+    G2uu, G4qu, G4uu, G5uu = M[:, U, 3:6], M[:, Q, 6:9], M[:, U, 6:9], M[:, U, 9:12]
+    G3 = M[:, 0:6, 12:18]  # sum c2/r^2 (s, q)(s, q)^T
+    sum_w6s, sum_w6q, sum_w6u, sum_w7u = M[:, S, 18], M[:, Q, 18], M[:, U, 18], M[:, U, 19]
+    sum_w1, sum_w2, sum_w4, sum_w5, F = M[:, ONE, 20], M[:, ONE, 21], M[:, ONE, 22], M[:, ONE, 23], M[:, ONE, 24]
+    eye = torch.eye(3, dtype=x.dtype, device=x.device)
+    Xs = skew(sum_w7u)
+    Sx = G4qu + G4qu.transpose(1, 2)
+    H_rr = sum_w5[:, None, None] * eye - G5uu - 0.5 * Sx
+    H_rt = G1su + Xs
+    St = G1qu + G2uu
+    H_tt = St + St.transpose(1, 2) - 3 * G2uu + sum_w2[:, None, None] * eye
+    H = torch.cat([torch.cat([H_rr, H_rt], 2), torch.cat([H_rt.transpose(1, 2), H_tt], 2)], 1) + G3
+    Xg = skew(sum_w6u)
+    Hgn = torch.cat([torch.cat([sum_w4[:, None, None] * eye - G4uu, Xg], 2),
+                     torch.cat([-Xg, sum_w1[:, None, None] * eye - G1uu], 2)], 1)
+    g = -torch.cat([sum_w6s, sum_w6q], -1)
+    return F, g, 0.5 * (H + H.transpose(1, 2)), 0.5 * (Hgn + Hgn.transpose(1, 2))
+
+
+def _paired_derivatives_rank_one(W, bearings, x, kernel):
+    """The paired form through the general chart path (:func:`_chart_derivatives`, its rank-one
+    second-order term ``C_k = W_k rho''_k b_k b_k^T``): the same result as
+    :func:`_paired_derivatives` with several times its cost; kept as the tests' and
+    bench/nodes.py's reference."""
+    u, r = _unit(x)
+    beta = (bearings * u).sum(-1)  # (B, K)
+    rho, d1, d2 = kernel.all(1 - beta)
+    F = (W * rho).sum(1)
+    wsum = W * d1
+    a = wsum[..., None] * bearings
+    # proj C proj = W rho'' v v^T with v = b - beta u, and the chart maps v to g(v) = (x × b, v).
+    v = bearings - beta[..., None] * u
+    gv = torch.cat([torch.cross(x, bearings, dim=-1), v], -1)
+    g, H, Hgn = _chart_derivatives(x, u, r, a, wsum, [(gv, gv, W * d2)])
     return F, g, H, Hgn
 
 
@@ -353,11 +443,12 @@ class PnPRefine(nn.Module):
         eye6 = torch.eye(6, dtype=dtype, device=W.device)
         # rho = identity: a = W^T B once, then every iteration is O(n).
         linear = (Wc.transpose(1, 2) @ bc, Wc.sum(1), mass) if self.kernel.is_identity and W.ndim == 3 else None
-        F, g, H, Hgn = _derivatives(Wc, bc, _camera_points(R, t, pc), self.kernel, linear)
+        x0 = _camera_points(R, t, pc)
+        F, g, H, Hgn = _derivatives(Wc, bc, x0, self.kernel, linear)
+        depth = _mean_depth(x0.norm(dim=-1, keepdim=True))  # of the current pose, for the scale-free step size
         for it in range(1, self.max_iter + 1):
             if not bool(active.any()):
                 break
-            depth = _camera_points(R, t, pc).norm(dim=-1).mean(1).clamp_min(torch.finfo(dtype).eps)
             D = torch.diagonal(Hgn, dim1=1, dim2=2).clamp_min(torch.finfo(dtype).eps) + 1e-12 * mass[:, None]
             damp = mu[:, None, None] * torch.diag_embed(D)
             L, info = torch.linalg.cholesky_ex(H + damp)
@@ -387,15 +478,19 @@ class PnPRefine(nn.Module):
                 break
             delta = torch.where(active[:, None], delta, torch.zeros_like(delta))
             R_new, t_new = _retract(R, t, delta)
-            F_new, g_new, H_new, Hgn_new = self._candidate(Wc, bc, pc, R_new, t_new, linear, active, (F, g, H, Hgn))
-            # Near the optimum F changes by less than its rounding error (F ~ sum of m*n terms),
-            # so comparing F alone would stall at sqrt(eps) accuracy; there a step is accepted
-            # when it reduces the gradient instead.
+            # The objective first (a fraction of the derivatives' cost); the derivatives only where
+            # the step can be accepted. Near the optimum F changes by less than its rounding error
+            # (F ~ sum of m*n terms), so comparing F alone would stall at sqrt(eps) accuracy;
+            # there a step is accepted when it reduces the gradient instead.
+            F_try, depth_try = self._objective(Wc, bc, pc, R_new, t_new, linear, active, (F, depth))
             f_noise = 64 * torch.finfo(dtype).eps * (F.abs() + mass)
-            flat = (F_new - F).abs() <= f_noise
-            decrease = (F_new < F) | (flat & (g_new.norm(dim=1) < g.norm(dim=1)))
-            accept = active & ~bad & torch.isfinite(F_new) & decrease
+            flat = (F_try - F).abs() <= f_noise
+            hopeful = active & ~bad & torch.isfinite(F_try) & ((F_try < F) | flat)
+            F_new, g_new, H_new, Hgn_new = self._candidate(Wc, bc, pc, R_new, t_new, linear, hopeful, (F, g, H, Hgn))
+            decrease = (F_try < F) | (flat & (g_new.norm(dim=1) < g.norm(dim=1)))
+            accept = hopeful & decrease
             step = delta[:, :3].norm(dim=1) + delta[:, 3:].norm(dim=1) / depth
+            depth = torch.where(accept, depth_try, depth)
             R = torch.where(accept[:, None, None], R_new, R)
             t = torch.where(accept[:, None], t_new, t)
             F = torch.where(accept, F_new, F)
@@ -445,9 +540,24 @@ class PnPRefine(nn.Module):
         rcond = max(float(self.degenerate_rcond), 4 * eps)
         return (ev[:, 0] <= rcond * ev[:, -1].clamp_min(torch.finfo(wide).tiny)) | (mass <= 0)
 
+    def _objective(self, W, bearings, points, R, t, linear, active, current):
+        """(B,) objective and mean depth at the candidate poses of the ``active`` items
+        (``current = (F, depth)`` elsewhere)."""
+        if not bool(active.any()):
+            return current
+        sub = None if bool(active.all()) else active.nonzero().squeeze(1)
+        pick = (lambda x: x) if sub is None else (lambda x: x.index_select(0, sub))
+        u, r = _unit(_camera_points(pick(R), pick(t), pick(points)))
+        lin = None if linear is None else tuple(pick(x) for x in linear)
+        new = (_objective_at(pick(W), pick(bearings), u, self.kernel, lin), _mean_depth(r))
+        return new if sub is None else tuple(cur.index_copy(0, sub, val) for cur, val in zip(current, new))
+
     def _candidate(self, W, bearings, points, R, t, linear, active, current):
-        """Derivatives at the candidate poses of the items still iterating only: the O(mn) work
-        of converged items is skipped instead of being computed and discarded."""
+        """Derivatives at the candidate poses of the ``active`` items only (``current``
+        elsewhere): the O(mn) work of converged items and of rejected steps is skipped instead of
+        being computed and discarded."""
+        if not bool(active.any()):
+            return current
         if bool(active.all()):
             return _derivatives(W, bearings, _camera_points(R, t, points), self.kernel, linear)
         sub = active.nonzero().squeeze(1)

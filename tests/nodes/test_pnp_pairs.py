@@ -8,7 +8,7 @@ analytic derivatives match autograd; gradcheck of the implicit backward; implici
 import pytest
 import torch
 
-from bpnp.nodes.pnp import PnPRefine, _derivatives, gather_pairs
+from bpnp.nodes.pnp import PnPRefine, _derivatives, _paired_derivatives_rank_one, gather_pairs
 from bpnp.nodes.robust import KERNELS, RobustKernel
 from bpnp.nodes.status import Status
 from tests.nodes.pnp_problems import assert_derivatives_match_autograd, make_problem, perturb, rotation_error
@@ -61,6 +61,26 @@ def test_paired_derivatives_equal_dense_with_all_pairs(robust):
     paired = _derivatives(Wk, bk, pk @ R0.transpose(1, 2) + t0[:, None], kernel)
     for a, c in zip(paired, dense):
         torch.testing.assert_close(a, c, atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("robust", KERNELS)
+def test_moment_derivatives_equal_rank_one_reference(robust):
+    """The one-product moment formulas against the general chart path, on pairs at very
+    different depths and angles (near, far, off-axis, zero weight), float64."""
+    g = torch.Generator().manual_seed(11)
+    B, K = 3, 257
+    W = torch.rand(B, K, dtype=torch.float64, generator=g)
+    W[:, ::7] = 0.0
+    b = torch.nn.functional.normalize(torch.randn(B, K, 3, dtype=torch.float64, generator=g), dim=-1)
+    depth = torch.exp(torch.empty(B, K, 1, dtype=torch.float64).uniform_(-2, 4, generator=g))  # 0.14 to 55
+    x = torch.nn.functional.normalize(b + 0.3 * torch.randn(B, K, 3, dtype=torch.float64, generator=g), dim=-1) * depth
+    kernel = RobustKernel(robust, 0.01)
+    fast = _derivatives(W, b, x, kernel)
+    ref = _paired_derivatives_rank_one(W, b, x, kernel)
+    for a, c in zip(fast, ref):
+        # Sums of K terms of mixed sign: agreement to a few hundred eps of the largest term.
+        scale = c.abs().amax(dim=tuple(range(1, c.ndim)), keepdim=True).clamp_min(1e-300)
+        assert ((a - c).abs() / scale).max() <= 1e3 * torch.finfo(torch.float64).eps
 
 
 @pytest.mark.parametrize("robust", KERNELS)
