@@ -1,7 +1,7 @@
 """Benchmark of the declarative nodes: ratios measured side by side in one run.
 
     python bench/nodes.py              # every benchmark (about 5-10 minutes on 2 CPU cores)
-    python bench/nodes.py --only ot    # or ot-bins, ot-overrelax, ot-speed, ot-original, pnp, pnp-pairs, pnp-lm, lstsq (repeatable)
+    python bench/nodes.py --only ot    # or ot-bins, ot-overrelax, ot-speed, ot-original, pnp, pnp-pairs, pnp-lm, matvec, lstsq (repeatable)
     python bench/nodes.py --only ot-speed --threads 1   # issue 27: bins forward and Schur CG, side by side
 
 1. ``ot``: Sinkhorn OT, b = 4, m = n = 1000, exactly 100 iterations: backward time, saved-tensor
@@ -382,6 +382,34 @@ def bench_pnp_lm(repeats, sizes=(256, 1000), k=4, b=8):
                   f"{int(outs['ref'][3].max())} / {int(outs['fast'][3].max())} | {drot:.1e} |")
 
 
+def bench_matvec(repeats, shapes=((8, 257), (8, 1001), (32, 1001))):
+    """Why bpnp.nodes.linalg.bmv / bmv_t: the batched mat-vec as a one-column right operand
+    (``A @ x[..., None]``) against a one-row left operand (``x^T A^T``), side by side."""
+    from bpnp.nodes.linalg import bmv, bmv_t
+
+    print(f"\n## Batched mat-vec, (B, m, m) by (B, m), median of {max(repeats, 5)}, alternating")
+    print("| B | m | dtype | A | A x: A @ x[..., None] ms | bmv ms | ratio | A^T x: A^T @ x[..., None] ms | bmv_t ms | ratio |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for B, m in shapes:
+        for dtype in (torch.float32, torch.float64):
+            g = torch.Generator().manual_seed(0)
+            K = torch.rand(B, m, m, generator=g, dtype=dtype)
+            x = torch.rand(B, m, generator=g, dtype=dtype)
+            for layout, A in (("contiguous", K), ("transposed view", K.transpose(1, 2))):
+                fns = {"col": lambda: (A @ x.unsqueeze(-1)).squeeze(-1), "row": lambda: bmv(A, x),
+                       "col_t": lambda: (A.transpose(1, 2) @ x.unsqueeze(-1)).squeeze(-1), "row_t": lambda: bmv_t(A, x)}
+                times = {k: [] for k in fns}
+                for rep in range(max(repeats, 5) + 1):
+                    for k, fn in fns.items():
+                        t_0 = time.perf_counter()
+                        fn()
+                        if rep:
+                            times[k].append(time.perf_counter() - t_0)
+                med = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+                print(f"| {B} | {m} | {str(dtype).split('.')[-1]} | {layout} | {med['col']:.2f} | {med['row']:.2f} | "
+                      f"**{med['col'] / med['row']:.1f}x** | {med['col_t']:.2f} | {med['row_t']:.2f} | **{med['col_t'] / med['row_t']:.1f}x** |")
+
+
 # --------------------------------------------------------------------------------------------
 # 5. Least squares
 # --------------------------------------------------------------------------------------------
@@ -531,7 +559,7 @@ def bench_ot_speed(repeats, sizes=(256, 1000), b=8):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["ot", "ot-bins", "ot-overrelax", "ot-speed", "ot-original", "pnp", "pnp-pairs", "pnp-lm",
-                                       "lstsq"],
+                                       "matvec", "lstsq"],
                     action="append")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
@@ -545,7 +573,8 @@ def main():
     os.environ["BENCH_THREADS"] = str(args.threads)
     print(f"# bpnp node benchmarks: torch {torch.__version__}, {args.threads} threads, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f} at start")
-    todo = args.only or ["ot", "ot-bins", "ot-overrelax", "ot-speed", "ot-original", "pnp", "pnp-pairs", "pnp-lm", "lstsq"]
+    todo = args.only or ["ot", "ot-bins", "ot-overrelax", "ot-speed", "ot-original", "pnp", "pnp-pairs", "pnp-lm", "matvec",
+                         "lstsq"]
     if "ot" in todo:
         bench_ot(args.repeats)
     if "ot-bins" in todo:
@@ -562,6 +591,8 @@ def main():
         bench_pnp_pairs(args.repeats)
     if "pnp-lm" in todo:
         bench_pnp_lm(args.repeats)
+    if "matvec" in todo:
+        bench_matvec(args.repeats)
     if "lstsq" in todo:
         bench_lstsq(args.repeats)
 

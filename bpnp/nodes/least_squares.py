@@ -40,7 +40,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from bpnp.nodes.linalg import cgls, conjugate_gradient
+from bpnp.nodes.linalg import bmv, bmv_t, cgls, conjugate_gradient
 from bpnp.nodes.status import Status
 
 SOLVERS = ("qr", "cg")
@@ -61,8 +61,8 @@ def _closed_form_grads(A, b, weights, x, w, needs):
     """The closed-form gradients (module docstring) from ``w = N^-1 v``; ``needs`` flags
     (A, b, weights, ridge). Returns ``(gA, gb, gw, gr)``, None where not needed."""
     need_A, need_b, need_w, need_r = needs
-    Aw = (A @ w.unsqueeze(-1)).squeeze(-1)  # (B, m)
-    r = b - (A @ x.unsqueeze(-1)).squeeze(-1)  # (B, m), unweighted residual
+    Aw = bmv(A, w)  # (B, m)
+    r = b - bmv(A, x)  # (B, m), unweighted residual
     gA = gb = gw = gr = None
     if need_A:
         gA = r.unsqueeze(-1) * w.unsqueeze(1) - Aw.unsqueeze(-1) * x.unsqueeze(1)
@@ -177,9 +177,9 @@ class _MatrixFreeLstsq(torch.autograd.Function):
         v, finite = _finite_rows(v)
 
         def hvp(y):  # C N C y, N = A^T W A + beta I
-            Ay = (A @ (c * y).unsqueeze(-1)).squeeze(-1)
+            Ay = bmv(A, c * y)
             Ay = Ay if weights is None else weights * Ay
-            Ny = (A.transpose(1, 2) @ Ay.unsqueeze(-1)).squeeze(-1)
+            Ny = bmv_t(A, Ay)
             return c * (Ny + ridge[:, None] * c * y if ctx.augment else Ny)
 
         y, status = conjugate_gradient(hvp, c * v, tol=ctx.tol, max_iter=ctx.max_iter, mode="zero")

@@ -32,6 +32,22 @@ from bpnp.nodes.status import Status
 SINGULAR_MODES = ("damp", "min_norm", "zero")
 
 
+def bmv(A: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``A x`` per item: ``A`` (B, m, n), ``x`` (B, n) -> (B, m).
+
+    Formed as the row vector ``x^T A^T``: torch's CPU ``bmm`` with a one-column right operand,
+    ``A @ x[..., None]``, was 2.6-11x slower than the same product with a one-row left operand
+    at m = n = 256-1,000 (contiguous or transposed ``A``, float32 or float64; the 2-core x86 CPU
+    of docs/benchmarks.md, ``python bench/nodes.py --only matvec``)."""
+    return (x.unsqueeze(-2) @ A.transpose(-1, -2)).squeeze(-2)
+
+
+def bmv_t(A: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``A^T x`` per item: ``A`` (B, m, n), ``x`` (B, m) -> (B, n), as the row vector ``x^T A``
+    (see :func:`bmv`)."""
+    return (x.unsqueeze(-2) @ A).squeeze(-2)
+
+
 def _check_mode(mode: str) -> None:
     if mode not in SINGULAR_MODES:
         raise ValueError(f"singular mode must be one of {SINGULAR_MODES}, got {mode!r}")
@@ -471,12 +487,12 @@ def cgls(
     sb = None if ridge is None else ridge.sqrt()[:, None]  # the ridge as n extra rows sqrt(beta) I
 
     def op(y):  # (A C y, sqrt(beta) C y): the augmented matrix times y
-        q = (A @ (c * y).unsqueeze(-1)).squeeze(-1)
+        q = bmv(A, c * y)
         q = q if sw is None else sw * q
         return q, (None if sb is None else sb * c * y)
 
     def op_t(r, r2):  # C (A^T sqrt(w) r + sqrt(beta) r2)
-        s = (A.transpose(1, 2) @ (r if sw is None else sw * r).unsqueeze(-1)).squeeze(-1)
+        s = bmv_t(A, r if sw is None else sw * r)
         return c * (s if r2 is None else s + sb * r2)
 
     y = torch.zeros(B, n, dtype=A.dtype, device=A.device)

@@ -121,7 +121,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from bpnp.nodes.linalg import SINGULAR_MODES, solve_spd
+from bpnp.nodes.linalg import SINGULAR_MODES, bmv, bmv_t, solve_spd
 from bpnp.nodes.status import Status
 
 BACKWARD_MODES = ("implicit", "unrolled")
@@ -401,21 +401,29 @@ def _sinkhorn_scaling(M, r, c, lam, max_iter, tol, overrelax=1.0, balance_bins=F
     tiny = torch.finfo(dtype).tiny
     absorb = 0.25 * math.log(torch.finfo(dtype).max)  # |log u| beyond this gets absorbed
     row, col = r > 0, c > 0
-    real = row[:, :, None] & col[:, None, :]
-    finite_item = torch.where(real, torch.isfinite(M), torch.ones_like(real)).flatten(1).all(1)
-    keep = real & finite_item[:, None, None]
-    logK = torch.where(keep, -lam * torch.where(keep, _row_shifted(M, keep), torch.zeros_like(M)), torch.full_like(M, neg))
-    # Start from row-max-shifted potentials so that every real row has an entry of 1.
-    alpha = torch.where(row, -logK.amax(2).clamp_min(neg), torch.full_like(r, neg))
+    # Every (B, m, n) pass costs about as much as a Sinkhorn iteration (two mat-vecs), so the
+    # set-up below makes as few as it can: masked fills with scalars, in-place arithmetic.
+    drop = ~(row[:, :, None] & col[:, None, :])  # padding
+    finite_item = (torch.isfinite(M) | drop).flatten(1).all(1)
+    drop |= ~finite_item[:, None, None]
+    # M minus its smallest kept entry per row (see _row_shifted): then the largest kept entry of
+    # each row of logK is exactly 0, so the row-max-shifted start below is alpha = 0.
+    Mk = M.masked_fill(drop, float("inf"))
+    low = Mk.amin(2, keepdim=True)
+    has = torch.isfinite(low)  # (B, m, 1): the row has a kept entry
+    logK = Mk.sub_(torch.where(has, low, torch.zeros_like(low))).mul_(-lam).masked_fill_(drop, neg)
+    # Row-max-shifted potentials, so that every real row has an entry of 1 (-neg where a row has
+    # no kept entry, as -max(logK) would be).
+    alpha = torch.where(row, torch.where(has.squeeze(2), torch.zeros_like(r), torch.full_like(r, -neg)), torch.full_like(r, neg))
     beta = torch.where(col, torch.zeros_like(c), torch.full_like(c, neg))
     mass = r.sum(1).clamp_min(tiny)
 
     def kernel():
-        return torch.exp(logK + alpha[:, :, None] + beta[:, None, :])
+        return logK.add(alpha[:, :, None]).add_(beta[:, None, :]).exp_()
 
     Kt = kernel()
     u = row.to(dtype)
-    v = torch.where(col, c / (Kt.transpose(1, 2) @ u.unsqueeze(-1)).squeeze(-1).clamp_min(tiny), torch.zeros_like(c))
+    v = torch.where(col, c / bmv_t(Kt, u).clamp_min(tiny), torch.zeros_like(c))
     active = row.any(1) & col.any(1) & finite_item
     iterations = torch.zeros(B, dtype=torch.long, device=M.device)
     err = torch.zeros(B, dtype=dtype, device=M.device)
@@ -435,7 +443,7 @@ def _sinkhorn_scaling(M, r, c, lam, max_iter, tol, overrelax=1.0, balance_bins=F
     for _ in range(max_iter):
         if not bool(active.any()):
             break
-        Kv = (Kt @ v.unsqueeze(-1)).squeeze(-1)
+        Kv = bmv(Kt, v)
         err_now = ((u * Kv - r).abs() * row).sum(1) / mass  # row error of the current plan
         if relax:
             err_now = torch.maximum(err_now, col_err)
@@ -447,7 +455,7 @@ def _sinkhorn_scaling(M, r, c, lam, max_iter, tol, overrelax=1.0, balance_bins=F
             u = torch.where(active[:, None] & row, _relaxed_scaling(u, Kv, r, row, w, kappa, tiny), u)
             if balance_bins:
                 u, v = _balanced(u, v, active)
-            KTu = (Kt.transpose(1, 2) @ u.unsqueeze(-1)).squeeze(-1)
+            KTu = bmv_t(Kt, u)
             v = torch.where(active[:, None] & col, _relaxed_scaling(v, KTu, c, col, w, kappa, tiny), v)
             # Column error of the new plan (zero up to rounding after a plain v update).
             col_err = torch.where(active, ((v * KTu - c).abs() * col).sum(1) / mass, col_err)
@@ -455,7 +463,7 @@ def _sinkhorn_scaling(M, r, c, lam, max_iter, tol, overrelax=1.0, balance_bins=F
             u = torch.where(active[:, None] & row, r / Kv.clamp_min(tiny), u)
             if balance_bins:
                 u, v = _balanced(u, v, active)
-            KTu = (Kt.transpose(1, 2) @ u.unsqueeze(-1)).squeeze(-1)
+            KTu = bmv_t(Kt, u)
             v = torch.where(active[:, None] & col, c / KTu.clamp_min(tiny), v)
         iterations = iterations + active.long()
         lu = torch.where(row, torch.log(u.clamp_min(tiny)), torch.zeros_like(u))
@@ -470,8 +478,7 @@ def _sinkhorn_scaling(M, r, c, lam, max_iter, tol, overrelax=1.0, balance_bins=F
             Kt = torch.where(need[:, None, None], kernel(), Kt)
             u = torch.where(need[:, None], row.to(dtype), u)
             v = torch.where(need[:, None], col.to(dtype), v)
-    P = u[:, :, None] * Kt * v[:, None, :]
-    P = torch.where(keep, P, torch.zeros_like(P))
+    P = (u[:, :, None] * Kt).mul_(v[:, None, :]).masked_fill_(drop, 0.0)
     measured = _measured_error(P, r, c, mass)
     return P, _info(active, row, col, finite_item, iterations, err, tol, measured)
 
@@ -499,10 +506,9 @@ def _schur_pcg(P, rs, inv_cs, tau, u, rowf, rhs, tol):
     items that hit :data:`CG_MAX_ITER`, met a non-positive curvature or a non-positive diagonal,
     or did not stay finite (the caller solves those densely)."""
     tiny = torch.finfo(P.dtype).tiny
-    Pt = P.transpose(1, 2)
 
     def op(x):
-        y = (P @ (inv_cs * (Pt @ x.unsqueeze(-1)).squeeze(-1)).unsqueeze(-1)).squeeze(-1)
+        y = bmv(P, inv_cs * bmv_t(P, x))
         return rs * x - y + tau * u * (u * x).sum(1, keepdim=True) + (1.0 - rowf) * x
 
     diag = rs - (P * P * inv_cs[:, None, :]).sum(2) + tau * u * u + (1.0 - rowf)
@@ -575,10 +581,10 @@ def _ot_backward(P, G, row, col, lam, need_marginals, singular, schur="cholesky"
     count = rowf.sum(1, keepdim=True).clamp_min(1)
     u = rowf / count.sqrt()
     tau = (rs.sum(1, keepdim=True) / count).clamp_min(torch.finfo(P.dtype).tiny)  # mean real row mass
-    rhs = g_r - (P @ (inv_cs * g_c).unsqueeze(-1)).squeeze(-1)
+    rhs = g_r - bmv(P, inv_cs * g_c)
     rhs = torch.where(row, rhs, torch.zeros_like(rhs))
     a, status = _schur_solve(P, rs, inv_cs, tau, u, rowf, rhs, singular, schur, cg_tol)
-    b = (g_c - (P.transpose(1, 2) @ a.unsqueeze(-1)).squeeze(-1)) * inv_cs
+    b = (g_c - bmv_t(P, a)) * inv_cs
     gM = lam * P * (a[:, :, None] + b[:, None, :] - G)
     ga = gb = None
     if need_marginals:
