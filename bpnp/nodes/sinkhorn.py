@@ -402,16 +402,25 @@ def _sinkhorn_scaling(M, r, c, lam, max_iter, tol, overrelax=1.0, balance_bins=F
     absorb = 0.25 * math.log(torch.finfo(dtype).max)  # |log u| beyond this gets absorbed
     row, col = r > 0, c > 0
     # Every (B, m, n) pass costs about as much as a Sinkhorn iteration (two mat-vecs), so the
-    # set-up below makes as few as it can: masked fills with scalars, in-place arithmetic.
-    drop = ~(row[:, :, None] & col[:, None, :])  # padding
-    finite_item = (torch.isfinite(M) | drop).flatten(1).all(1)
-    drop |= ~finite_item[:, None, None]
+    # set-up below makes as few as it can: no masks without padding or non-finite costs, masked
+    # fills with scalars, in-place arithmetic.
+    finite = torch.isfinite(M)
+    drop = None if bool(row.all()) and bool(col.all()) else ~(row[:, :, None] & col[:, None, :])  # padding
+    finite_item = (finite if drop is None else finite | drop).flatten(1).all(1)
+    if not bool(finite_item.all()):
+        bad = ~finite_item[:, None, None]
+        drop = bad.expand_as(M).clone() if drop is None else drop | bad
     # M minus its smallest kept entry per row (see _row_shifted): then the largest kept entry of
     # each row of logK is exactly 0, so the row-max-shifted start below is alpha = 0.
-    Mk = M.masked_fill(drop, float("inf"))
-    low = Mk.amin(2, keepdim=True)
-    has = torch.isfinite(low)  # (B, m, 1): the row has a kept entry
-    logK = Mk.sub_(torch.where(has, low, torch.zeros_like(low))).mul_(-lam).masked_fill_(drop, neg)
+    if drop is None:
+        low = M.amin(2, keepdim=True)
+        has = torch.ones_like(low, dtype=torch.bool)
+        logK = (M - low).mul_(-lam)
+    else:
+        Mk = M.masked_fill(drop, float("inf"))
+        low = Mk.amin(2, keepdim=True)
+        has = torch.isfinite(low)  # (B, m, 1): the row has a kept entry
+        logK = Mk.sub_(torch.where(has, low, torch.zeros_like(low))).mul_(-lam).masked_fill_(drop, neg)
     # Row-max-shifted potentials, so that every real row has an entry of 1 (-neg where a row has
     # no kept entry, as -max(logK) would be).
     alpha = torch.where(row, torch.where(has.squeeze(2), torch.zeros_like(r), torch.full_like(r, -neg)), torch.full_like(r, neg))
@@ -421,7 +430,9 @@ def _sinkhorn_scaling(M, r, c, lam, max_iter, tol, overrelax=1.0, balance_bins=F
     def kernel():
         return logK.add(alpha[:, :, None]).add_(beta[:, None, :]).exp_()
 
-    Kt = kernel()
+    # kernel() with alpha = beta = 0 where anything is kept; elsewhere (padding, non-finite
+    # items) the plan is masked to 0 at the end and u, v never read these entries.
+    Kt = logK.exp()
     u = row.to(dtype)
     v = torch.where(col, c / bmv_t(Kt, u).clamp_min(tiny), torch.zeros_like(c))
     active = row.any(1) & col.any(1) & finite_item
@@ -478,7 +489,9 @@ def _sinkhorn_scaling(M, r, c, lam, max_iter, tol, overrelax=1.0, balance_bins=F
             Kt = torch.where(need[:, None, None], kernel(), Kt)
             u = torch.where(need[:, None], row.to(dtype), u)
             v = torch.where(need[:, None], col.to(dtype), v)
-    P = (u[:, :, None] * Kt).mul_(v[:, None, :]).masked_fill_(drop, 0.0)
+    P = (u[:, :, None] * Kt).mul_(v[:, None, :])
+    if drop is not None:
+        P.masked_fill_(drop, 0.0)
     measured = _measured_error(P, r, c, mass)
     return P, _info(active, row, col, finite_item, iterations, err, tol, measured)
 
