@@ -11,6 +11,14 @@ maximises the P-weighted count of angular inliers among the ``top_k`` most proba
 2. **Sampling**: each hypothesis draws 4 distinct candidates with probability proportional to
    ``P`` (successive sampling without replacement, by inverse CDF with the drawn mass
    removed). The random numbers are one ``(b, num_hypotheses, 4)`` draw from ``generator``.
+   **Guided sampling** (``guided`` > 0, a fraction of the hypotheses, the last ones): the first
+   candidate is drawn as above, the other three from its *consistent neighbours* only, the
+   candidates whose 2D point is among the ``guided_neighbours`` nearest 2D points (by angle) of
+   the first's and whose 3D point is among the nearest 3D points of the first's, proportional to ``P``
+   (Gumbel top-3: successive sampling without replacement). A true pair's neighbours on the
+   surface project to its neighbours in the image, so its consistent neighbours are mostly true
+   pairs; a wrong pair's are few and random (NAPSAC-like locality on both sides). Then the
+   uniforms of these hypotheses are followed by one ``(b, H_guided, K)`` draw.
 3. **Minimal solver**: :func:`bpnp.geometry.p3p.p3p` (float64) on the first 3; the 4th picks
    one of the up-to-4 solutions (smallest angular residual), like OpenCV's P3P. With
    ``score_all_solutions=True`` every valid solution is scored instead (4x the memory, more
@@ -272,6 +280,8 @@ def ransac_pnp(
     refine_steps: int = 5,
     generator: torch.Generator | None = None,
     top_hypotheses: int = 1,
+    guided: float = 0.0,
+    guided_neighbours: int = 16,
 ) -> RansacResult:
     r"""Robust pose from soft 2D-3D correspondences by batched, P-weighted RANSAC-P3P.
 
@@ -302,6 +312,9 @@ def ransac_pnp(
             global RNG.
         top_hypotheses: also return the ``k`` best-ranked poses (``R_top``, ``t_top``; for
             :func:`bpnp.geometry.pose_search.pose_search`); 1 = only the best.
+        guided: fraction in [0, 1] of the hypotheses drawn by guided sampling (module docstring,
+            step 2); 0 = P-weighted sampling only (the same hypotheses as without the option).
+        guided_neighbours: neighbours per side that define a consistent neighbour, >= 3.
 
     Returns:
         :class:`RansacResult` with ``R`` (B, 3, 3) and ``t`` (B, 3) in the promoted dtype of
@@ -357,6 +370,10 @@ def ransac_pnp(
         raise ValueError(f"refine_steps must be a non-negative int, got {refine_steps!r}")
     if not isinstance(top_hypotheses, int) or top_hypotheses < 1:
         raise ValueError(f"top_hypotheses must be a positive int, got {top_hypotheses!r}")
+    if isinstance(guided, bool) or not isinstance(guided, (int, float)) or not 0.0 <= guided <= 1.0:
+        raise ValueError(f"guided must be a fraction in [0, 1], got {guided!r}")
+    if isinstance(guided_neighbours, bool) or not isinstance(guided_neighbours, int) or guided_neighbours < 3:
+        raise ValueError(f"guided_neighbours must be an int >= 3, got {guided_neighbours!r}")
 
     with torch.no_grad():
         return _ransac(
@@ -364,11 +381,52 @@ def ransac_pnp(
             H=num_hypotheses, top_k=top_k, threshold=threshold, min_inliers=min_inliers,
             min_inlier_weight=min_inlier_weight, score_all=score_all_solutions,
             refine_steps=refine_steps, generator=generator, top=top_hypotheses,
+            guided=int(round(float(guided) * num_hypotheses)), neighbours=guided_neighbours,
         )
 
 
+def _nearest_points(d: torch.Tensor, k: int) -> torch.Tensor:
+    """(b, N, N) bool: column j is among the ``k`` nearest of row i by the distances ``d``
+    (b, N, N), inf = excluded (itself, padding)."""
+    val, idx = d.topk(min(k, d.shape[-1]), dim=2, largest=False)
+    return torch.zeros(d.shape, dtype=torch.bool, device=d.device).scatter_(2, idx, torch.isfinite(val))
+
+
+def _consistent_neighbours(bearings, points, mask2d, mask3d, ci, cj, cvalid, k):
+    """(b, K, K) bool: candidate ``c'`` is a consistent neighbour of ``c`` when the 2D point of
+    ``c'`` is among the ``k`` nearest 2D points (by angle) of ``c``'s and its 3D point among the
+    ``k`` nearest 3D points of ``c``'s (distinct points: a point's several candidate pairs count
+    once); a candidate sharing ``c``'s 2D or 3D point is not one, nor is an invalid candidate.
+    O(m^2 + n^2 + K^2) per item."""
+    eye2 = torch.eye(bearings.shape[1], dtype=torch.bool, device=bearings.device)
+    eye3 = torch.eye(points.shape[1], dtype=torch.bool, device=points.device)
+    d2 = (1.0 - bearings @ bearings.transpose(1, 2)).masked_fill(eye2 | ~(mask2d[:, :, None] & mask2d[:, None, :]), math.inf)
+    d3 = torch.cdist(points, points).masked_fill(eye3 | ~(mask3d[:, :, None] & mask3d[:, None, :]), math.inf)
+    A2, A3 = _nearest_points(d2, k), _nearest_points(d3, k)  # (b, m, m), (b, n, n)
+    bidx = torch.arange(ci.shape[0], device=ci.device)[:, None, None]
+    C = A2[bidx, ci[:, :, None], ci[:, None, :]] & A3[bidx, cj[:, :, None], cj[:, None, :]]
+    return C & cvalid[:, :, None] & cvalid[:, None, :]
+
+
+def _guided_samples(w64, C, u_seed, gumbel_u):
+    """(b, Hg, 4) candidate indices: the first by P (inverse CDF of ``u_seed`` (b, Hg)), the other
+    three among its consistent neighbours ``C`` (b, K, K) proportional to ``w64`` (b, K), by
+    Gumbel top-3 of ``gumbel_u`` (b, Hg, K). A hypothesis whose first candidate has fewer than
+    three consistent neighbours gets weight-0 draws (its sample is then invalid)."""
+    K = w64.shape[1]
+    cdf = w64.cumsum(-1)
+    seed = torch.searchsorted(cdf, u_seed * cdf[:, -1:], right=True).clamp(max=K - 1)  # (b, Hg)
+    allowed = torch.gather(C, 1, seed[..., None].expand(*seed.shape, K))  # (b, Hg, K)
+    logw = torch.where(allowed & (w64[:, None, :] > 0), w64[:, None, :].clamp_min(1e-300).log(),
+                       torch.full_like(gumbel_u, -math.inf))
+    keys = logw - torch.log(-torch.log(gumbel_u.clamp(1e-300, 1.0 - 1e-16)))
+    rest = keys.topk(3, dim=2).indices  # (b, Hg, 3)
+    ok = torch.isfinite(torch.gather(keys, 2, rest)).all(-1)
+    return torch.cat([seed[..., None], rest], -1), ok
+
+
 def _ransac(P, bearings, points, mask2d, mask3d, *, H, top_k, threshold, min_inliers,
-            min_inlier_weight, score_all, refine_steps, generator, top=1) -> RansacResult:
+            min_inlier_weight, score_all, refine_steps, generator, top=1, guided=0, neighbours=16) -> RansacResult:
     b, m, n = P.shape
     device = P.device
     dtype = torch.promote_types(bearings.dtype, points.dtype)
@@ -430,12 +488,27 @@ def _ransac(P, bearings, points, mask2d, mask3d, *, H, top_k, threshold, min_inl
 
     # ------------------------------------------------------------------ sampling
     w64 = wc.to(f64)
-    s_idx = _sample_without_replacement(w64, u)  # (b, H, 4)
+    Hp = H - guided  # P-weighted hypotheses first, then the guided ones
+    s_idx = _sample_without_replacement(w64, u[:, :Hp])  # (b, Hp, 4)
+    guided_ok = None
+    if guided:
+        # A column count that padding cannot change (K grows with the padded m), so that an
+        # item's random numbers, and its result, do not depend on padding.
+        K_draw = 1000 if top_k is None else top_k
+        gumbel_u = torch.rand(b, guided, max(K_draw, K), generator=generator, dtype=f64,
+                              device=generator.device if generator is not None else device).to(device)[:, :, :K]
+        C = _consistent_neighbours(F.normalize(bearings.to(dtype), dim=-1), points.to(dtype), mask2d & ok_b, mask3d & ok_p,
+                                   ci, cj, cvalid, neighbours)
+        g_idx, g_ok = _guided_samples(w64, C, u[:, Hp:, 0], gumbel_u)
+        s_idx = torch.cat([s_idx, g_idx], 1)
+        guided_ok = torch.cat([torch.ones(b, Hp, dtype=torch.bool, device=device), g_ok], 1)
     s_i, s_j, s_w = _take(ci, s_idx), _take(cj, s_idx), _take(w64, s_idx)
     distinct = torch.ones_like(s_w[..., 0], dtype=torch.bool)
     for a_, b_ in ((0, 1), (0, 2), (1, 2)):  # the 3 pairs of the minimal sample
         distinct &= (s_i[..., a_] != s_i[..., b_]) & (s_j[..., a_] != s_j[..., b_])
     sample_ok = distinct & (s_w[..., :3] > 0).all(-1)
+    if guided_ok is not None:
+        sample_ok &= guided_ok
 
     sb = _take(bc, s_idx).to(f64)  # (b, H, 4, 3)
     sp = _take(pc, s_idx).to(f64)

@@ -238,7 +238,7 @@ class BlindPnPNet(nn.Module):
             self.ransac_settings = _group(RansacSettings, ransac, "ransac", getattr(self, "ransac_settings", None))
             r = self.ransac_settings
             self.ransac_kwargs = dict(num_hypotheses=r.num_hypotheses, top_k=r.top_k, threshold=r.threshold,
-                                      refine_steps=r.refine_steps)
+                                      refine_steps=r.refine_steps, guided=r.guided, guided_neighbours=r.guided_neighbours)
         if refine is not None:
             self.refine_settings = f = _group(RefineSettings, refine, "refine", getattr(self, "refine_settings", None))
             self.pnp = PnPRefine(robust=f.robust, robust_scale=f.robust_scale, max_iter=f.max_iter, backward=self.backward,

@@ -135,15 +135,21 @@ class RansacSettings(_Group):
     top_k: candidate pairs sampled from (``None``: ``min(1000, ceil(1.5 m))`` per item).
     threshold: inlier angle, radians.
     refine_steps: Gauss-Newton steps on the best hypothesis' inliers.
+    guided: fraction of the hypotheses drawn by guided sampling (a P-drawn pair and three of its
+        consistent neighbours in 2D and 3D; :func:`bpnp.geometry.ransac_pnp`); 0 = off.
+    guided_neighbours: nearest neighbours per side that define a consistent neighbour.
     """
 
     num_hypotheses: int = 512
     top_k: int | None = None
     threshold: float = 0.01
     refine_steps: int = 5
+    guided: float = 0.0
+    guided_neighbours: int = 16
 
     CHECKS = {"num_hypotheses": _number(integer=True, low=1), "top_k": _number(integer=True, low=1, none=True),
-              "threshold": _number(low=0, open_low=True, high=math.pi), "refine_steps": _number(integer=True, low=0)}
+              "threshold": _number(low=0, open_low=True, high=math.pi), "refine_steps": _number(integer=True, low=0),
+              "guided": checks.number(lo=0, hi=1, hi_open=False, coerce=True), "guided_neighbours": _number(integer=True, low=3)}
 
 
 @dataclass(frozen=True)
