@@ -160,7 +160,7 @@ class BlindPnPNet(nn.Module):
         sinkhorn: the OT node's settings, :class:`bpnp.models.settings.SinkhornSettings`
             (``lam``, ``max_iter``, ``tol``, ``bins``, ``bin_init``), a mapping or the dataclass.
         ransac: :class:`~bpnp.models.settings.RansacSettings` (``num_hypotheses``, ``top_k``,
-            ``threshold``, ``refine_steps``).
+            ``threshold``, ``refine_steps``, ``guided``, ``guided_neighbours``).
         search: :class:`~bpnp.models.settings.SearchSettings`: pose search after RANSAC
             (inference only; :mod:`bpnp.geometry.pose_search`); its pose becomes ``R0``.
         refine: :class:`~bpnp.models.settings.RefineSettings` (``robust``, ``robust_scale``,

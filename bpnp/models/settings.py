@@ -9,7 +9,7 @@ configure and using its argument names:
 ``sinkhorn``    :class:`SinkhornSettings`: the OT node (``lam``, ``max_iter``, ``tol``,
                 ``bins``, ``bin_init``)
 ``ransac``      :class:`RansacSettings`: :func:`bpnp.geometry.ransac_pnp` (``num_hypotheses``,
-                ``top_k``, ``threshold``, ``refine_steps``)
+                ``top_k``, ``threshold``, ``refine_steps``, ``guided``, ``guided_neighbours``)
 ``refine``      :class:`RefineSettings`: :class:`bpnp.nodes.PnPRefine` (``robust``,
                 ``robust_scale``, ``max_iter``) and which pairs it weighs (``gate``, ``top_k``)
                 and when it runs (``in_training``)
