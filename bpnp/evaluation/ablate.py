@@ -17,8 +17,9 @@ variant: success (docs/metrics.md), the RANSAC pose's success, the final pose's 
 (the share of true pairs whose 2D point the search matched to its true 3D point; without the
 search, the share that are their row's maximum of P) and the mean time per instance (forward
 only, one process, the machine's threads). The first variant is the reference; a variant is
-only worth choosing when it beats the reference by more than the noise (about two standard
-errors of a success rate, printed below the table).
+only worth choosing when it beats the reference beyond the noise: the last column pairs the two on
+the same instances (instances solved by one only, and the exact two-sided sign test of those);
+two unpaired standard errors of a success rate are printed below the table.
 """
 
 from __future__ import annotations
@@ -93,23 +94,39 @@ def ablate(net, dataset, variants: list[tuple[str, dict[str, Any]]], seed: int =
                 else:
                     got = out.P[0].argmax(-1)
                 acc.append(float((got[true] == match[true]).float().mean()))
-        rows.append({"name": name, "n": len(scenes), "success": float(np.mean(succ)),
+        rows.append({"name": name, "n": len(scenes), "success": float(np.mean(succ)), "per_instance": list(map(bool, succ)),
                      "ransac_success": float(np.mean(rsucc)), "match_acc": float(np.mean(acc)) if acc else math.nan,
                      "time_s": float(np.mean(dts))})
     net.configure(ransac=base["ransac"], refine=base["refine"], search=base["search"])
     return rows
 
 
+def paired_test(ref: list[bool], other: list[bool]) -> tuple[int, int, float]:
+    """``(wins, losses, p)``: instances solved by ``other`` only, by ``ref`` only, and the exact
+    two-sided sign test (McNemar's) of the discordant pairs, the right test for two settings on
+    the same instances (the unpaired two standard errors ignore that most instances agree)."""
+    wins = sum(o and not r for r, o in zip(ref, other))
+    losses = sum(r and not o for r, o in zip(ref, other))
+    k, n = min(wins, losses), wins + losses
+    p = 1.0 if n == 0 else min(1.0, 2 * sum(math.comb(n, i) for i in range(k + 1)) / 2 ** n)
+    return wins, losses, p
+
+
 def format_rows(rows: list[dict[str, Any]]) -> str:
-    lines = ["| variant | n | success | RANSAC-only success | match acc. | time per instance |",
-             "|---|---|---|---|---|---|"]
-    for r in rows:
+    lines = ["| variant | n | success | RANSAC-only success | match acc. | time per instance | vs the first: solved only here / only there, sign-test p |",
+             "|---|---|---|---|---|---|---|"]
+    for i, r in enumerate(rows):
+        paired = ""
+        if i and "per_instance" in r and "per_instance" in rows[0]:
+            w, l_, p = paired_test(rows[0]["per_instance"], r["per_instance"])
+            paired = f"{w} / {l_}, p = {p:.3f}"
         lines.append(f"| {r['name']} | {r['n']} | {100 * r['success']:.1f} % | {100 * r['ransac_success']:.1f} % | "
-                     f"{100 * r['match_acc']:.1f} % | {r['time_s']:.3f} s |")
+                     f"{100 * r['match_acc']:.1f} % | {r['time_s']:.3f} s | {paired} |")
     n = rows[0]["n"] if rows else 0
     p = rows[0]["success"] if rows else 0.0
     se = math.sqrt(max(p * (1 - p), 0.25 / max(n, 1)) / max(n, 1))
-    lines.append(f"\ntwo standard errors of a success rate near the reference's: {200 * se:.1f} points")
+    lines.append(f"\ntwo standard errors of a success rate near the reference's: {200 * se:.1f} points (unpaired); "
+                 "a variant is told apart from the first by the paired sign test (p < 0.05)")
     return "\n".join(lines)
 
 

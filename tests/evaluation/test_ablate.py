@@ -64,3 +64,17 @@ def test_cli(tmp_path, capsys):
     assert main([str(run), "--ckpt", str(ckpt), "--variant", "x:sinkhorn.lam=3"]) == 2
     assert "only the inference groups" in capsys.readouterr().err
     assert main([str(tmp_path / "nowhere"), "--variant", "a:"]) == 2
+
+
+def test_paired_sign_test():
+    from bpnp.evaluation.ablate import paired_test
+
+    ref = [True] * 10 + [False] * 10
+    # 6 solved only by the variant, none only by the reference: p = 2 / 2^6
+    other = [True] * 10 + [True] * 6 + [False] * 4
+    assert paired_test(ref, other) == (6, 0, 2 / 64)
+    # Symmetric: 3 each way is no evidence at all.
+    mixed = [True] * 7 + [False] * 3 + [True] * 3 + [False] * 7
+    w, l_, p = paired_test(ref, mixed)
+    assert (w, l_) == (3, 3) and p == 1.0
+    assert paired_test(ref, ref) == (0, 0, 1.0)
