@@ -171,7 +171,7 @@ def _paired_derivatives(W, bearings, x, kernel):
     # Channels first (B, C, K): concatenating along C copies whole rows; along a last dim of 3
     # (the (B, K, 3) layout) torch's CPU cat was 70 % of the time.
     xT, bT = x.transpose(1, 2).contiguous(), bearings.transpose(1, 2).contiguous()
-    r = (xT * xT).sum(1).sqrt().clamp_min(torch.finfo(x.dtype).eps)  # (B, K); norm(dim=1) is ~20x slower here
+    r = (xT * xT).sum(1).sqrt().clamp_min(torch.finfo(x.dtype).eps)  # (B, K); norm(dim=1) was ~20x slower
     inv_r = 1.0 / r
     u = xT * inv_r[:, None]
     beta = (bT * u).sum(1)
@@ -179,36 +179,36 @@ def _paired_derivatives(W, bearings, x, kernel):
     c1, c2 = W * d1, W * d2
     q = bT - beta[:, None] * u
     s = torch.cross(xT, bT, dim=1)
-    w1 = c1 * inv_r * inv_r  # c1 / r^2
-    w2 = w1 * beta  # c1 beta / r^2
-    w5 = c1 * beta
-    w6 = c1 * inv_r
+    c1_r = c1 * inv_r  # c1 / r
+    c1_r2 = c1_r * inv_r  # c1 / r^2
+    c1b_r2 = c1_r2 * beta  # c1 beta / r^2
+    c1b = c1 * beta
     Z = torch.cat([s, q, u, torch.ones_like(r)[:, None]], 1)  # (B, 10, K)
     # The weights go on the narrow side: 25 rows, and every sum is a column of Z R^T.
     R = torch.cat([
-        u * w1[:, None], u * w2[:, None], u * c1[:, None], u * w5[:, None],  # columns 0-11: against u, 4 weights
+        u * c1_r2[:, None], u * c1b_r2[:, None], u * c1[:, None], u * c1b[:, None],  # columns 0-11: u, 4 weights
         Z[:, :6] * (c2 * inv_r * inv_r)[:, None],  # 12-17: c2/r^2 (s, q)
-        torch.stack([w6, w6 * beta, w1, w2, c1, w5, W * rho], 1),  # 18-24: plain weights (sums with z and 1)
+        torch.stack([c1_r, c1_r * beta, c1_r2, c1b_r2, c1, c1b, W * rho], 1),  # 18-24: the weights alone
     ], 1)
     M = Z @ R.transpose(1, 2)  # (B, 10, 25): rows s (0-2), q (3-5), u (6-8), 1 (9)
     S, Q, U, ONE = slice(0, 3), slice(3, 6), slice(6, 9), 9
-    G1su, G1qu, G1uu = M[:, S, 0:3], M[:, Q, 0:3], M[:, U, 0:3]  # sum c1/r^2 s u^T, ...
-    G2uu, G4qu, G4uu, G5uu = M[:, U, 3:6], M[:, Q, 6:9], M[:, U, 6:9], M[:, U, 9:12]
-    G3 = M[:, 0:6, 12:18]  # sum c2/r^2 (s, q)(s, q)^T
-    sum_w6s, sum_w6q, sum_w6u, sum_w7u = M[:, S, 18], M[:, Q, 18], M[:, U, 18], M[:, U, 19]
-    sum_w1, sum_w2, sum_w4, sum_w5, F = M[:, ONE, 20], M[:, ONE, 21], M[:, ONE, 22], M[:, ONE, 23], M[:, ONE, 24]
+    # <weight>_<a><b> = sum_k weight_k a_k b_k^T; sum_<weight>[_<a>] = sum_k weight_k (a_k).
+    c1r2_su, c1r2_qu, c1r2_uu = M[:, S, 0:3], M[:, Q, 0:3], M[:, U, 0:3]
+    c1br2_uu, c1_qu, c1_uu, c1b_uu = M[:, U, 3:6], M[:, Q, 6:9], M[:, U, 6:9], M[:, U, 9:12]
+    c2r2_zz = M[:, 0:6, 12:18]  # over (s, q) x (s, q)
+    sum_c1r_s, sum_c1r_q, sum_c1r_u, sum_c1br_u = M[:, S, 18], M[:, Q, 18], M[:, U, 18], M[:, U, 19]
+    sum_c1r2, sum_c1br2, sum_c1, sum_c1b, F = M[:, ONE, 20], M[:, ONE, 21], M[:, ONE, 22], M[:, ONE, 23], M[:, ONE, 24]
     eye = torch.eye(3, dtype=x.dtype, device=x.device)
-    Xs = skew(sum_w7u)
-    Sx = G4qu + G4qu.transpose(1, 2)
-    H_rr = sum_w5[:, None, None] * eye - G5uu - 0.5 * Sx
-    H_rt = G1su + Xs
-    St = G1qu + G2uu
-    H_tt = St + St.transpose(1, 2) - 3 * G2uu + sum_w2[:, None, None] * eye
-    H = torch.cat([torch.cat([H_rr, H_rt], 2), torch.cat([H_rt.transpose(1, 2), H_tt], 2)], 1) + G3
-    Xg = skew(sum_w6u)
-    Hgn = torch.cat([torch.cat([sum_w4[:, None, None] * eye - G4uu, Xg], 2),
-                     torch.cat([-Xg, sum_w1[:, None, None] * eye - G1uu], 2)], 1)
-    g = -torch.cat([sum_w6s, sum_w6q], -1)
+    X_rt = skew(sum_c1br_u)
+    H_rr = sum_c1b[:, None, None] * eye - c1b_uu - 0.5 * (c1_qu + c1_qu.transpose(1, 2))
+    H_rt = c1r2_su + X_rt
+    S_tt = c1r2_qu + c1br2_uu  # sum c1/r^2 b u^T, with b = q + beta u
+    H_tt = S_tt + S_tt.transpose(1, 2) - 3 * c1br2_uu + sum_c1br2[:, None, None] * eye
+    H = torch.cat([torch.cat([H_rr, H_rt], 2), torch.cat([H_rt.transpose(1, 2), H_tt], 2)], 1) + c2r2_zz
+    X_gn = skew(sum_c1r_u)
+    Hgn = torch.cat([torch.cat([sum_c1[:, None, None] * eye - c1_uu, X_gn], 2),
+                     torch.cat([-X_gn, sum_c1r2[:, None, None] * eye - c1r2_uu], 2)], 1)
+    g = -torch.cat([sum_c1r_s, sum_c1r_q], -1)
     return F, g, 0.5 * (H + H.transpose(1, 2)), 0.5 * (Hgn + Hgn.transpose(1, 2))
 
 
