@@ -36,7 +36,7 @@ def bmv(A: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``A x`` per item: ``A`` (B, m, n), ``x`` (B, n) -> (B, m).
 
     Formed as the row vector ``x^T A^T``: torch's CPU ``bmm`` with a one-column right operand,
-    ``A @ x[..., None]``, was 2.6-11x slower than the same product with a one-row left operand
+    ``A @ x[..., None]``, was 2-12x slower than the same product with a one-row left operand
     at m = n = 256-1,000 (contiguous or transposed ``A``, float32 or float64; the 2-core x86 CPU
     of docs/benchmarks.md, ``python bench/nodes.py --only matvec``)."""
     return (x.unsqueeze(-2) @ A.transpose(-1, -2)).squeeze(-2)
