@@ -428,3 +428,15 @@ def test_pose_search_runs_at_inference_only_and_keeps_ransacs_pose():
     assert torch.all(e2["success"])
     with pytest.raises(Exception, match="search.hypotheses"):
         _small_net(search={"hypotheses": 0})
+
+
+def test_guided_ransac_setting_reaches_ransac_and_finds_the_true_match_pose():
+    """``ransac.guided`` is passed to RANSAC; with the true-match cost and every hypothesis
+    guided, the RANSAC pose is still the true one."""
+    batch = _batch(b=2, m=(40, 50))
+    net = _small_net(ransac={"num_hypotheses": 64, "guided": 1.0, "guided_neighbours": 8}).eval()
+    assert net.ransac_kwargs["guided"] == 1.0 and net.ransac_kwargs["guided_neighbours"] == 8
+    with torch.no_grad():
+        out = net(batch, cost_override=_true_cost(batch), generator=_gen())
+    err = pose_errors(out.R0, out.t0, batch["R"], batch["t"], batch["p3d"], batch["match"], batch["mask2d"])
+    assert (err["rot_err_deg"] < 1.0).all()
