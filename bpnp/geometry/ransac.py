@@ -17,8 +17,9 @@ maximises the P-weighted count of angular inliers among the ``top_k`` most proba
    the first's and whose 3D point is among the nearest 3D points of the first's, proportional to ``P``
    (Gumbel top-3: successive sampling without replacement). A true pair's neighbours on the
    surface project to its neighbours in the image, so its consistent neighbours are mostly true
-   pairs; a wrong pair's are few and random (NAPSAC-like locality on both sides). Then the
-   uniforms of these hypotheses are followed by one ``(b, H_guided, K)`` draw.
+   pairs; a wrong pair's are random pairs, true at about the base rate (NAPSAC-like locality on
+   both sides). The uniforms of all hypotheses are followed by one ``(b, H_guided, 1000)`` draw
+   (``top_k`` columns when given), so padding does not change them.
 3. **Minimal solver**: :func:`bpnp.geometry.p3p.p3p` (float64) on the first 3; the 4th picks
    one of the up-to-4 solutions (smallest angular residual), like OpenCV's P3P. With
    ``score_all_solutions=True`` every valid solution is scored instead (4x the memory, more
@@ -43,7 +44,8 @@ Memory: the scoring step peaks at about ``5 * b * H * K`` floats of the working 
 ``num_hypotheses``, or ``4 H`` with ``score_all_solutions``; ``K`` = ``top_k``, or
 ``min(1000, ceil(1.5 m))`` from the padded ``m``): b = 8, H = 512, K = 1000 is ~80 MB in
 float32. Candidate selection needs ~20 bytes per entry of ``P`` (b = 8, m = n = 1000: 160 MB);
-the minimal solver ~3 KB per hypothesis. Time at b = 8, m = n = 1000, H = 512 on two CPU
+the minimal solver ~3 KB per hypothesis. Guided sampling adds three (b, H_guided, K) float64
+arrays and (b, K, K), (b, m, m), (b, n, n) booleans (b = 1, H_guided = 512, K = 1500: ~30 MB). Time at b = 8, m = n = 1000, H = 512 on two CPU
 threads: about 0.1 s in ``python bench/train_step.py`` (the original's per-sample OpenCV loop:
 0.59 s).
 
