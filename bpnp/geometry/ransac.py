@@ -45,7 +45,8 @@ Memory: the scoring step peaks at about ``5 * b * H * K`` floats of the working 
 ``min(1000, ceil(1.5 m))`` from the padded ``m``): b = 8, H = 512, K = 1000 is ~80 MB in
 float32. Candidate selection needs ~20 bytes per entry of ``P`` (b = 8, m = n = 1000: 160 MB);
 the minimal solver ~3 KB per hypothesis. Guided sampling adds three (b, H_guided, K) float64
-arrays and (b, K, K), (b, m, m), (b, n, n) booleans (b = 1, H_guided = 512, K = 1500: ~30 MB). Time at b = 8, m = n = 1000, H = 512 on two CPU
+arrays, (b, m, m) and (b, n, n) distances and (b, K, K), (b, m, m), (b, n, n) booleans (b = 1,
+H_guided = 512, m = n = 1000, K = 1500: about 30 MB by these shapes). Time at b = 8, m = n = 1000, H = 512 on two CPU
 threads: about 0.1 s in ``python bench/train_step.py`` (the original's per-sample OpenCV loop:
 0.59 s).
 
@@ -499,7 +500,7 @@ def _ransac(P, bearings, points, mask2d, mask3d, *, H, top_k, threshold, min_inl
         K_draw = 1000 if top_k is None else top_k
         gumbel_u = torch.rand(b, guided, max(K_draw, K), generator=generator, dtype=f64,
                               device=generator.device if generator is not None else device).to(device)[:, :, :K]
-        C = _consistent_neighbours(F.normalize(bearings.to(dtype), dim=-1), points.to(dtype), mask2d & ok_b, mask3d & ok_p,
+        C = _consistent_neighbours(F.normalize(bearings.to(dtype), dim=-1), points.to(dtype), ok_b, ok_p,
                                    ci, cj, cvalid, neighbours)
         g_idx, g_ok = _guided_samples(w64, C, u[:, Hp:, 0], gumbel_u)
         s_idx = torch.cat([s_idx, g_idx], 1)

@@ -50,13 +50,13 @@ class SettingError(ValueError):
 
 # -- value checks (bpnp.values, shared with the entry points' config checks); normalised on the way
 def _number(*, integer: bool = False, low: float | None = None, high: float | None = None, open_low: bool = False,
-            none: bool = False) -> Check:
-    """A setting's number (an upper bound is always open; ints take none), returned as an int or
-    a float."""
+            open_high: bool = True, none: bool = False) -> Check:
+    """A setting's number (the upper bound open unless ``open_high=False``; ints take none),
+    returned as an int or a float."""
     if integer:
         assert high is None and not open_low, "integer settings take an inclusive lower bound only"
         return checks.integer(lo=low, none=none, coerce=True)
-    return checks.number(lo=low, hi=high, lo_open=open_low, hi_open=True, none=none, coerce=True)
+    return checks.number(lo=low, hi=high, lo_open=open_low, hi_open=open_high, none=none, coerce=True)
 
 
 def _choice(options: tuple[str, ...]) -> Check:
@@ -149,7 +149,7 @@ class RansacSettings(_Group):
 
     CHECKS = {"num_hypotheses": _number(integer=True, low=1), "top_k": _number(integer=True, low=1, none=True),
               "threshold": _number(low=0, open_low=True, high=math.pi), "refine_steps": _number(integer=True, low=0),
-              "guided": checks.number(lo=0, hi=1, hi_open=False, coerce=True), "guided_neighbours": _number(integer=True, low=3)}
+              "guided": _number(low=0, high=1, open_high=False), "guided_neighbours": _number(integer=True, low=3)}
 
 
 @dataclass(frozen=True)

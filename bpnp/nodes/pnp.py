@@ -117,8 +117,8 @@ def _derivatives(W, bearings, x, kernel, linear=None):
         return _paired_derivatives(W, bearings, x, kernel)
     u, r = _unit(x)
     if linear is not None:
-        a, wsum, mass = linear
-        F = mass - (a * u).sum((1, 2))
+        a, wsum, _ = linear
+        F = _objective_at(W, bearings, u, kernel, linear)
         second = []
     else:
         E = torch.baddbmm(torch.ones_like(W), bearings, u.transpose(1, 2), alpha=-1)  # 1 - B U^T

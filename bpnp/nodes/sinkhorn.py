@@ -231,17 +231,18 @@ def _check_schur(schur: str) -> str:
     return schur
 
 
-def _row_shifted(M: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """``M`` minus its smallest kept entry per row (a constant, not differentiated).
+def _row_low(M: torch.Tensor, drop: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(low, has)``, both (B, m, 1): the smallest entry of each row of ``M`` outside ``drop``
+    (None = nothing dropped), detached, 0 for a row with none; ``has``: the row has one.
 
-    The plan does not change when a row of ``M`` is shifted (the row potential absorbs it), but
-    ``-lam * M`` formed from a large ``M`` keeps only its leading digits: ``M + 1000`` in float32
-    has a spacing of 6e-5, times ``lam`` = 10 a relative error of 6e-4 in the plan. The
-    difference to the row minimum is exact (Sterbenz) for entries within a factor 2 of it.
+    Subtracting it does not change the plan (the row potential absorbs it), but ``-lam * M``
+    formed from a large ``M`` keeps only its leading digits: ``M + 1000`` in float32 has a
+    spacing of 6e-5, times ``lam`` = 10 a relative error of 6e-4 in the plan. The difference to
+    the row minimum is exact (Sterbenz) for entries within a factor 2 of it.
     """
-    big = torch.where(keep, M.detach(), torch.full_like(M, float("inf"))).amin(2, keepdim=True)
-    big = torch.where(torch.isfinite(big), big, torch.zeros_like(big))
-    return M - big
+    low = (M.detach() if drop is None else M.detach().masked_fill(drop, float("inf"))).amin(2, keepdim=True)
+    has = torch.isfinite(low)
+    return torch.where(has, low, torch.zeros_like(low)), has
 
 
 def _measured_error(P, r, c, mass):
@@ -285,7 +286,7 @@ def _sinkhorn_iterations(M, r, c, lam, max_iter, tol):
     real = row[:, :, None] & col[:, None, :]
     finite_item = torch.where(real, torch.isfinite(M), torch.ones_like(real)).flatten(1).all(1)
     keep = real & finite_item[:, None, None]
-    logK = -lam * torch.where(keep, _row_shifted(M, keep), torch.zeros_like(M))
+    logK = -lam * torch.where(keep, M - _row_low(M, ~keep)[0], torch.zeros_like(M))
     log_r = torch.log(torch.where(row, r, torch.ones_like(r)))
     log_c = torch.log(torch.where(col, c, torch.ones_like(c)))
     mass = r.sum(1).clamp_min(torch.finfo(dtype).tiny)
@@ -410,17 +411,12 @@ def _sinkhorn_scaling(M, r, c, lam, max_iter, tol, overrelax=1.0, balance_bins=F
     if not bool(finite_item.all()):
         bad = ~finite_item[:, None, None]
         drop = bad.expand_as(M).clone() if drop is None else drop | bad
-    # M minus its smallest kept entry per row (see _row_shifted): then the largest kept entry of
-    # each row of logK is exactly 0, so the row-max-shifted start below is alpha = 0.
-    if drop is None:
-        low = M.amin(2, keepdim=True)
-        has = torch.ones_like(low, dtype=torch.bool)
-        logK = (M - low).mul_(-lam)
-    else:
-        Mk = M.masked_fill(drop, float("inf"))
-        low = Mk.amin(2, keepdim=True)
-        has = torch.isfinite(low)  # (B, m, 1): the row has a kept entry
-        logK = Mk.sub_(torch.where(has, low, torch.zeros_like(low))).mul_(-lam).masked_fill_(drop, neg)
+    # M minus its smallest kept entry per row (_row_low): then the largest kept entry of each
+    # row of logK is exactly 0, so the row-max-shifted start below is alpha = 0.
+    low, has = _row_low(M, drop)
+    logK = (M - low).mul_(-lam)
+    if drop is not None:
+        logK.masked_fill_(drop, neg)
     # Row-max-shifted potentials, so that every real row has an entry of 1 (-neg where a row has
     # no kept entry, as -max(logK) would be).
     alpha = torch.where(row, torch.where(has.squeeze(2), torch.zeros_like(r), torch.full_like(r, -neg)), torch.full_like(r, neg))
