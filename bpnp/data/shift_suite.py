@@ -45,6 +45,8 @@ quarter of its instances per side, so for weights trained with it ``outliers_sha
 ``python -m bpnp.data.shift_suite --out scenes/shift`` writes every set at 25 % and 50 % outliers
 per side (``<out>/<set>_out<frac>``, 40 instances each; ``--only`` a subset, ``--fracs`` other
 fractions) with :mod:`bpnp.data.export`, so each folder has its ``index.json``.
+``--validation --out scenes/val_shift`` writes the validation shifts instead
+(:data:`VALIDATION_SHIFTS`: for choosing, never for reporting).
 """
 
 from __future__ import annotations
@@ -55,7 +57,8 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-__all__ = ["BASE", "SHIFT_SUITE", "SEED", "export_args", "main"]
+__all__ = ["BASE", "SHIFT_SUITE", "SEED", "VALIDATION_BASE", "VALIDATION_SHIFTS", "VALIDATION_SEED", "export_args",
+           "main"]
 
 SEED = 24680
 #: The base of every set: held-out meshes, 200-1000 points, 1 px noise (WORLD otherwise).
@@ -88,14 +91,31 @@ SHIFT_SUITE: dict[str, dict[str, Any]] = {
 }
 
 
+#: Validation shifts (session 12): for choosing inference settings that must hold off training's
+#: ranges, on the *validation* meshes with their own seed and values that are neither training's
+#: nor the suite's (a 22 degree lens; objects filling 0.28 of the view, scenes 2.35 away). They
+#: share two axes with the suite (``fov_20``, ``camera_far``): settings chosen on them make those
+#: rows no longer blind to the axis, only to its value, meshes and instances (docs/results.md).
+VALIDATION_SEED = 13579
+VALIDATION_BASE: dict[str, Any] = {**BASE, "mesh_split": "val"}
+VALIDATION_SHIFTS: dict[str, dict[str, Any]] = {
+    "fov_22": {"fov_deg": 22.0},
+    "camera_far_val": {"view_fill": 0.28, "scene_distance": 2.35},
+}
+
+
 def export_args(name: str, frac: float, out: Path, num: int = 40) -> list[str]:
-    """The ``python -m bpnp.data.export`` arguments that write set ``name`` at outlier fraction
-    ``frac`` per side into ``out``."""
-    if name not in SHIFT_SUITE:
-        raise KeyError(f"unknown shift-suite set {name!r} (known: {', '.join(SHIFT_SUITE)})")
-    args = ["synthetic", "--preset", "world", "--num", str(num), "--seed", str(SEED), "--out", str(out),
+    """The ``python -m bpnp.data.export`` arguments that write set ``name`` (of the suite, or of
+    the validation shifts) at outlier fraction ``frac`` per side into ``out``."""
+    if name in SHIFT_SUITE:
+        base, sets, seed = BASE, SHIFT_SUITE, SEED
+    elif name in VALIDATION_SHIFTS:
+        base, sets, seed = VALIDATION_BASE, VALIDATION_SHIFTS, VALIDATION_SEED
+    else:
+        raise KeyError(f"unknown shift-suite set {name!r} (known: {', '.join([*SHIFT_SUITE, *VALIDATION_SHIFTS])})")
+    args = ["synthetic", "--preset", "world", "--num", str(num), "--seed", str(seed), "--out", str(out),
             "--outlier-frac-2d", str(frac), "--outlier-frac-3d", str(frac), "--quiet"]
-    for key, value in {**BASE, **SHIFT_SUITE[name]}.items():
+    for key, value in {**base, **sets[name]}.items():
         args += ["--set", f"{key}={json.dumps(value)}"]
     return args
 
@@ -105,12 +125,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m bpnp.data.shift_suite", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="parent folder of the sets")
-    parser.add_argument("--only", nargs="+", default=None, choices=list(SHIFT_SUITE), help="these sets only")
+    parser.add_argument("--only", nargs="+", default=None, choices=[*SHIFT_SUITE, *VALIDATION_SHIFTS],
+                        help="these sets only")
+    parser.add_argument("--validation", action="store_true",
+                        help="the validation shifts (validation meshes, their own seed) instead of the suite")
     parser.add_argument("--fracs", nargs="+", type=float, default=[0.25, 0.5], help="outlier fractions per side")
     parser.add_argument("--num", type=int, default=40, help="instances per set")
     parser.add_argument("--overwrite", action="store_true", help="replace existing sets")
     args = parser.parse_args(argv)
-    for name in args.only or list(SHIFT_SUITE):
+    for name in args.only or list(VALIDATION_SHIFTS if args.validation else SHIFT_SUITE):
         for frac in args.fracs:
             out = args.out / f"{name}_out{frac:g}"
             extra = ["--overwrite"] if args.overwrite else []
