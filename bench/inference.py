@@ -8,7 +8,7 @@ What ``evaluate.py``'s ``mean_time_s`` measures (forward only, b = 1, eval mode,
 seeded per instance as evaluate.py seeds it), split by the network's stage timer (encoders,
 Sinkhorn, RANSAC, the pose search, refinement), with the success rate and median rotation error of each variant.
 A variant is a comma-separated list of ``group.key=value`` settings over the checkpoint's
-(``ransac.*``, ``refine.*``, ``search.*``; YAML values, ``null`` = None). Variants alternate per instance (one
+(``ransac.*``, ``refine.*``, ``search.*``, ``gates.*``; YAML values, ``null`` = None). Variants alternate per instance (one
 untimed warm-up forward first), so that machine load hits them alike; the means are over the
 instances of ``--scenes`` after ``--warmup-passes`` untimed passes over all of them. One thread
 unless ``--threads``.
@@ -28,6 +28,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bpnp.evaluation.ablate import INFERENCE_GROUPS  # noqa: E402
+
 STAGES = ("encoders", "sinkhorn", "ransac", "search", "refinement")
 
 
@@ -36,8 +38,8 @@ def parse_variant(text: str) -> dict[str, dict]:
     for item in filter(None, (s.strip() for s in text.split(","))):
         key, _, value = item.partition("=")
         group, _, name = key.partition(".")
-        if group not in ("ransac", "refine", "search") or not name or not _:
-            raise SystemExit(f"--variant: expected ransac.KEY=VALUE, refine.KEY=VALUE or search.KEY=VALUE items, "
+        if group not in INFERENCE_GROUPS or not name or not _:
+            raise SystemExit(f"--variant: expected GROUP.KEY=VALUE items with GROUP one of {', '.join(INFERENCE_GROUPS)}, "
                              f"got {item!r}")
         out.setdefault(group, {})[name] = yaml.safe_load(value)
     return out
@@ -74,9 +76,7 @@ def main() -> None:
             for i, scene in enumerate(scenes):
                 batch = collate_scenes([scene])
                 for name, v in variants:
-                    net.configure(ransac={**base["ransac"], **v.get("ransac", {})},
-                                  refine={**base["refine"], **v.get("refine", {})},
-                                  search={**base["search"], **v.get("search", {})})
+                    net.configure(**{g: {**base[g], **v.get(g, {})} for g in INFERENCE_GROUPS})
                     t0 = time.perf_counter()
                     out = net(batch, generator=seeded_generator(args.seed, i, "cpu"))
                     dt = time.perf_counter() - t0
@@ -92,7 +92,7 @@ def main() -> None:
                     r["rot"].append(float(e["rot_err_deg"][0]))
     m = {len(s["p2d"]) for s in scenes}
     print(f"{args.ckpt} on {args.scenes} ({len(scenes)} instances, m = {sorted(m)}), {torch.get_num_threads()} thread(s), "
-          f"forward only, b = 1; checkpoint settings ransac {base['ransac']}, refine {base['refine']}, search {base['search']}")
+          f"forward only, b = 1; checkpoint settings " + ", ".join(f"{g} {base[g]}" for g in INFERENCE_GROUPS))
     print("| variant | mean time per instance s | " + " | ".join(STAGES) + " | success | median rot err deg |")
     print("|---" * (5 + len(STAGES)) + "|")
     for name, _ in variants:

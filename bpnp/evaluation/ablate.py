@@ -6,7 +6,7 @@
     python -m bpnp.evaluation.ablate --scenes scenes/real_val_easy/* --ckpt CKPT --variant off: ...
 
 Each ``--variant NAME:KEY=VALUE,KEY=VALUE`` is a set of network inference settings (the
-``ransac``, ``refine`` and ``search`` groups of ``model.net``, dotted) over the checkpoint's, after
+``ransac``, ``refine``, ``search`` and ``gates`` groups of ``model.net``, dotted) over the checkpoint's, after
 the common ``--set`` ones. With ``--scenes DIR [DIR ...]`` the validation set is those scene
 folders (e.g. the exported images of validation scenes; never a test set). Otherwise the split is
 rebuilt as training built it (the run's
@@ -36,7 +36,10 @@ import torch
 
 from bpnp.runtime.checkpoint import CheckpointError, load_network, parse_set_overrides
 
-__all__ = ["parse_variant", "ablate", "main"]
+__all__ = ["parse_variant", "ablate", "median_spread", "main", "INFERENCE_GROUPS"]
+
+#: The network's setting groups that inference settings can vary (``BlindPnPNet.configure``).
+INFERENCE_GROUPS = ("ransac", "refine", "search", "gates")
 
 
 def parse_variant(text: str) -> tuple[str, dict[str, Any]]:
@@ -52,8 +55,8 @@ def _group_overrides(flat: dict[str, Any]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for key, value in flat.items():
         group, dot, name = key.partition(".")
-        if not dot or group not in ("ransac", "refine", "search"):
-            raise ValueError(f"{key}: only the inference groups ransac.*, refine.* and search.* can vary")
+        if not dot or group not in INFERENCE_GROUPS:
+            raise ValueError(f"{key}: only the inference groups ransac.*, refine.*, search.* and gates.* can vary")
         out.setdefault(group, {})[name] = value
     return out
 
@@ -70,9 +73,7 @@ def ablate(net, dataset, variants: list[tuple[str, dict[str, Any]]], seed: int =
     rows = []
     for name, flat in variants:
         groups = _group_overrides(flat)
-        net.configure(ransac={**base["ransac"], **groups.get("ransac", {})},
-                      refine={**base["refine"], **groups.get("refine", {})},
-                      search={**base["search"], **groups.get("search", {})})
+        net.configure(**{g: {**base[g], **groups.get(g, {})} for g in INFERENCE_GROUPS})
         net.eval()
         succ, rsucc, acc, dts = [], [], [], []
         with torch.no_grad():
@@ -97,8 +98,21 @@ def ablate(net, dataset, variants: list[tuple[str, dict[str, Any]]], seed: int =
         rows.append({"name": name, "n": len(scenes), "success": float(np.mean(succ)), "per_instance": list(map(bool, succ)),
                      "ransac_success": float(np.mean(rsucc)), "match_acc": float(np.mean(acc)) if acc else math.nan,
                      "time_s": float(np.mean(dts))})
-    net.configure(ransac=base["ransac"], refine=base["refine"], search=base["search"])
+    net.configure(**{g: base[g] for g in INFERENCE_GROUPS})
     return rows
+
+
+def median_spread(dataset) -> float:
+    """Median over the scenes of their keypoints' angular spread
+    (:func:`bpnp.geometry.angular_scale.keypoint_spread`), radians."""
+    from bpnp.geometry.angular_scale import keypoint_spread
+    from bpnp.geometry.bearings import to_bearings
+
+    spreads = []
+    for i in range(len(dataset)):
+        p2d = torch.as_tensor(np.asarray(dataset[i]["p2d"]), dtype=torch.float64)[None]
+        spreads.append(float(keypoint_spread(to_bearings(p2d), torch.ones(p2d.shape[:2], dtype=torch.bool))[0]))
+    return float(np.median(spreads)) if spreads else math.nan
 
 
 def paired_test(ref: list[bool], other: list[bool]) -> tuple[int, int, float]:
@@ -178,7 +192,8 @@ def main(argv: list[str] | None = None) -> int:
         dm.setup("validate")
         dataset, seed, where = dm.dataset("val"), int(cfg.model.get("eval_seed", 0)), f"validation split of {run}"
     rows = ablate(net, dataset, variants, seed=seed)
-    print(f"{where}: {rows[0]['n']} instances")
+    print(f"{where}: {rows[0]['n']} instances, median keypoint spread {median_spread(dataset):.4f} rad "
+          "(gates.reference of relative gates chosen here)")
     print(format_rows(rows))
     return 0
 

@@ -56,30 +56,46 @@ class PoseSearchResult(NamedTuple):
 
 def rematch(P: torch.Tensor, bearings: torch.Tensor, points: torch.Tensor, mask2d: torch.Tensor,
             mask3d: torch.Tensor, R: torch.Tensor, t: torch.Tensor, gate: float,
-            prior_weight: float, log_prior: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            prior_weight: float, log_prior: torch.Tensor | None = None,
+            workspace: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Mutual best matches under poses (step 1 of the module docstring).
 
     Args:
         P: (b, m, n) soft matches (>= 0); bearings (b, m, 3) unit; points (b, n, 3); masks (b, m),
             (b, n) bool; R (b, 3, 3), t (b, 3) one pose per item, or R (b, k, 3, 3), t (b, k, 3)
-            ``k`` poses per item; gate: angle in radians; prior_weight: ``w``.
+            ``k`` poses per item; gate: angle in radians, or a (b,) tensor of one per item;
+            prior_weight: ``w``.
         log_prior: ``w log P`` (b, m, n) if already computed (:func:`pose_search` forms it once
             for all its rounds), else formed here from ``P`` and ``prior_weight``.
+        workspace: a (b k, m, n) tensor of the bearings' dtype that the score is written into
+            (:func:`pose_search` passes one for all its rounds), else one is allocated.
 
     Returns:
         ``(matches, prior)``: (b, m) (or (b, k, m)) int64 3D index or -1, and the ``P`` of each
         match (0 where none).
 
-    The (b, k, m, n) score matrix is the one large tensor (with its boolean gate mask): it is
-    formed by one batched ``b . ray`` product and then updated in place, and ``P`` is never
-    copied per pose (a fresh multi-megabyte tensor per step costs more than its arithmetic).
+    The (b, k, m, n) score matrix is the one large tensor: it is written by one batched
+    ``b . ray`` product into ``workspace`` and then updated in place, and ``P`` is never copied
+    per pose. Why the workspace and these passes: on a CPU a fresh multi-megabyte tensor costs
+    more than the arithmetic on it (its pages are first touched, 16 ms of a 20 ms product at
+    k m n = 4e6 in float64), ``max(dim).indices`` is about twice as fast as ``argmax(dim)`` for
+    the same (first) index and ``amax`` four times faster still, the gate is one in-place
+    threshold and the scaling and the prior one fused pass (``python bench/pose_search.py``).
     """
-    if not 0.0 < gate < math.pi / 2:  # the zeroed rays below rely on cos(gate) > 0
-        raise ValueError(f"rematch: gate must lie in (0, pi/2) radians, got {gate!r}")
     single = R.ndim == 3
     if single:
         R, t = R.unsqueeze(1), t.unsqueeze(1)
     b, k = R.shape[:2]
+    # The zeroed rays below rely on cos(gate) > 0.
+    if isinstance(gate, torch.Tensor):
+        if tuple(gate.shape) != (b,) or not bool(((gate > 0) & (gate < math.pi / 2)).all()):
+            raise ValueError(f"rematch: a per-item gate must have shape {(b,)} with angles in (0, pi/2) radians, "
+                             f"got shape {tuple(gate.shape)}")
+        cos_gate = torch.cos(gate.to(bearings.dtype)).view(b, 1, 1, 1)
+    elif 0.0 < gate < math.pi / 2:
+        cos_gate = math.cos(gate)
+    else:
+        raise ValueError(f"rematch: gate must lie in (0, pi/2) radians, got {gate!r}")
     m, n = bearings.shape[1], points.shape[1]
     x = points.unsqueeze(1) @ R.transpose(-1, -2) + t.unsqueeze(-2)  # (b, k, n, 3)
     # Rays of padded points and of points behind the camera are 0, and so are padded bearings:
@@ -89,21 +105,41 @@ def rematch(P: torch.Tensor, bearings: torch.Tensor, points: torch.Tensor, mask2
     rays = torch.where(front.unsqueeze(-1), F.normalize(x, dim=-1, eps=1e-12), torch.zeros_like(x))
     bw = torch.where(mask2d.unsqueeze(-1), bearings, torch.zeros_like(bearings))
     bk = bw.unsqueeze(1).expand(b, k, m, 3).reshape(b * k, m, 3)
-    cos = torch.bmm(bk, rays.reshape(b * k, n, 3).transpose(-1, -2)).view(b, k, m, n)  # b_i . ray_j
-    scale = 1.0 - math.cos(gate)
-    outside = cos <= math.cos(gate)  # residual 1 - cos >= 1 - cos(gate): not a candidate
-    # The score -r / scale + w log P, up to the constant -1 / scale (argmax ignores it), in place.
-    score = cos.mul_(1.0 / scale)
+    if workspace is None:
+        workspace = torch.empty(b * k, m, n, dtype=bearings.dtype, device=bearings.device)
+    cos = torch.bmm(bk, rays.reshape(b * k, n, 3).transpose(-1, -2), out=workspace).view(b, k, m, n)  # b_i . ray_j
+    scale = 1.0 - cos_gate
+    # Not a candidate: residual 1 - cos >= 1 - cos(gate), i.e. cos <= cos(gate). -inf first: it
+    # stays -inf below. threshold_ (x if x > c else -inf, in place) is one pass with no mask
+    # tensor: 7x faster than a comparison and masked_fill_ on a CPU (bench/pose_search.py).
+    if isinstance(cos_gate, torch.Tensor):
+        for i in range(b):
+            F.threshold_(cos[i], float(cos_gate[i]), -math.inf)
+    else:
+        F.threshold_(cos, cos_gate, -math.inf)
+    score = cos
+    # The score -r / scale + w log P, up to the constant -1 / scale (argmax ignores it), in place
+    # (one fused pass: log P + score / scale).
     if log_prior is None and prior_weight > 0:
         log_prior = prior_weight * torch.log(P.clamp_min(torch.finfo(P.dtype).tiny)).to(score.dtype)
-    if log_prior is not None:
-        score.add_(log_prior.unsqueeze(1))
-    score.masked_fill_(outside, -math.inf)
-    best_j = score.argmax(-1)  # (b, k, m)
-    best_i = score.argmax(-2)  # (b, k, n)
-    has = ~outside.all(-1)
-    mutual = torch.gather(best_i, 2, best_j) == torch.arange(m, device=P.device)
-    keep = has & mutual
+    if log_prior is None:
+        score.mul_(1.0 / scale)
+    elif isinstance(scale, torch.Tensor):  # finite (P clamped at tiny), so -inf stays -inf
+        for i in range(b):
+            torch.add(log_prior[i], score[i], alpha=1.0 / float(scale[i]), out=score[i])
+    else:
+        torch.add(log_prior.unsqueeze(1), score, alpha=1.0 / scale, out=score)
+    best, best_j = score.max(-1)  # (b, k, m): each row's best column (the first, as argmax)
+    # Mutual: row i's best is column j and no row beats i in column j. The column maxima alone
+    # (amax: 4x faster than max with indices) say that; among rows that tie for a column's
+    # maximum the lowest index keeps it, so the matches stay one-to-one.
+    col_best = score.amax(-2)  # (b, k, n)
+    has = best > -math.inf
+    claim = has & (best == torch.gather(col_best, 2, best_j))
+    rows = torch.arange(m, device=P.device).expand(b, k, m)
+    first = torch.full((b, k, n), m, dtype=torch.long, device=P.device).scatter_reduce_(
+        2, best_j, torch.where(claim, rows, torch.full_like(rows, m)), reduce="amin")
+    keep = claim & (torch.gather(first, 2, best_j) == rows)
     matches = torch.where(keep, best_j, torch.full_like(best_j, -1))
     chosen = torch.gather(P.unsqueeze(1).expand(b, k, m, n), 3, best_j.unsqueeze(-1)).squeeze(-1)
     prior = torch.where(keep, chosen, torch.zeros_like(chosen))
@@ -113,11 +149,13 @@ def rematch(P: torch.Tensor, bearings: torch.Tensor, points: torch.Tensor, mask2
 
 
 def _solve_on_matches(R, t, bearings, points, matches, gate, steps):
-    """Gauss-Newton on the angular error of the matched pairs (weights 1), within ``gate``."""
+    """Gauss-Newton on the angular error of the matched pairs (weights 1), within ``gate`` (an
+    angle, or one per row of ``R`` as a tensor)."""
     idx = matches.clamp_min(0)
     pc = torch.gather(points, 1, idx.unsqueeze(-1).expand(*idx.shape, 3))
     w = (matches >= 0).to(points.dtype)
-    return gauss_newton_angular(R, t, bearings, pc, w, math.cos(gate), steps)
+    cos_gate = torch.cos(gate)[:, None] if isinstance(gate, torch.Tensor) else math.cos(gate)
+    return gauss_newton_angular(R, t, bearings, pc, w, cos_gate, steps)
 
 
 def pose_search(
@@ -134,6 +172,7 @@ def pose_search(
     start_threshold: float = 0.04,
     prior_weight: float = 1.0,
     solve_steps: int = 5,
+    gate_factor: torch.Tensor | None = None,
 ) -> PoseSearchResult:
     """Alternate matching and pose from ``k`` initial poses per item; keep the best (module docstring).
 
@@ -146,6 +185,9 @@ def pose_search(
         threshold, start_threshold: final and first gate, radians (``start >= final``).
         prior_weight: ``w`` >= 0, weight of ``log P`` in the matching score (0 = geometry only).
         solve_steps: Gauss-Newton steps per round.
+        gate_factor: optional (b,) positive tensor; item ``b``'s gates are ``threshold`` and
+            ``start_threshold`` times ``gate_factor[b]`` (:mod:`bpnp.geometry.angular_scale`),
+            each below pi/2.
 
     Returns:
         :class:`PoseSearchResult`. Computed in float64.
@@ -175,9 +217,15 @@ def pose_search(
                          f"{start_threshold!r}")
     if not prior_weight >= 0:
         raise ValueError(f"prior_weight must be >= 0, got {prior_weight!r}")
+    b, k = R_init.shape[:2]
+    if gate_factor is not None:
+        if not (isinstance(gate_factor, torch.Tensor) and tuple(gate_factor.shape) == (b,)
+                and bool(torch.isfinite(gate_factor).all()) and bool((gate_factor > 0).all())):
+            raise ValueError(f"gate_factor must be a finite positive tensor of shape {(b,)}")
+        if not bool((start_threshold * gate_factor < math.pi / 2).all()):
+            raise ValueError("start_threshold * gate_factor must stay below pi/2 radians")
     with torch.no_grad():
         f64 = torch.float64
-        b, k = R_init.shape[:2]
         m = bearings.shape[1]
         P64, b64, p64 = P.detach().to(f64), bearings.detach().to(f64), points.detach().to(f64)
         # w log P once for every round and hypothesis (broadcast over the k poses, never copied).
@@ -190,20 +238,29 @@ def pose_search(
         R = torch.where(finite[:, None, None], R, torch.eye(3, dtype=f64, device=R.device))
         t = torch.where(finite[:, None], t, torch.zeros_like(t))
 
+        workspace = torch.empty(b * k, m, P.shape[2], dtype=f64, device=P.device)  # every round's score
+
         def match(R, t, gate):
             mt, pr = rematch(P64, b64, p64, mask2d, mask3d, R.view(b, k, 3, 3), t.view(b, k, 3), gate,
-                             prior_weight, log_prior)
+                             prior_weight, log_prior, workspace)
             return mt.reshape(b * k, m), pr.reshape(b * k, m)
+
+        factor = None if gate_factor is None else gate_factor.detach().to(device=P.device, dtype=f64)
+
+        def per_item(gate):  # one angle, or one per item, and per row of the (b k) re-solve
+            if factor is None:
+                return gate, gate
+            return gate * factor, (gate * factor).repeat_interleave(k)
 
         ratio = threshold / start_threshold
         for it in range(iterations):
-            gate = start_threshold * ratio ** (it / max(iterations - 1, 1))
+            gate, gate_rows = per_item(start_threshold * ratio ** (it / max(iterations - 1, 1)))
             matches, _ = match(R, t, gate)
-            R_new, t_new = _solve_on_matches(R, t, bk, pk, matches, gate, solve_steps)
+            R_new, t_new = _solve_on_matches(R, t, bk, pk, matches, gate_rows, solve_steps)
             enough = (matches >= 0).sum(1) >= 4
             R = torch.where(enough[:, None, None], R_new, R)
             t = torch.where(enough[:, None], t_new, t)
-        matches, prior = match(R, t, threshold)
+        matches, prior = match(R, t, per_item(threshold)[0])
         count = (matches >= 0).sum(1)
         count = torch.where(finite, count, torch.full_like(count, -1))
         # Largest consensus, then the larger P mass over it (prior < 1 in total, so it only breaks ties).

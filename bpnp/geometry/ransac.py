@@ -181,9 +181,10 @@ def _angular_scores(
     bc: torch.Tensor,
     pc: torch.Tensor,
     wc: torch.Tensor,
-    cos_thr: float,
+    cos_thr: float | torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted inlier score and count of poses (b, H) over candidates (b, K).
+    """Weighted inlier score and count of poses (b, H) over candidates (b, K); ``cos_thr`` one
+    number or (b, 1) per item.
 
     Pair k is an inlier of hypothesis h iff ``d |d| > cos_thr^2 |x|^2`` with ``x = R_h p_k + t_h``
     and ``d = b_k . x`` (|b| = 1), i.e. ``d > 0`` (in front of the camera) and
@@ -199,6 +200,8 @@ def _angular_scores(
     # matmul of [c2 |t|^2, 1, 2 c2 R^T t] and [1, c2 |p|^2, p].
     q = (R.transpose(-1, -2) @ t0.unsqueeze(-1)).squeeze(-1)  # (b, H, 3)
     c2 = cos_thr * cos_thr
+    if isinstance(c2, torch.Tensor):  # per item (b, 1) -> (b, 1, 1) against (b, H, .) and (b, K, .)
+        c2 = c2.to(pc.dtype)[..., None]
     Gr = torch.cat([c2 * t0.square().sum(-1, keepdim=True), torch.ones_like(q[..., :1]), 2.0 * c2 * q], -1)
     Fr = torch.cat([torch.ones_like(p0[..., :1]), c2 * p0.square().sum(-1, keepdim=True), p0], -1)
     rhs = Gr @ Fr.transpose(1, 2)
@@ -219,7 +222,7 @@ def gauss_newton_angular(
     bc: torch.Tensor,
     pc: torch.Tensor,
     wc: torch.Tensor,
-    cos_thr: float,
+    cos_thr: float | torch.Tensor,
     steps: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Damped Gauss-Newton on ``sum_k w_k ||normalize(R p_k + t) - b_k||^2`` over the pairs whose
@@ -229,10 +232,11 @@ def gauss_newton_angular(
 
     Args:
         R (b, 3, 3), t (b, 3): start pose; bc (b, K, 3) unit bearings and pc (b, K, 3) points
-        of K pairs with weights wc (b, K) (0 = unused); cos_thr: cosine of the inlier angle;
-        steps: iterations. Returns the pose ``(R, t)``.
+        of K pairs with weights wc (b, K) (0 = unused); cos_thr: cosine of the inlier angle,
+        one number or (b, 1) per item; steps: iterations. Returns the pose ``(R, t)``.
     """
     eye3 = torch.eye(3, dtype=R.dtype, device=R.device)
+    b, K = pc.shape[:2]
 
     def cost_terms(R_, t_):
         x = pc @ R_.transpose(-1, -2) + t_.unsqueeze(-2)  # (b, K, 3)
@@ -249,10 +253,12 @@ def gauss_newton_angular(
         proj = (eye3 - u.unsqueeze(-1) * u.unsqueeze(-2)) / nrm.unsqueeze(-1)  # d u / d x
         Rp = x - t.unsqueeze(-2)
         # Left perturbation: x(d) = exp([dw]) R p + t + dt  =>  dx/d(dw, dt) = [-[Rp]_x, I].
-        J = torch.cat([proj @ -skew(Rp), proj], dim=-1)  # (b, K, 3, 6)
-        Jw = J * w[..., None, None]
-        Hm = (Jw.transpose(-1, -2) @ J).sum(1)  # (b, 6, 6)
-        g = (Jw.transpose(-1, -2) @ e.unsqueeze(-1)).sum(1).squeeze(-1)  # (b, 6)
+        J = torch.cat([proj @ -skew(Rp), proj], dim=-1).reshape(b, 3 * K, 6)  # the K (3, 6) blocks stacked
+        Jw = J * w.repeat_interleave(3, dim=1)[..., None]
+        # One (6, 3K) x (3K, 6) product per item sums the pairs' J^T w J (a product per pair
+        # and a sum formed K (6, 6) matrices first: twice the time at b = 4, K = 1000).
+        Hm = Jw.transpose(1, 2) @ J  # (b, 6, 6)
+        g = (e.reshape(b, 1, 3 * K) @ Jw).squeeze(1)  # (b, 6)
         damp = 1e-6 * Hm.diagonal(dim1=-2, dim2=-1).mean(-1, keepdim=True) + 1e-12
         Hm = Hm + torch.diag_embed(damp.expand(-1, 6))
         delta, _ = torch.linalg.solve_ex(Hm, -g.unsqueeze(-1))
@@ -276,7 +282,7 @@ def ransac_pnp(
     *,
     num_hypotheses: int = 512,
     top_k: int | None = None,
-    threshold: float = 0.01,
+    threshold: float | torch.Tensor = 0.01,
     min_inliers: int = 4,
     min_inlier_weight: float = 0.0,
     score_all_solutions: bool = False,
@@ -304,7 +310,8 @@ def ransac_pnp(
         num_hypotheses: minimal samples per item, ``H >= 1``.
         top_k: number of candidate pairs per item; None = ``min(1000, ceil(1.5 m_real))``
             per item.
-        threshold: inlier angle in **radians** (0.01 ~ the original's 0.01 normalised units).
+        threshold: inlier angle in **radians** (0.01 ~ the original's 0.01 normalised units); a
+            (b,) tensor gives each item its own (:mod:`bpnp.geometry.angular_scale`).
         min_inliers: a hypothesis counts only with at least this many inlier pairs (the 3
             sample pairs are always inliers, so 4 asks for one supporting pair).
         min_inlier_weight: ... and with a score of at least this fraction of the total
@@ -363,7 +370,12 @@ def ransac_pnp(
         raise ValueError(f"num_hypotheses must be a positive int, got {num_hypotheses!r}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
-    if not (0.0 < threshold < math.pi / 2):
+    if isinstance(threshold, torch.Tensor):
+        if (tuple(threshold.shape) != (b,) or not threshold.is_floating_point()
+                or not bool(((threshold > 0) & (threshold < math.pi / 2)).all())):
+            raise ValueError(f"threshold: a per-item threshold must be a float tensor of shape {(b,)} with angles in "
+                             f"(0, pi/2) radians, got {threshold.dtype} of shape {tuple(threshold.shape)}")
+    elif not (0.0 < threshold < math.pi / 2):
         raise ValueError(f"threshold must be an angle in (0, pi/2) radians, got {threshold!r}")
     if not isinstance(min_inliers, int) or min_inliers < 0:
         raise ValueError(f"min_inliers must be a non-negative int, got {min_inliers!r}")
@@ -533,7 +545,9 @@ def _ransac(P, bearings, points, mask2d, mask3d, *, H, top_k, threshold, min_inl
         hvalid = valid.any(-1)
 
     # ------------------------------------------------------------------ scoring
-    cos_thr = math.cos(threshold)
+    # One cosine, or one per item ((b, 1), broadcast against the (b, K) pairs).
+    cos_thr = (torch.cos(threshold.to(device=device, dtype=f64))[:, None] if isinstance(threshold, torch.Tensor)
+               else math.cos(threshold))
     score, count = _angular_scores(hR.to(dtype), ht.to(dtype), bc, pc, wc.to(dtype), cos_thr)
     total_w = wc.to(dtype).sum(1, keepdim=True)
     acceptable = hvalid & (count >= min_inliers) & (score >= min_inlier_weight * total_w)

@@ -42,6 +42,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
+from bpnp.geometry.angular_scale import gate_factor
 from bpnp.geometry.bearings import to_bearings
 from bpnp.geometry.pose_search import pose_search
 from bpnp.geometry.ransac import ransac_pnp
@@ -50,14 +51,17 @@ from bpnp.models.context_norm import masked_rms_radius
 from bpnp.models.encoders import PointEncoder
 from bpnp.models.stn import STN3d
 from bpnp.nodes import PnPRefine, SinkhornOT, SinkhornOTWithBins, split_bins, uniform_marginals
-from bpnp.models.settings import (BINS, MATCHERS, RansacSettings, RefineSettings, SearchSettings, SinkhornSettings,
-                                  check_net_config)
+from bpnp.models.settings import (BINS, MATCHERS, GateSettings, RansacSettings, RefineSettings, SearchSettings,
+                                  SinkhornSettings, check_net_config)
 from bpnp.nodes.pnp import gather_pairs
 
 __all__ = ["BlindPnPNet", "BlindPnPOutput", "NOT_RUN", "MATCHERS", "BINS", "feature_cost"]
 
 #: ``pnp_status`` of items whose refinement did not run (training without refinement).
 NOT_RUN = -1
+
+#: Widest angular gate a relative gate may reach (radians): the gate tests need cos(gate) > 0.
+_MAX_GATE = 1.5
 
 
 @dataclass
@@ -163,6 +167,9 @@ class BlindPnPNet(nn.Module):
             ``threshold``, ``refine_steps``, ``guided``, ``guided_neighbours``).
         search: :class:`~bpnp.models.settings.SearchSettings`: pose search after RANSAC
             (inference only; :mod:`bpnp.geometry.pose_search`); its pose becomes ``R0``.
+        gates: :class:`~bpnp.models.settings.GateSettings`: every angular gate of the three
+            above per item relative to the keypoints' angular spread (``relative``;
+            :mod:`bpnp.geometry.angular_scale`), or as configured.
         refine: :class:`~bpnp.models.settings.RefineSettings` (``robust``, ``robust_scale``,
             ``max_iter``, ``gate``, ``top_k``, ``in_training``). With ``gate`` the refinement
             weighs only the pairs whose angular residual under the RANSAC pose is below it (a
@@ -199,6 +206,7 @@ class BlindPnPNet(nn.Module):
         ransac: Mapping[str, Any] | RansacSettings | None = None,
         refine: Mapping[str, Any] | RefineSettings | None = None,
         search: Mapping[str, Any] | SearchSettings | None = None,
+        gates: Mapping[str, Any] | GateSettings | None = None,
     ) -> None:
         super().__init__()
         check_net_config(dict(matcher=matcher, feature_dim=feature_dim, depth=depth, knn=knn, heads=heads,
@@ -221,16 +229,17 @@ class BlindPnPNet(nn.Module):
             self.sinkhorn = SinkhornOT(**ot)
         else:
             self.sinkhorn = SinkhornOTWithBins(bins=sk.bins, bin_init=sk.bin_init, balance=sk.balance_bins, **ot)
-        self.configure(ransac=ransac or {}, refine=refine or {}, search=search or {})
+        self.configure(ransac=ransac or {}, refine=refine or {}, search=search or {}, gates=gates or {})
         # Stage timings (seconds) of the last forward when ``profile`` is on (bench/train_step.py).
         self.profile = False
         self.last_timings: dict[str, float] = {}
 
     def configure(self, ransac: Mapping[str, Any] | RansacSettings | None = None,
                   refine: Mapping[str, Any] | RefineSettings | None = None,
-                  search: Mapping[str, Any] | SearchSettings | None = None) -> None:
-        """Set the inference settings (RANSAC, refinement) of a built network, validated; the
-        weights are untouched. A mapping updates the given keys of the group's current settings
+                  search: Mapping[str, Any] | SearchSettings | None = None,
+                  gates: Mapping[str, Any] | GateSettings | None = None) -> None:
+        """Set the inference settings (RANSAC, refinement, pose search, gates) of a built network,
+        validated; the weights are untouched. A mapping updates the given keys of the group's current settings
         (its defaults in the constructor).
         Used by the constructor and by tools that compare settings on one network
         (``bpnp.evaluation.tune_robust_scale``)."""
@@ -246,12 +255,15 @@ class BlindPnPNet(nn.Module):
             self.refine_in_training, self.refine_gate, self.refine_top_k = f.in_training, f.gate, f.top_k
         if search is not None:
             self.search_settings = _group(SearchSettings, search, "search", getattr(self, "search_settings", None))
+        if gates is not None:
+            self.gate_settings = _group(GateSettings, gates, "gates", getattr(self, "gate_settings", None))
 
     def settings(self) -> dict[str, Any]:
         """The geometric layers' settings in effect, as the nested config (``sinkhorn``,
-        ``ransac``, ``refine``) that rebuilds them."""
+        ``ransac``, ``refine``, ``search``, ``gates``) that rebuilds them."""
         return {"sinkhorn": self.sinkhorn_settings.to_dict(), "ransac": self.ransac_settings.to_dict(),
-                "refine": self.refine_settings.to_dict(), "search": self.search_settings.to_dict()}
+                "refine": self.refine_settings.to_dict(), "search": self.search_settings.to_dict(),
+                "gates": self.gate_settings.to_dict()}
 
     # -- pieces ---------------------------------------------------------------------------------
     def features(self, p2d: torch.Tensor, p3d: torch.Tensor, mask2d: torch.Tensor, mask3d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -372,10 +384,15 @@ class BlindPnPNet(nn.Module):
 
         search = self.search_settings if (pose and self.search_settings.enabled and not self.training) else None
         R_ransac = t_ransac = search_matches = None
+        factor = None
         if pose:
             bearings, points = _geometric_inputs(p2d, p3d, mask2d, mask3d)
+            ransac_kwargs = self.ransac_kwargs
+            factor = self._gate_factor(bearings, mask2d)
+            if factor is not None:
+                ransac_kwargs = {**ransac_kwargs, "threshold": ransac_kwargs["threshold"] * factor}
             rs = ransac_pnp(P.detach(), bearings, points, mask2d, mask3d, generator=generator,
-                            top_hypotheses=search.hypotheses if search else 1, **self.ransac_kwargs)
+                            top_hypotheses=search.hypotheses if search else 1, **ransac_kwargs)
             R0, t0 = rs.R.to(P.dtype).detach(), rs.t.to(P.dtype).detach()
             ransac_status, ransac_inliers = rs.status, rs.num_inliers
         else:  # training steps that need only P: no pose, NaN so that no metric can mistake it for one
@@ -390,7 +407,8 @@ class BlindPnPNet(nn.Module):
             ps = pose_search(P.detach(), bearings, points, mask2d, mask3d, R_top, t_top,
                              iterations=search.iterations, threshold=search.threshold,
                              start_threshold=max(search.start_threshold, search.threshold),
-                             prior_weight=search.prior_weight, solve_steps=search.solve_steps)
+                             prior_weight=search.prior_weight, solve_steps=search.solve_steps,
+                             gate_factor=factor)
             R_ransac, t_ransac, search_matches = R0, t0, ps.matches
             R0, t0 = ps.R.to(P.dtype), ps.t.to(P.dtype)
             timer.lap("search")
@@ -441,6 +459,15 @@ class BlindPnPNet(nn.Module):
         bearings, points = _geometric_inputs(p2d, p3d, mask2d, mask3d)
         return self._refine(out, bearings, points, mask2d, mask3d)
 
+    def _gate_factor(self, bearings: torch.Tensor, mask2d: torch.Tensor) -> torch.Tensor | None:
+        """(B,) float64 factor of every angular gate (``gates.relative``), else None."""
+        g = self.gate_settings
+        if not g.relative:
+            return None
+        # Capped so that the widest gate (search.start_threshold) stays below a right angle.
+        high = min(g.max_factor, _MAX_GATE / max(self.search_settings.start_threshold, self.ransac_settings.threshold))
+        return gate_factor(bearings, mask2d, g.reference, min(g.min_factor, high), high)
+
     def _refine(self, out: BlindPnPOutput, bearings, points, mask2d, mask3d) -> BlindPnPOutput:
         P = out.P
         bearings, points = bearings.to(P.dtype), points.to(P.dtype)
@@ -451,14 +478,18 @@ class BlindPnPNet(nn.Module):
                                                (sm >= 0).to(P.dtype).unsqueeze(-1) / max(P.shape[1], 1))
             enough = ((sm >= 0).sum(1) >= 4)[:, None, None]
             P = torch.where(enough, hard, P)
+        factor = self._gate_factor(bearings, mask2d)
+        kernel_factor = None if factor is None else factor * factor  # the scale is in 1 - cos units
         if self.refine_gate is not None:
-            P = P * _consensus_mask(bearings, points, out.R0, out.t0, self.refine_gate).to(P.dtype)
+            gate = self.refine_gate if factor is None else (self.refine_gate * factor).clamp_max(_MAX_GATE)
+            P = P * _consensus_mask(bearings, points, out.R0, out.t0, gate).to(P.dtype)
         if self.refine_top_k is None:
-            res = self.pnp(P, bearings, points, out.R0, out.t0, mask2d, mask3d)
+            res = self.pnp(P, bearings, points, out.R0, out.t0, mask2d, mask3d, scale_factor=kernel_factor)
         else:  # sparse: the top-k pairs of each row, chosen once; padding keeps weight 0
             real = mask2d[:, :, None] & mask3d[:, None, :]
             P = torch.where(real, P, torch.zeros((), dtype=P.dtype, device=P.device))
-            res = self.pnp(*gather_pairs(P, bearings, points, self.refine_top_k), out.R0, out.t0)
+            res = self.pnp(*gather_pairs(P, bearings, points, self.refine_top_k), out.R0, out.t0,
+                           scale_factor=kernel_factor)
         return replace(out, R=res.R, t=res.t, pnp_status=res.status, pnp_iterations=res.iterations, refined=True)
 
     def _unpack(self, batch, p2d, p3d, mask2d, mask3d):
@@ -495,13 +526,15 @@ def _group(cls, value, name: str, current=None):
 
 
 def _consensus_mask(bearings: torch.Tensor, points: torch.Tensor, R: torch.Tensor, t: torch.Tensor,
-                    gate: float) -> torch.Tensor:
+                    gate: float | torch.Tensor) -> torch.Tensor:
     """(B, m, n) bool: pairs whose angle between bearing ``b_i`` (B, m, 3) and the ray to
-    ``R p_j + t`` is below ``gate`` radians (so also in front of the camera); all True for an
-    item without such a pair (or without a finite pose), which then keeps its full weights."""
+    ``R p_j + t`` is below ``gate`` radians (one number, or (B,) per item; so also in front of the
+    camera); all True for an item without such a pair (or without a finite pose), which then
+    keeps its full weights."""
     x = points @ R.transpose(1, 2) + t[:, None, :]
     rays = torch.nn.functional.normalize(x, dim=-1, eps=1e-12)
-    keep = (bearings @ rays.transpose(1, 2)) > math.cos(gate)
+    cos_gate = torch.cos(gate).to(x.dtype)[:, None, None] if isinstance(gate, torch.Tensor) else math.cos(gate)
+    keep = (bearings @ rays.transpose(1, 2)) > cos_gate
     none = ~keep.flatten(1).any(1) | ~torch.isfinite(R).flatten(1).all(1) | ~torch.isfinite(t).all(1)
     return keep | none[:, None, None]
 

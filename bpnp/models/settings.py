@@ -2,8 +2,8 @@
 
 ``configs/model/bpnp.yaml`` ``net:`` and a checkpoint's network config are the keyword arguments
 of :class:`bpnp.models.network.BlindPnPNet`: the matcher's own keys (``configs/model/net/``) at the
-top level, and the geometric layers' settings in three groups named after the node they
-configure and using its argument names:
+top level, and the geometric layers' settings in groups named after the node they configure
+and using its argument names:
 
 ==============  ==========================================================================
 ``sinkhorn``    :class:`SinkhornSettings`: the OT node (``lam``, ``max_iter``, ``tol``,
@@ -13,6 +13,9 @@ configure and using its argument names:
 ``refine``      :class:`RefineSettings`: :class:`bpnp.nodes.PnPRefine` (``robust``,
                 ``robust_scale``, ``max_iter``) and which pairs it weighs (``gate``, ``top_k``)
                 and when it runs (``in_training``)
+``search``      :class:`SearchSettings`: :func:`bpnp.geometry.pose_search.pose_search`
+``gates``       :class:`GateSettings`: the three groups' angular gates relative to the
+                keypoints' spread (:mod:`bpnp.geometry.angular_scale`)
 ==============  ==========================================================================
 
 Every path that sets them goes through :func:`check_net_config` (train.py before any work,
@@ -32,7 +35,7 @@ from typing import Any, Callable, Mapping
 from bpnp import values as checks
 from bpnp.values import Check
 
-__all__ = ["SettingError", "SinkhornSettings", "RansacSettings", "RefineSettings", "SearchSettings", "GROUPS", "MATCHERS", "BINS",
+__all__ = ["SettingError", "SinkhornSettings", "RansacSettings", "RefineSettings", "SearchSettings", "GateSettings", "GROUPS", "MATCHERS", "BINS",
            "KERNELS", "check_net_config", "merge_overrides", "upgrade_flat_config", "LEGACY_KEYS"]
 
 MATCHERS = ("attention", "bpnpnet")
@@ -216,8 +219,37 @@ class SearchSettings(_Group):
               "refine_on_matches": _flag}
 
 
+@dataclass(frozen=True)
+class GateSettings(_Group):
+    """Angular gates relative to the keypoints' angular spread (:mod:`bpnp.geometry.angular_scale`).
+
+    relative: scale every angular gate of an item (``ransac.threshold``, ``search.threshold`` and
+        ``start_threshold``, ``refine.gate``; ``refine.robust_scale`` by the square) by
+        ``clamp(spread / reference, min_factor, max_factor)``; off = the configured angles as they are.
+    reference: radians, the keypoint spread at which the configured gates hold (the median of the
+        validation split they were chosen on).
+    min_factor, max_factor: bounds of the factor.
+    """
+
+    relative: bool = False
+    reference: float = 0.317
+    min_factor: float = 0.25
+    max_factor: float = 4.0
+
+    CHECKS = {"relative": _flag, "reference": _number(low=0, open_low=True),
+              "min_factor": _number(low=0, open_low=True), "max_factor": _number(low=0, open_low=True)}
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any] | None, prefix: str) -> "GateSettings":
+        group = super().from_mapping(values, prefix)
+        if group.min_factor > group.max_factor:  # type: ignore[attr-defined]
+            raise SettingError(f"{prefix}.min_factor: {group.min_factor} exceeds max_factor "  # type: ignore[attr-defined]
+                               f"{group.max_factor}")  # type: ignore[attr-defined]
+        return group  # type: ignore[return-value]
+
+
 GROUPS: dict[str, type[_Group]] = {"sinkhorn": SinkhornSettings, "ransac": RansacSettings, "refine": RefineSettings,
-                                   "search": SearchSettings}
+                                   "search": SearchSettings, "gates": GateSettings}
 
 #: The matcher's and the network's own (non-group) keys.
 TOP_LEVEL: dict[str, Check] = {

@@ -412,8 +412,11 @@ class PnPRefine(nn.Module):
         return f"kernel={self.kernel}, max_iter={self.max_iter}, backward={self.backward_mode!r}{wd}"
 
     # --- forward solver ---------------------------------------------------------------------
-    def solve(self, W, bearings, points, R0, t0):
-        """Batched LM; differentiable torch ops (used as is by ``backward="unrolled"``)."""
+    def solve(self, W, bearings, points, R0, t0, kernel: RobustKernel | None = None):
+        """Batched LM; differentiable torch ops (used as is by ``backward="unrolled"``).
+        ``kernel``: the robust kernel to use (default ``self.kernel``; a per-item one from
+        :meth:`forward`'s ``scale_factor``)."""
+        kernel = self.kernel if kernel is None else kernel
         B = W.shape[0]
         dtype = W.dtype
         f64 = dtype == torch.float64
@@ -442,9 +445,9 @@ class PnPRefine(nn.Module):
         iterations = torch.zeros(B, dtype=torch.long, device=W.device)
         eye6 = torch.eye(6, dtype=dtype, device=W.device)
         # rho = identity: a = W^T B once, then every iteration is O(n).
-        linear = (Wc.transpose(1, 2) @ bc, Wc.sum(1), mass) if self.kernel.is_identity and W.ndim == 3 else None
+        linear = (Wc.transpose(1, 2) @ bc, Wc.sum(1), mass) if kernel.is_identity and W.ndim == 3 else None
         x0 = _camera_points(R, t, pc)
-        F, g, H, Hgn = _derivatives(Wc, bc, x0, self.kernel, linear)
+        F, g, H, Hgn = _derivatives(Wc, bc, x0, kernel, linear)
         depth = _mean_depth(x0.norm(dim=-1, keepdim=True))  # of the current pose, for the scale-free step size
         for it in range(1, self.max_iter + 1):
             if not bool(active.any()):
@@ -482,11 +485,11 @@ class PnPRefine(nn.Module):
             # the step can be accepted. Near the optimum F changes by less than its rounding error
             # (F ~ sum of m*n terms), so comparing F alone would stall at sqrt(eps) accuracy;
             # there a step is accepted when it reduces the gradient instead.
-            F_try, depth_try = self._objective(Wc, bc, pc, R_new, t_new, linear, active, (F, depth))
+            F_try, depth_try = self._objective(Wc, bc, pc, R_new, t_new, linear, active, (F, depth), kernel)
             f_noise = 64 * torch.finfo(dtype).eps * (F.abs() + mass)
             flat = (F_try - F).abs() <= f_noise
             hopeful = active & ~bad & torch.isfinite(F_try) & ((F_try < F) | flat)
-            F_new, g_new, H_new, Hgn_new = self._candidate(Wc, bc, pc, R_new, t_new, linear, hopeful, (F, g, H, Hgn))
+            F_new, g_new, H_new, Hgn_new = self._candidate(Wc, bc, pc, R_new, t_new, linear, hopeful, (F, g, H, Hgn), kernel)
             decrease = (F_try < F) | (flat & (g_new.norm(dim=1) < g.norm(dim=1)))
             accept = hopeful & decrease
             step = delta[:, :3].norm(dim=1) + delta[:, 3:].norm(dim=1) / depth
@@ -540,7 +543,7 @@ class PnPRefine(nn.Module):
         rcond = max(float(self.degenerate_rcond), 4 * eps)
         return (ev[:, 0] <= rcond * ev[:, -1].clamp_min(torch.finfo(wide).tiny)) | (mass <= 0)
 
-    def _objective(self, W, bearings, points, R, t, linear, active, current):
+    def _objective(self, W, bearings, points, R, t, linear, active, current, kernel):
         """(B,) objective and mean depth at the candidate poses of the ``active`` items
         (``current = (F, depth)`` elsewhere)."""
         if not bool(active.any()):
@@ -549,21 +552,22 @@ class PnPRefine(nn.Module):
         pick = (lambda x: x) if sub is None else (lambda x: x.index_select(0, sub))
         u, r = _unit(_camera_points(pick(R), pick(t), pick(points)))
         lin = None if linear is None else tuple(pick(x) for x in linear)
-        new = (_objective_at(pick(W), pick(bearings), u, self.kernel, lin), _mean_depth(r))
+        kernel = kernel if sub is None else kernel.select(sub)
+        new = (_objective_at(pick(W), pick(bearings), u, kernel, lin), _mean_depth(r))
         return new if sub is None else tuple(cur.index_copy(0, sub, val) for cur, val in zip(current, new))
 
-    def _candidate(self, W, bearings, points, R, t, linear, active, current):
+    def _candidate(self, W, bearings, points, R, t, linear, active, current, kernel):
         """Derivatives at the candidate poses of the ``active`` items only (``current``
         elsewhere): the O(mn) work of converged items and of rejected steps is skipped instead of
         being computed and discarded."""
         if not bool(active.any()):
             return current
         if bool(active.all()):
-            return _derivatives(W, bearings, _camera_points(R, t, points), self.kernel, linear)
+            return _derivatives(W, bearings, _camera_points(R, t, points), kernel, linear)
         sub = active.nonzero().squeeze(1)
         lin = None if linear is None else tuple(x.index_select(0, sub) for x in linear)
         x = _camera_points(R.index_select(0, sub), t.index_select(0, sub), points.index_select(0, sub))
-        new = _derivatives(W.index_select(0, sub), bearings.index_select(0, sub), x, self.kernel, lin)
+        new = _derivatives(W.index_select(0, sub), bearings.index_select(0, sub), x, kernel.select(sub), lin)
         # Out-of-place index_copy keeps the unrolled mode differentiable.
         return tuple(cur.index_copy(0, sub, val) for cur, val in zip(current, new))
 
@@ -577,9 +581,14 @@ class PnPRefine(nn.Module):
         t0: torch.Tensor,
         mask2d: torch.Tensor | None = None,
         mask3d: torch.Tensor | None = None,
+        scale_factor: torch.Tensor | None = None,
     ) -> PnPResult:
         """Dense: ``W`` (B, m, n), bearings (B, m, 3), points (B, n, 3), optional masks (see the
         class docstring); every iteration is O(mn) with a robust kernel.
+
+        ``scale_factor``: an optional positive (B,) tensor; item ``b`` is then solved with the
+        kernel scale ``robust_scale * scale_factor[b]`` (e.g. the application's gates relative to
+        the keypoints' spread, :mod:`bpnp.geometry.angular_scale`). Not differentiated.
 
         Paired: ``W`` (B, K) >= 0, bearings (B, K, 3) and points (B, K, 3) gathered per pair
         (:func:`gather_pairs`), no masks (give padded pairs ``W = 0``); minimises
@@ -587,6 +596,16 @@ class PnPRefine(nn.Module):
         and the same exact implicit backward (to ``W`` and to the gathered bearings and points,
         which autograd carries back through the gather)."""
         _validate(W, bearings, points, R0, t0)
+        kernel = self.kernel
+        if scale_factor is not None:
+            if not (isinstance(scale_factor, torch.Tensor) and tuple(scale_factor.shape) == (W.shape[0],)
+                    and scale_factor.is_floating_point() and bool(torch.isfinite(scale_factor).all())
+                    and bool((scale_factor > 0).all())):
+                got = (f"{scale_factor.dtype} of shape {tuple(scale_factor.shape)}" if isinstance(scale_factor, torch.Tensor)
+                       else type(scale_factor).__name__)
+                raise ValueError(f"PnPRefine: scale_factor must be a finite positive float tensor of shape "
+                                 f"{(W.shape[0],)}, got {got}")
+            kernel = self.kernel.per_item(scale_factor.detach().to(W.device))
         if W.ndim == 2:
             if mask2d is not None or mask3d is not None:
                 raise ValueError("PnPRefine: masks are for a dense W (B, m, n); in the paired form (W of shape "
@@ -607,9 +626,9 @@ class PnPRefine(nn.Module):
         if work != out_dtype:  # differentiable casts: the gradient reaches the inputs in their dtype
             W, bearings, points, R0, t0 = (x.to(work) for x in (W, bearings, points, R0, t0))
         if self.backward_mode == "unrolled":
-            res = PnPResult(*self.solve(W, bearings, points, R0, t0))
+            res = PnPResult(*self.solve(W, bearings, points, R0, t0, kernel))
         else:
-            res = PnPResult(*_PnPFunction.apply(self, W, bearings, points, R0.detach(), t0.detach()))
+            res = PnPResult(*_PnPFunction.apply(self, kernel, W, bearings, points, R0.detach(), t0.detach()))
         if work != out_dtype:
             res = res._replace(R=res.R.to(out_dtype), t=res.t.to(out_dtype), objective=res.objective.to(out_dtype))
         return res
@@ -617,10 +636,10 @@ class PnPRefine(nn.Module):
 
 class _PnPFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, node: PnPRefine, W, bearings, points, R0, t0):
+    def forward(ctx, node: PnPRefine, kernel: RobustKernel, W, bearings, points, R0, t0):
         with torch.no_grad():
-            R, t, status, iterations, F = node.solve(W, bearings, points, R0, t0)
-        ctx.node = node
+            R, t, status, iterations, F = node.solve(W, bearings, points, R0, t0, kernel)
+        ctx.node, ctx.kernel = node, kernel
         ctx.save_for_backward(W, bearings, points, R, t, status)
         ctx.mark_non_differentiable(status, iterations, F)
         return R, t, status, iterations, F
@@ -637,8 +656,8 @@ class _PnPFunction(torch.autograd.Function):
             xi = torch.zeros(B, 6, dtype=R.dtype, device=R.device, requires_grad=True)
             Rx, tx = _retract(R, t, xi)
             (v,) = torch.autograd.grad((gR * Rx).sum() + (gt * tx).sum(), xi)
-        kernel = node.kernel
-        needs = ctx.needs_input_grad[1:4]
+        kernel = ctx.kernel
+        needs = ctx.needs_input_grad[2:5]
         xs = [x.detach().requires_grad_(bool(n)) for x, n in zip((W, bearings, points), needs)]
 
         def local_objective(W_, b_, p_, xi_):
@@ -661,4 +680,4 @@ class _PnPFunction(torch.autograd.Function):
             for g in grads
         )
         node.last_backward_status = torch.where(nonfinite, torch.full_like(bstatus, int(Status.NONFINITE)), bstatus)
-        return (None, *grads, None, None)
+        return (None, None, *grads, None, None)

@@ -27,7 +27,8 @@ class RobustKernel:
 
     Args:
         name: one of :data:`KERNELS`.
-        scale: ``sigma > 0`` in units of ``1 - cos(angle)``.
+        scale: ``sigma > 0`` in units of ``1 - cos(angle)``; or a (B,) tensor, one per batch item
+            (:meth:`per_item`; the errors then have the batch first).
 
     Example:
         >>> k = RobustKernel("geman_mcclure", 0.01)
@@ -35,47 +36,70 @@ class RobustKernel:
         0.005
     """
 
-    def __init__(self, name: str = "none", scale: float = 1e-3) -> None:
+    def __init__(self, name: str = "none", scale: float | torch.Tensor = 1e-3) -> None:
         if name not in KERNELS:
             raise ValueError(f"robust kernel must be one of {KERNELS}, got {name!r}")
+        if isinstance(scale, torch.Tensor):
+            if scale.ndim != 1 or not scale.is_floating_point() or not bool((scale > 0).all()):
+                raise ValueError(f"a per-item robust scale must be a positive floating (B,) tensor, got "
+                                 f"{scale.dtype} of shape {tuple(scale.shape)}")
+            self.name, self.scale = name, scale
+            return
         if not scale > 0:
             raise ValueError(f"robust scale must be positive, got {scale}")
         self.name, self.scale = name, float(scale)
 
+    def per_item(self, factor: torch.Tensor) -> "RobustKernel":
+        """The same kernel with scale ``scale * factor[b]`` for batch item ``b`` (``factor`` a
+        positive (B,) tensor): every method then takes errors of shape (B, ...)."""
+        return RobustKernel(self.name, self.scale * factor)
+
+    def select(self, index: torch.Tensor) -> "RobustKernel":
+        """The kernel of the batch items ``index`` (itself when the scale is one number)."""
+        if not isinstance(self.scale, torch.Tensor):
+            return self
+        return RobustKernel(self.name, self.scale.index_select(0, index))
+
+    def _s(self, e: torch.Tensor) -> float | torch.Tensor:
+        """The scale, shaped to broadcast against errors ``e`` (B, ...) when it is per item."""
+        if isinstance(self.scale, torch.Tensor):
+            return self.scale.to(e.dtype).view(-1, *([1] * (e.ndim - 1)))
+        return self.scale
+
     def rho(self, e: torch.Tensor) -> torch.Tensor:
         # No clamping of e at 0: at an exact fit half the errors round to tiny negatives, and a
         # clamp would zero their derivatives (a wrong Hessian). Each formula is smooth there.
-        s = self.scale
+        s = self._s(e)
         if self.name == "none":
             return e
         if self.name == "huber":
             # sqrt only where it is taken (where() would still differentiate the other branch).
             big = e > s
-            root = torch.sqrt(torch.where(big, e, torch.full_like(e, s)) * s)
+            root = torch.sqrt(torch.where(big, e, s * torch.ones_like(e)) * s)
             return torch.where(big, 2 * root - s, e)
         if self.name == "geman_mcclure":
             return s * e / (s + e)
         return s * torch.tanh(e / s)
 
     def d1(self, e: torch.Tensor) -> torch.Tensor:
-        s = self.scale
+        s = self._s(e)
         if self.name == "none":
             return torch.ones_like(e)
         if self.name == "huber":
             big = e > s
-            return torch.where(big, torch.sqrt(s / torch.where(big, e, torch.full_like(e, s))), torch.ones_like(e))
+            return torch.where(big, torch.sqrt(s / torch.where(big, e, s * torch.ones_like(e))), torch.ones_like(e))
         if self.name == "geman_mcclure":
             return s * s / (s + e) ** 2
         return 1 - torch.tanh(e / s) ** 2
 
     def d2(self, e: torch.Tensor) -> torch.Tensor:
-        s = self.scale
+        s = self._s(e)
         if self.name == "none":
             return torch.zeros_like(e)
         if self.name == "huber":
             big = e > s
-            eb = torch.where(big, e, torch.full_like(e, s))
-            return torch.where(big, -0.5 * torch.sqrt(torch.full_like(e, s)) * eb ** -1.5, torch.zeros_like(e))
+            eb = torch.where(big, e, s * torch.ones_like(e))
+            return torch.where(big, -0.5 * torch.sqrt(s * torch.ones_like(e)) * eb ** -1.5, torch.zeros_like(e))
         if self.name == "geman_mcclure":
             return -2 * s * s / (s + e) ** 3
         th = torch.tanh(e / s)
@@ -84,7 +108,7 @@ class RobustKernel:
     def all(self, e: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(rho, rho', rho'')`` at once, sharing intermediates (one pass fewer per term over
         the (B, m, n) error matrix in the refinement's inner loop)."""
-        s = self.scale
+        s = self._s(e)
         if self.name == "geman_mcclure":
             inv = 1.0 / (s + e)
             d1 = (s * inv) ** 2

@@ -144,3 +144,17 @@ def test_bad_options_are_named(kwargs, match):
                     s["R"][:, None], s["t"][:, None], **kwargs)
     with pytest.raises(ValueError, match="R_init"):
         pose_search(_uniform_P(s), s["bearings"].double(), s["X"].double(), s["mask2d"], s["mask3d"], s["R"], s["t"])
+
+
+def test_rematch_stays_one_to_one_when_rows_tie():
+    """A duplicated keypoint (same bearing, same row of P) ties for its 3D partner: the lower
+    index keeps it, the copy gets none."""
+    s = make_scene(1, 30, seed=21)
+    b, X = s["bearings"].double().clone(), s["X"].double()
+    b[0, 7] = b[0, 3]
+    P = _uniform_P(s)
+    P[0, 7] = P[0, 3]
+    matches, _ = rematch(P, b, X, s["mask2d"], s["mask3d"], s["R"], s["t"], 0.01, 1.0)
+    assert int(matches[0, 3]) == 3 and int(matches[0, 7]) == -1
+    real = matches[matches >= 0]
+    assert real.unique().numel() == real.numel()

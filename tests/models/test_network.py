@@ -440,3 +440,25 @@ def test_guided_ransac_setting_reaches_ransac_and_finds_the_true_match_pose():
         out = net(batch, cost_override=_true_cost(batch), generator=_gen())
     err = pose_errors(out.R0, out.t0, batch["R"], batch["t"], batch["p3d"], batch["match"], batch["mask2d"])
     assert (err["rot_err_deg"] < 1.0).all()
+
+
+def test_relative_gates_at_the_reference_spread_change_nothing_and_scale_with_it():
+    """``gates.relative`` with the reference at each item's own spread (factor exactly 1) gives
+    the fixed gates' result; elsewhere every gate is the configured one times the factor."""
+    from bpnp.geometry.angular_scale import keypoint_spread
+    from bpnp.models.network import _geometric_inputs
+
+    batch = _batch(b=1, m=(50, 50), outliers_2d=0.3, outliers_3d=0.3, seed=3)
+    settings = dict(ransac={"num_hypotheses": 64}, search={"enabled": True}, refine={"gate": 0.05})
+    fixed = _small_net(**settings).eval()
+    bearings, _ = _geometric_inputs(batch["p2d"], batch["p3d"], batch["mask2d"], batch["mask3d"])
+    spread = float(keypoint_spread(bearings.double(), batch["mask2d"])[0])
+    at_ref = _small_net(**settings, gates={"relative": True, "reference": spread}).eval()
+    with torch.no_grad():
+        a, b = fixed(batch, generator=_gen()), at_ref(batch, generator=_gen())
+    assert torch.equal(a.R0, b.R0) and torch.equal(a.search_matches, b.search_matches)
+    torch.testing.assert_close(a.R, b.R, rtol=0, atol=8 * torch.finfo(torch.float32).eps)  # same maths, float32 out
+    half = _small_net(**settings, gates={"relative": True, "reference": 2 * spread, "min_factor": 0.1})
+    torch.testing.assert_close(half._gate_factor(bearings, batch["mask2d"]), torch.tensor([0.5], dtype=torch.float64))
+    assert fixed._gate_factor(bearings, batch["mask2d"]) is None
+    assert _small_net(gates={"relative": True})._gate_factor(bearings, batch["mask2d"]) is not None
