@@ -4,6 +4,7 @@
         --variant off: --variant search:search.enabled=true \\
         --variant geo:search.enabled=true,search.prior_weight=0 --length 256
     python -m bpnp.evaluation.ablate --scenes scenes/real_val_easy/* --ckpt CKPT --variant off: ...
+    python -m bpnp.evaluation.ablate <run_dir> --ckpt SHIPPED --ckpt CANDIDATE --variant shipped:
 
 Each ``--variant NAME:KEY=VALUE,KEY=VALUE`` is a set of network inference settings (the
 ``ransac``, ``refine``, ``search`` and ``gates`` groups of ``model.net``, dotted) over the checkpoint's, after
@@ -20,6 +21,11 @@ only, one process, the machine's threads). The first variant is the reference; a
 only worth choosing when it beats the reference beyond the noise: the last column pairs the two on
 the same instances (instances solved by one only, and the exact two-sided sign test of those);
 two unpaired standard errors of a success rate are printed below the table.
+
+``--ckpt`` given more than once compares checkpoints: every variant runs with each checkpoint in
+turn on the same instances and the same RANSAC draws, rows are named ``<file stem> / <variant>``,
+and the first checkpoint's first variant is the reference of the paired test (the way to choose
+between two trained models on validation).
 """
 
 from __future__ import annotations
@@ -150,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("run_dir", nargs="?", default=None, help="a train.py run directory (with .hydra/config.yaml)")
     ap.add_argument("--scenes", nargs="+", type=Path, default=None, metavar="DIR",
                     help="validation scene folders instead of a run's validation split")
-    ap.add_argument("--ckpt", default=None, help="checkpoint (default <run_dir>/checkpoints/last.ckpt)")
+    ap.add_argument("--ckpt", action="append", default=None,
+                    help="checkpoint (default <run_dir>/checkpoints/last.ckpt); repeat to compare checkpoints")
     ap.add_argument("--variant", action="append", required=True, metavar="NAME:KEY=VALUE,...")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="an inference setting for every variant (repeatable)")
@@ -177,7 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         variants = [parse_variant(v) for v in args.variant]
         for _, flat in variants:
             _group_overrides(flat)
-        net = load_network(args.ckpt or run / "checkpoints" / "last.ckpt", overrides=parse_set_overrides(args.overrides))
+        ckpts = args.ckpt or [run / "checkpoints" / "last.ckpt"]
+        nets = [load_network(c, overrides=parse_set_overrides(args.overrides)) for c in ckpts]
         if args.scenes is not None:
             dataset, seed, where = ConcatDataset([SceneDirectory(d) for d in args.scenes]), 0, \
                 f"{len(args.scenes)} scene folders"
@@ -191,7 +199,12 @@ def main(argv: list[str] | None = None) -> int:
         dm = instantiate(cfg.data)
         dm.setup("validate")
         dataset, seed, where = dm.dataset("val"), int(cfg.model.get("eval_seed", 0)), f"validation split of {run}"
-    rows = ablate(net, dataset, variants, seed=seed)
+    rows = []
+    for ckpt, net in zip(ckpts, nets):
+        for row in ablate(net, dataset, variants, seed=seed):
+            if len(ckpts) > 1:
+                row["name"] = f"{Path(ckpt).stem} / {row['name']}"
+            rows.append(row)
     print(f"{where}: {rows[0]['n']} instances, median keypoint spread {median_spread(dataset):.4f} rad "
           "(gates.reference of relative gates chosen here)")
     print(format_rows(rows))

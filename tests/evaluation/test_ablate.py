@@ -61,6 +61,14 @@ def test_cli(tmp_path, capsys):
     assert "1 scene folders: 2 instances" in capsys.readouterr().out
     assert main(["--scenes", str(scenes), "--variant", "off:"]) == 2
     assert "--scenes needs --ckpt" in capsys.readouterr().err
+    other = save_weights_only(tmp_path / "other.pt", BlindPnPNet(**TINY_NET), TINY_NET)
+    assert main(["--scenes", str(scenes), "--ckpt", str(ckpt), "--ckpt", str(other), "--variant", "off:"]) == 0
+    out = capsys.readouterr().out
+    # Both checkpoints on the same instances, the second paired against the first.
+    assert "| w / off | 2 |" in out and "| other / off | 2 |" in out and "p = " in out.split("| other / off")[1]
+    assert main(["--scenes", str(scenes), "--ckpt", str(ckpt), "--ckpt", str(tmp_path / "missing.pt"),
+                 "--variant", "off:"]) == 2
+    assert "missing.pt" in capsys.readouterr().err
     assert main([str(run), "--ckpt", str(ckpt), "--variant", "x:sinkhorn.lam=3"]) == 2
     assert "only the inference groups" in capsys.readouterr().err
     assert main([str(tmp_path / "nowhere"), "--variant", "a:"]) == 2
