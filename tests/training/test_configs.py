@@ -156,11 +156,15 @@ def test_real_experiment_composes_on_the_shared_data(compose_cfg):
 
 
 def test_experiments_and_debug_presets(compose_cfg):
-    assert _options("experiment") == ["bpnp_real", "bpnp_synthetic", "bpnp_synthetic_continue"]
+    assert _options("experiment") == ["bpnp_real", "bpnp_synthetic", "bpnp_synthetic_continue", "bpnp_synthetic_heavy"]
     _compose_and_instantiate(compose_cfg, "bpnp_synthetic")
     more = _compose_and_instantiate(compose_cfg, "bpnp_synthetic_continue")
     assert Path(more.init_ckpt).is_file()  # continues from the committed full checkpoint
     assert more.data.synthetic.other_shape_prob_2d > 0 and more.trainer.max_epochs > more.model.loss.pose_start_epoch
+    heavy = _compose_and_instantiate(compose_cfg, "bpnp_synthetic_heavy")
+    assert heavy.init_ckpt == more.init_ckpt and heavy.trainer.max_epochs > heavy.model.loss.pose_start_epoch
+    assert list(heavy.data.synthetic.outlier_frac_2d) == [0.3, 0.7]  # over the continuation's other ranges
+    assert heavy.data.synthetic.fov_deg == more.data.synthetic.fov_deg
     real = compose_cfg("experiment=bpnp_real")  # composes anywhere; its data is one setting away
     assert real.data.source == "colmap" and real.data.root.endswith("data/real")
     assert _options("debug") == ["fast_dev_run", "limit", "overfit"]
