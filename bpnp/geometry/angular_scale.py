@@ -27,9 +27,11 @@ bpnp.evaluation.ablate`` prints the median spread of the set it runs on).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
-__all__ = ["keypoint_spread", "gate_factor"]
+__all__ = ["keypoint_spread", "gate_factor", "check_angle"]
 
 
 def keypoint_spread(bearings: torch.Tensor, mask2d: torch.Tensor) -> torch.Tensor:
@@ -48,6 +50,19 @@ def keypoint_spread(bearings: torch.Tensor, mask2d: torch.Tensor) -> torch.Tenso
     mean = b.sum(1) / count[:, None]
     sq = ((b - mean[:, None, :]).square().sum(-1) * w).sum(1)
     return (sq / count).sqrt()
+
+
+def check_angle(value: float | torch.Tensor, batch: int, name: str) -> None:
+    """Raise ``ValueError`` unless ``value`` is an angle in (0, pi/2) radians, or a floating
+    ``(batch,)`` tensor of such angles, one per item (the gates' tests need ``cos > 0``).
+    ``name`` opens the message (the argument, e.g. ``"threshold"``)."""
+    if isinstance(value, torch.Tensor):
+        if (tuple(value.shape) != (batch,) or not value.is_floating_point()
+                or not bool(((value > 0) & (value < math.pi / 2)).all())):
+            raise ValueError(f"{name}: a per-item angle must be a floating tensor of shape {(batch,)} with angles "
+                             f"in (0, pi/2) radians, got {value.dtype} of shape {tuple(value.shape)}")
+    elif not 0.0 < value < math.pi / 2:
+        raise ValueError(f"{name} must lie in (0, pi/2) radians, got {value!r}")
 
 
 def gate_factor(bearings: torch.Tensor, mask2d: torch.Tensor, reference: float, low: float,

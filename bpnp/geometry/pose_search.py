@@ -33,6 +33,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from bpnp.geometry.angular_scale import check_angle
 from bpnp.geometry.ransac import gauss_newton_angular
 from bpnp.geometry.rotations import _check_tensor
 
@@ -87,15 +88,11 @@ def rematch(P: torch.Tensor, bearings: torch.Tensor, points: torch.Tensor, mask2
         R, t = R.unsqueeze(1), t.unsqueeze(1)
     b, k = R.shape[:2]
     # The zeroed rays below rely on cos(gate) > 0.
+    check_angle(gate, b, "rematch: gate")
     if isinstance(gate, torch.Tensor):
-        if tuple(gate.shape) != (b,) or not bool(((gate > 0) & (gate < math.pi / 2)).all()):
-            raise ValueError(f"rematch: a per-item gate must have shape {(b,)} with angles in (0, pi/2) radians, "
-                             f"got shape {tuple(gate.shape)}")
         cos_gate = torch.cos(gate.to(bearings.dtype)).view(b, 1, 1, 1)
-    elif 0.0 < gate < math.pi / 2:
-        cos_gate = math.cos(gate)
     else:
-        raise ValueError(f"rematch: gate must lie in (0, pi/2) radians, got {gate!r}")
+        cos_gate = math.cos(gate)
     m, n = bearings.shape[1], points.shape[1]
     x = points.unsqueeze(1) @ R.transpose(-1, -2) + t.unsqueeze(-2)  # (b, k, n, 3)
     # Rays of padded points and of points behind the camera are 0, and so are padded bearings:

@@ -65,6 +65,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from bpnp.geometry.angular_scale import check_angle
 from bpnp.geometry.p3p import p3p
 from bpnp.geometry.rotations import _check_float, _check_tensor, skew, so3_exp
 
@@ -370,13 +371,7 @@ def ransac_pnp(
         raise ValueError(f"num_hypotheses must be a positive int, got {num_hypotheses!r}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be None or a positive int, got {top_k!r}")
-    if isinstance(threshold, torch.Tensor):
-        if (tuple(threshold.shape) != (b,) or not threshold.is_floating_point()
-                or not bool(((threshold > 0) & (threshold < math.pi / 2)).all())):
-            raise ValueError(f"threshold: a per-item threshold must be a float tensor of shape {(b,)} with angles in "
-                             f"(0, pi/2) radians, got {threshold.dtype} of shape {tuple(threshold.shape)}")
-    elif not (0.0 < threshold < math.pi / 2):
-        raise ValueError(f"threshold must be an angle in (0, pi/2) radians, got {threshold!r}")
+    check_angle(threshold, b, "threshold")
     if not isinstance(min_inliers, int) or min_inliers < 0:
         raise ValueError(f"min_inliers must be a non-negative int, got {min_inliers!r}")
     if not (0.0 <= min_inlier_weight <= 1.0):

@@ -423,7 +423,7 @@ class BlindPnPNet(nn.Module):
             R_ransac=R_ransac, t_ransac=t_ransac, search_matches=search_matches,
         )
         if refine:
-            out = self._refine(out, bearings, points, mask2d, mask3d)
+            out = self._refine(out, bearings, points, mask2d, mask3d, factor)
         timer.lap("refinement")
         self.last_timings = timer.laps
         return out
@@ -457,7 +457,7 @@ class BlindPnPNet(nn.Module):
             raise ValueError("BlindPnPNet.refine_pose: the output has no RANSAC pose (it came from a pose=False "
                              "forward); run the forward with pose=True")
         bearings, points = _geometric_inputs(p2d, p3d, mask2d, mask3d)
-        return self._refine(out, bearings, points, mask2d, mask3d)
+        return self._refine(out, bearings, points, mask2d, mask3d, self._gate_factor(bearings, mask2d))
 
     def _gate_factor(self, bearings: torch.Tensor, mask2d: torch.Tensor) -> torch.Tensor | None:
         """(B,) float64 factor of every angular gate (``gates.relative``), else None."""
@@ -468,7 +468,10 @@ class BlindPnPNet(nn.Module):
         high = min(g.max_factor, _MAX_GATE / max(self.search_settings.start_threshold, self.ransac_settings.threshold))
         return gate_factor(bearings, mask2d, g.reference, min(g.min_factor, high), high)
 
-    def _refine(self, out: BlindPnPOutput, bearings, points, mask2d, mask3d) -> BlindPnPOutput:
+    def _refine(self, out: BlindPnPOutput, bearings, points, mask2d, mask3d,
+                factor: torch.Tensor | None) -> BlindPnPOutput:
+        """The refinement node from ``out``'s pose; ``factor`` is :meth:`_gate_factor` of these
+        inputs (computed once per forward, shared with RANSAC and the search)."""
         P = out.P
         bearings, points = bearings.to(P.dtype), points.to(P.dtype)
         if out.search_matches is not None and self.search_settings.refine_on_matches:
@@ -478,7 +481,6 @@ class BlindPnPNet(nn.Module):
                                                (sm >= 0).to(P.dtype).unsqueeze(-1) / max(P.shape[1], 1))
             enough = ((sm >= 0).sum(1) >= 4)[:, None, None]
             P = torch.where(enough, hard, P)
-        factor = self._gate_factor(bearings, mask2d)
         kernel_factor = None if factor is None else factor * factor  # the scale is in 1 - cos units
         if self.refine_gate is not None:
             gate = self.refine_gate if factor is None else (self.refine_gate * factor).clamp_max(_MAX_GATE)
