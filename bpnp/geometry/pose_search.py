@@ -20,6 +20,13 @@ ranked too low. :func:`pose_search` does this for the best few RANSAC hypotheses
 4. **Select** per item the hypothesis with the largest consensus: the number of mutual matches
    within ``threshold`` (ties: the larger sum of ``P`` over them).
 
+Which hypotheses to start from: RANSAC ranks its poses by the ``P``-weighted count of inliers
+among its top-``K`` candidate pairs, and with many outliers those candidates hold few true pairs
+(1-4 % in the failures of docs/experiments.md "Session 13"), so a pose near the truth is often
+ranked far below wrong ones. :func:`rerank_by_row_support` ranks a larger pool of RANSAC's poses
+by a score closer to the search's own consensus: the number of 2D points with one of their
+``partners`` most probable 3D points within the gate (a cheap, non-mutual proxy of step 4).
+
 Cost per item: ``k`` hypotheses x ``iterations`` x one (m, n) residual matrix, e.g. 4 x 3 x 10^6
 entries at m = n = 1000. Not differentiable (``torch.no_grad``): it chooses the pose the
 refinement node starts from, as RANSAC does.
@@ -34,10 +41,10 @@ import torch
 import torch.nn.functional as F
 
 from bpnp.geometry.angular_scale import check_angle
-from bpnp.geometry.ransac import gauss_newton_angular
+from bpnp.geometry.ransac import angular_inliers, gauss_newton_angular
 from bpnp.geometry.rotations import _check_tensor
 
-__all__ = ["PoseSearchResult", "pose_search", "rematch"]
+__all__ = ["PoseSearchResult", "pose_search", "rematch", "row_support", "rerank_by_row_support"]
 
 
 class PoseSearchResult(NamedTuple):
@@ -143,6 +150,72 @@ def rematch(P: torch.Tensor, bearings: torch.Tensor, points: torch.Tensor, mask2
     if single:
         matches, prior = matches.squeeze(1), prior.squeeze(1)
     return matches, prior
+
+
+def row_support(P: torch.Tensor, bearings: torch.Tensor, points: torch.Tensor, mask2d: torch.Tensor,
+                mask3d: torch.Tensor, R: torch.Tensor, t: torch.Tensor, *, partners: int,
+                threshold: float | torch.Tensor, chunk: int = 1 << 23) -> torch.Tensor:
+    """Row support of poses: per pose, the number of real 2D points ``i`` with at least one of
+    their ``partners`` most probable real 3D points ``j`` (largest ``P_ij > 0``) within
+    ``threshold`` of the bearing (angle between ``b_i`` and ``R p_j + t``, in front of the camera).
+
+    Args:
+        P: (b, m, n) soft matches; bearings (b, m, 3) unit; points (b, n, 3); masks (b, m), (b, n)
+            bool; R (b, k, 3, 3), t (b, k, 3) poses; partners: ``T >= 1`` 3D points per 2D point;
+            threshold: radians, one angle or a (b,) tensor; chunk: most (pose, pair) entries
+            scored at once (memory: about 12 bytes each).
+
+    Returns:
+        (b, k) int64; -1 for a pose that is not finite.
+
+    Cost: ``k m T`` angle tests (:func:`bpnp.geometry.ransac.angular_inliers`), e.g. 4 x 10^6 at
+    k = 256, m = 1000, T = 16: a fraction of one :func:`rematch` round over the k poses (k m n).
+    """
+    check_angle(threshold, P.shape[0], "row_support: threshold")
+    if not isinstance(partners, int) or partners < 1:
+        raise ValueError(f"row_support: partners must be a positive int, got {partners!r}")
+    b, m, n = P.shape
+    k = R.shape[1]
+    T = min(partners, n)
+    dtype = torch.promote_types(bearings.dtype, points.dtype)
+    real = mask2d[:, :, None] & mask3d[:, None, :]
+    key = torch.where(real & torch.isfinite(P), P, torch.full((), -math.inf, dtype=P.dtype, device=P.device))
+    val, J = key.topk(T, dim=2)  # (b, m, T): each 2D point's T most probable 3D points
+    ok = (val > 0).reshape(b, m * T)
+    bc = bearings.to(dtype)[:, :, None, :].expand(b, m, T, 3).reshape(b, m * T, 3)
+    pc = torch.gather(points.to(dtype), 1, J.reshape(b, m * T, 1).expand(b, m * T, 3))
+    zero = torch.zeros((), dtype=dtype, device=P.device)
+    bc, pc = torch.where(ok[..., None], bc, zero), torch.where(ok[..., None], pc, zero)  # bc = 0: never an inlier
+    cos_thr = (torch.cos(threshold.to(device=P.device, dtype=torch.float64))[:, None].to(dtype)
+               if isinstance(threshold, torch.Tensor) else math.cos(threshold))
+    finite = torch.isfinite(R).flatten(2).all(-1) & torch.isfinite(t).all(-1)
+    Rs = torch.where(finite[..., None, None], R.to(dtype), torch.eye(3, dtype=dtype, device=P.device))
+    ts = torch.where(finite[..., None], t.to(dtype), zero)
+    step = max(1, chunk // max(b * m * T, 1))
+    support = torch.cat([angular_inliers(Rs[:, h:h + step], ts[:, h:h + step], bc, pc, cos_thr)
+                         .view(b, -1, m, T).any(-1).sum(-1) for h in range(0, k, step)], 1)
+    return torch.where(finite, support, torch.full_like(support, -1))
+
+
+def rerank_by_row_support(P: torch.Tensor, bearings: torch.Tensor, points: torch.Tensor, mask2d: torch.Tensor,
+                          mask3d: torch.Tensor, R: torch.Tensor, t: torch.Tensor, keep: int, *, partners: int,
+                          threshold: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``keep`` poses of the (b, k, 3, 3), (b, k, 3) pool ``R, t`` with the largest
+    :func:`row_support` (ties: the earlier in the pool, i.e. RANSAC's better rank), in that order.
+
+    Returns:
+        ``(R, t)`` of shapes (b, keep, 3, 3), (b, keep, 3); ``keep <= k``.
+    """
+    b, k = R.shape[:2]
+    if not 1 <= keep <= k:
+        raise ValueError(f"rerank_by_row_support: keep must be in [1, {k}], got {keep!r}")
+    with torch.no_grad():
+        support = row_support(P, bearings, points, mask2d, mask3d, R, t, partners=partners, threshold=threshold)
+        # Support first, pool position second (exact in int64: both below 2^31).
+        rank = (support + 1) * k + (k - 1 - torch.arange(k, device=support.device))
+        order = rank.topk(keep, dim=1).indices
+        return (torch.gather(R, 1, order[..., None, None].expand(b, keep, 3, 3)),
+                torch.gather(t, 1, order[..., None].expand(b, keep, 3)))
 
 
 def _solve_on_matches(R, t, bearings, points, matches, gate, steps):

@@ -69,7 +69,8 @@ from bpnp.geometry.angular_scale import check_angle
 from bpnp.geometry.p3p import p3p
 from bpnp.geometry.rotations import _check_float, _check_tensor, skew, so3_exp
 
-__all__ = ["RansacStatus", "RansacResult", "ransac_pnp", "default_top_k", "seeded_generator", "gauss_newton_angular"]
+__all__ = ["RansacStatus", "RansacResult", "ransac_pnp", "default_top_k", "seeded_generator", "gauss_newton_angular",
+           "angular_inliers"]
 
 
 class RansacStatus(IntEnum):
@@ -176,20 +177,21 @@ def _sample_without_replacement(w: torch.Tensor, u: torch.Tensor) -> torch.Tenso
     return torch.stack(drawn, -1)
 
 
-def _angular_scores(
+def angular_inliers(
     R: torch.Tensor,
     t: torch.Tensor,
     bc: torch.Tensor,
     pc: torch.Tensor,
-    wc: torch.Tensor,
     cos_thr: float | torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Weighted inlier score and count of poses (b, H) over candidates (b, K); ``cos_thr`` one
-    number or (b, 1) per item.
+) -> torch.Tensor:
+    """(b, H, K) bool: pair k (unit bearing ``bc`` (b, K, 3), point ``pc`` (b, K, 3)) is an
+    inlier of pose h (``R`` (b, H, 3, 3), ``t`` (b, H, 3)); ``cos_thr`` one number or (b, 1)
+    per item.
 
     Pair k is an inlier of hypothesis h iff ``d |d| > cos_thr^2 |x|^2`` with ``x = R_h p_k + t_h``
     and ``d = b_k . x`` (|b| = 1), i.e. ``d > 0`` (in front of the camera) and
-    ``cos(angle) > cos_thr``: no sqrt, no (b, H, 3, K) tensor of transformed points.
+    ``cos(angle) > cos_thr``: no sqrt, no (b, H, 3, K) tensor of transformed points. Pairs
+    with ``bc = 0`` are never inliers.
     """
     # Points relative to the top candidate's 3D point (padding-invariant): the camera-frame
     # terms below then have the size of the visible structure and its depth, not of the world
@@ -210,7 +212,20 @@ def _angular_scores(
     G = torch.cat([R.reshape(*R.shape[:2], 9), t0], -1)
     Fk = torch.cat([(bc.unsqueeze(-1) * p0.unsqueeze(-2)).reshape(*pc.shape[:2], 9), bc], -1)
     dot = G @ Fk.transpose(1, 2)
-    inl = (dot * dot.abs()) > rhs
+    return (dot * dot.abs()) > rhs
+
+
+def _angular_scores(
+    R: torch.Tensor,
+    t: torch.Tensor,
+    bc: torch.Tensor,
+    pc: torch.Tensor,
+    wc: torch.Tensor,
+    cos_thr: float | torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Weighted inlier score and count of poses (b, H) over candidates (b, K) with weights
+    ``wc`` (b, K) (:func:`angular_inliers`)."""
+    inl = angular_inliers(R, t, bc, pc, cos_thr)
     # Score (sum of weights) and count (real candidates) of the inliers in one matmul.
     wk = torch.stack([wc, (wc > 0).to(wc.dtype)], -1)  # (b, K, 2)
     sc = inl.to(wc.dtype) @ wk

@@ -44,7 +44,7 @@ from torch import nn
 
 from bpnp.geometry.angular_scale import gate_factor
 from bpnp.geometry.bearings import to_bearings
-from bpnp.geometry.pose_search import pose_search
+from bpnp.geometry.pose_search import pose_search, rerank_by_row_support
 from bpnp.geometry.ransac import ransac_pnp
 from bpnp.models.attention import AttentionMatcher
 from bpnp.models.context_norm import masked_rms_radius
@@ -391,8 +391,9 @@ class BlindPnPNet(nn.Module):
             factor = self._gate_factor(bearings, mask2d)
             if factor is not None:
                 ransac_kwargs = {**ransac_kwargs, "threshold": ransac_kwargs["threshold"] * factor}
+            pool = 1 if search is None else max(search.hypotheses, search.rerank_pool)
             rs = ransac_pnp(P.detach(), bearings, points, mask2d, mask3d, generator=generator,
-                            top_hypotheses=search.hypotheses if search else 1, **ransac_kwargs)
+                            top_hypotheses=pool, **ransac_kwargs)
             R0, t0 = rs.R.to(P.dtype).detach(), rs.t.to(P.dtype).detach()
             ransac_status, ransac_inliers = rs.status, rs.num_inliers
         else:  # training steps that need only P: no pose, NaN so that no metric can mistake it for one
@@ -404,6 +405,11 @@ class BlindPnPNet(nn.Module):
         if search is not None:
             R_top = rs.R_top if rs.R_top is not None else rs.R[:, None]
             t_top = rs.t_top if rs.t_top is not None else rs.t[:, None]
+            if R_top.shape[1] > search.hypotheses:
+                gate = search.threshold if factor is None else search.threshold * factor
+                R_top, t_top = rerank_by_row_support(P.detach(), bearings, points, mask2d, mask3d, R_top, t_top,
+                                                     search.hypotheses, partners=search.rerank_partners,
+                                                     threshold=gate)
             ps = pose_search(P.detach(), bearings, points, mask2d, mask3d, R_top, t_top,
                              iterations=search.iterations, threshold=search.threshold,
                              start_threshold=max(search.start_threshold, search.threshold),

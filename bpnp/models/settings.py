@@ -193,7 +193,12 @@ class SearchSettings(_Group):
     never in training steps): re-match from the pose, re-solve, repeat, keep the largest consensus.
 
     enabled: run it (eval / inference forwards only).
-    hypotheses: how many of RANSAC's best-ranked poses to search from (slot 0 = RANSAC's pose).
+    hypotheses: how many of RANSAC's poses to search from (without re-ranking its best-ranked
+        ones, slot 0 = RANSAC's pose).
+    rerank_pool: when larger than ``hypotheses``, RANSAC's ``rerank_pool`` best-ranked poses are
+        re-ranked by row support (:func:`bpnp.geometry.pose_search.rerank_by_row_support`, gate
+        ``threshold``) and the best ``hypotheses`` are searched from; 0 (or <= hypotheses) = off.
+    rerank_partners: the 3D points of largest ``P`` per 2D point that row support tests.
     iterations: re-match / re-solve rounds per hypothesis.
     threshold, start_threshold: final and first matching gate, radians (the gate shrinks
         geometrically between them).
@@ -205,6 +210,8 @@ class SearchSettings(_Group):
 
     enabled: bool = False
     hypotheses: int = 4
+    rerank_pool: int = 0
+    rerank_partners: int = 16
     iterations: int = 3
     threshold: float = 0.01
     start_threshold: float = 0.04
@@ -212,7 +219,8 @@ class SearchSettings(_Group):
     solve_steps: int = 5
     refine_on_matches: bool = False
 
-    CHECKS = {"enabled": _flag, "hypotheses": _number(integer=True, low=1), "iterations": _number(integer=True, low=1),
+    CHECKS = {"enabled": _flag, "hypotheses": _number(integer=True, low=1), "rerank_pool": _number(integer=True, low=0),
+              "rerank_partners": _number(integer=True, low=1), "iterations": _number(integer=True, low=1),
               "threshold": _number(low=0, open_low=True, high=math.pi / 2),
               "start_threshold": _number(low=0, open_low=True, high=math.pi / 2),
               "prior_weight": _number(low=0), "solve_steps": _number(integer=True, low=0),

@@ -1,13 +1,13 @@
 """Pose search (bpnp.geometry.pose_search): re-matching from a pose recovers the true matches
 and the pose where the soft matches carry no information; the best hypothesis is kept; padding
-and inputs; RANSAC's top hypotheses."""
+and inputs; RANSAC's top hypotheses; re-ranking the starts by row support."""
 
 import math
 
 import pytest
 import torch
 
-from bpnp.geometry.pose_search import pose_search, rematch
+from bpnp.geometry.pose_search import pose_search, rematch, rerank_by_row_support, row_support
 from bpnp.geometry.ransac import ransac_pnp
 from bpnp.geometry.rotations import geodesic_angle, so3_exp
 from tests.geometry.test_ransac import make_scene, one_hot_P
@@ -158,3 +158,78 @@ def test_rematch_stays_one_to_one_when_rows_tie():
     assert int(matches[0, 3]) == 3 and int(matches[0, 7]) == -1
     real = matches[matches >= 0]
     assert real.unique().numel() == real.numel()
+
+
+def _row_support_by_loops(P, bearings, X, mask2d, mask3d, R, t, partners, threshold):
+    """Row support from its definition, one pose and one 2D point at a time (float64)."""
+    b, k = R.shape[:2]
+    out = torch.zeros(b, k, dtype=torch.long)
+    for i in range(b):
+        thr = float(threshold[i]) if isinstance(threshold, torch.Tensor) else threshold
+        rows = mask2d[i].nonzero()[:, 0].tolist()
+        cols = mask3d[i].nonzero()[:, 0]
+        for h in range(k):
+            x = X[i, cols].double() @ R[i, h].double().T + t[i, h].double()
+            for r in rows:
+                p = P[i, r, cols]
+                top = p.topk(min(partners, len(cols))).indices
+                top = top[p[top] > 0]
+                cos = (torch.nn.functional.normalize(x[top], dim=-1) @ bearings[i, r].double())
+                out[i, h] += bool(((cos > math.cos(thr)) & (x[top, 2] > 0)).any())
+    return out
+
+
+def test_row_support_counts_the_rows_with_a_likely_partner_within_the_gate():
+    """Against the definition by loops: random P with padding, poses 0-3 degrees off, one gate per
+    item, the chunked evaluation equal to the whole."""
+    s = make_scene(2, 30, n_extra3d=15, noise=1e-3, seed=11)
+    b, X = s["bearings"].double(), s["X"].double()
+    P = torch.rand(2, 30, 45, generator=torch.Generator().manual_seed(12), dtype=F64)
+    m2, m3 = s["mask2d"].clone(), s["mask3d"].clone()
+    m2[1, 25:] = False
+    m3[0, 40:] = False
+    poses = [_perturbed(s, deg, seed) for deg, seed in ((0.0, 1), (0.5, 2), (1.0, 3), (3.0, 4))]
+    R = torch.stack([p[0] for p in poses], 1)
+    t = torch.stack([p[1] for p in poses], 1)
+    gate = torch.tensor([0.01, 0.03], dtype=F64)
+    for partners in (1, 4):
+        got = row_support(P, b, X, m2, m3, R, t, partners=partners, threshold=gate)
+        assert torch.equal(got, _row_support_by_loops(P, b, X, m2, m3, R, t, partners, gate))
+        chunked = row_support(P, b, X, m2, m3, R, t, partners=partners, threshold=gate, chunk=1)
+        assert torch.equal(got, chunked)
+    # With the true matches most probable, the true pose is supported by every real row.
+    exact = one_hot_P(2, 30, 45).double()
+    at_truth = row_support(exact, b, X, s["mask2d"], s["mask3d"], s["R"][:, None], s["t"][:, None],
+                           partners=1, threshold=0.01)
+    assert at_truth.tolist() == [[30], [30]]
+
+
+def test_row_support_marks_a_non_finite_pose_and_refuses_bad_options():
+    s = make_scene(1, 20, seed=13)
+    R = torch.stack([s["R"], torch.full_like(s["R"], float("nan"))], 1)
+    t = torch.stack([s["t"], s["t"]], 1)
+    P = one_hot_P(1, 20, 20).double()
+    got = row_support(P, s["bearings"].double(), s["X"].double(), s["mask2d"], s["mask3d"], R, t,
+                      partners=2, threshold=0.01)
+    assert got.tolist() == [[20, -1]]
+    with pytest.raises(ValueError, match="partners"):
+        row_support(P, s["bearings"], s["X"], s["mask2d"], s["mask3d"], R, t, partners=0, threshold=0.01)
+    with pytest.raises(ValueError, match="threshold"):
+        row_support(P, s["bearings"], s["X"], s["mask2d"], s["mask3d"], R, t, partners=2, threshold=2.0)
+
+
+def test_rerank_keeps_the_best_supported_poses_in_order_and_ties_in_pool_order():
+    s = make_scene(1, 40, seed=14)
+    bad1, bad2 = _perturbed(s, 40.0, 15), _perturbed(s, 70.0, 16)
+    near = _perturbed(s, 0.2, 17)
+    pool = [bad1, near, bad2, bad2]  # the two last tie exactly
+    R = torch.stack([p[0] for p in pool], 1)
+    t = torch.stack([p[1] for p in pool], 1)
+    args = (one_hot_P(1, 40, 40).double(), s["bearings"].double(), s["X"].double(), s["mask2d"], s["mask3d"])
+    support = row_support(*args, R, t, partners=1, threshold=0.01)
+    R2, t2 = rerank_by_row_support(*args, R, t, 4, partners=1, threshold=0.01)
+    order = sorted(range(4), key=lambda h: (-int(support[0, h]), h))
+    assert order[0] == 1
+    assert torch.equal(R2[0], R[0, order]) and torch.equal(t2[0], t[0, order])
+    with pytest.raises(ValueError, match="keep"):
+        rerank_by_row_support(*args, R, t, 5, partners=1, threshold=0.01)

@@ -430,6 +430,29 @@ def test_pose_search_runs_at_inference_only_and_keeps_ransacs_pose():
         _small_net(search={"hypotheses": 0})
 
 
+def test_rerank_pool_reorders_the_search_starts_only_when_larger_than_the_starts():
+    """``search.rerank_pool`` <= ``hypotheses`` is off (the same forward); a larger pool searches
+    from RANSAC's poses re-ranked by row support and still finds the true-match pose."""
+    from bpnp.models.settings import SettingError
+
+    batch = _batch(b=2, m=(50, 60), outliers_2d=0.3, outliers_3d=0.3, seed=4)
+    M = _true_cost(batch)
+    settings = dict(ransac={"num_hypotheses": 64})
+    with torch.no_grad():
+        off = _small_net(**settings, search={"enabled": True, "hypotheses": 3}).eval()(batch, cost_override=M, generator=_gen())
+        small = _small_net(**settings, search={"enabled": True, "hypotheses": 3, "rerank_pool": 3}).eval()(
+            batch, cost_override=M, generator=_gen())
+        pooled = _small_net(**settings, search={"enabled": True, "hypotheses": 3, "rerank_pool": 32}).eval()(
+            batch, cost_override=M, generator=_gen())
+    assert torch.equal(off.R, small.R) and torch.equal(off.search_matches, small.search_matches)
+    torch.testing.assert_close(pooled.R_ransac, off.R_ransac)  # RANSAC's own pose is unchanged
+    errs = pose_errors(pooled.R, pooled.t, batch["R"], batch["t"], batch["p3d"], batch["match"], batch["mask2d"], batch["mask3d"])
+    assert torch.all(errs["success"])
+    for key, value in (("rerank_pool", -1), ("rerank_partners", 0)):
+        with pytest.raises(SettingError, match=f"search.{key}"):
+            _small_net(search={key: value})
+
+
 def test_guided_ransac_setting_reaches_ransac_and_finds_the_true_match_pose():
     """``ransac.guided`` is passed to RANSAC; with the true-match cost and every hypothesis
     guided, the RANSAC pose is still the true one."""
