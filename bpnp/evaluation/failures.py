@@ -4,7 +4,7 @@ come near the pose? (A diagnostic for validation sets; it chooses nothing.)
     python -m bpnp.evaluation.failures --ckpt checkpoints/bpnp_synthetic.pt --scenes scenes/val_shift/*
 
 For every instance the checkpoint's forward runs with its own settings (RANSAC drawing from
-``seeded_generator(0, index)``, as ``evaluate.py`` and ``ablate`` do). For each failure
+``seeded_generator(0, index)`` with the index within its folder, as ``evaluate.py`` does). For each failure
 (docs/metrics.md) it then measures:
 
 - **score**: the consensus (:func:`bpnp.geometry.pose_search.pose_search`'s count of mutual
