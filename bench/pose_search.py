@@ -11,6 +11,9 @@
    :func:`bpnp.geometry.ransac.gauss_newton_angular`): before, a (6, 3) x (3, 6) product per pair
    summed over the K pairs; now one (6, 3K) x (3K, 6) product per item.
 3. The whole :func:`~bpnp.geometry.pose_search.pose_search` with the before / after kernels.
+4. Session 13's :func:`~bpnp.geometry.pose_search.row_support` (the re-ranking of the search's
+   starts) over a pool of 256 poses and 16 partners per 2D point, by ``chunk`` (how many
+   (pose, pair) entries are scored at once; the default is 2^20), with the supports compared.
 
 b = 1, k = 4 hypotheses near the true pose, m = n points per side (a quarter of them outliers), a
 soft-match matrix with a third of each true row's mass on the true pair, float64 as the search runs.
@@ -180,6 +183,26 @@ def main() -> None:
         print(f"| {n} | {1e3 * rm['before']:.1f} | {1e3 * rm['after']:.1f} | **{rm['before'] / rm['after']:.2f}x** | "
               f"{1e3 * gn['before']:.2f} | {1e3 * gn['after']:.2f} | **{gn['before'] / gn['after']:.2f}x** | "
               f"{se['before']:.3f} | {se['after']:.3f} | **{se['before'] / se['after']:.2f}x** | {same} | {dpose:.1e} |")
+
+
+    chunks = (1 << 23, 1 << 20, 1 << 18, 1 << 16)
+    print(f"\n# row support of a pool of 256 poses, 16 partners, float32 (as the network runs it), by chunk, "
+          f"median of {args.repeats}")
+    print("| m = n | " + " | ".join(f"chunk 2^{c.bit_length() - 1} ms" for c in chunks)
+          + " | 2^23 / 2^20 | same supports |")
+    print("|---|" + "---|" * (len(chunks) + 2))
+    for n in args.sizes:
+        P, b, X, mask, _, _ = search_inputs(n)
+        g = torch.Generator().manual_seed(1)
+        w = torch.randn(256, 3, generator=g, dtype=torch.float64)
+        R = so3_exp(w / w.norm(dim=1, keepdim=True) * math.radians(2.0))[None].float()
+        t = 0.05 * torch.randn(1, 256, 3, generator=g).float()
+        P32, b32, X32 = P.float(), b.float(), X.float()
+        rs, rs_out = timed({c: (lambda c=c: ps.row_support(P32, b32, X32, mask, mask, R, t, partners=16, threshold=0.01,
+                                                            chunk=c)) for c in chunks}, args.repeats)
+        same = all(torch.equal(rs_out[chunks[0]], rs_out[c]) for c in chunks)
+        print(f"| {n} | " + " | ".join(f"{1e3 * rs[c]:.1f}" for c in chunks)
+              + f" | **{rs[chunks[0]] / rs[1 << 20]:.2f}x** | {same} |")
 
 
 if __name__ == "__main__":

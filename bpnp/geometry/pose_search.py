@@ -22,7 +22,7 @@ ranked too low. :func:`pose_search` does this for the best few RANSAC hypotheses
 
 Which hypotheses to start from: RANSAC ranks its poses by the ``P``-weighted count of inliers
 among its top-``K`` candidate pairs, and with many outliers those candidates hold few true pairs
-(1-4 % in the failures of docs/experiments.md "Session 13"), so a pose near the truth is often
+(a median of 2-3 % in the failures of docs/experiments.md "Session 13"), so a pose near the truth is often
 ranked far below wrong ones. :func:`rerank_by_row_support` ranks a larger pool of RANSAC's poses
 by a score closer to the search's own consensus: the number of 2D points with one of their
 ``partners`` most probable 3D points within the gate (a cheap, non-mutual proxy of step 4).
@@ -154,7 +154,7 @@ def rematch(P: torch.Tensor, bearings: torch.Tensor, points: torch.Tensor, mask2
 
 def row_support(P: torch.Tensor, bearings: torch.Tensor, points: torch.Tensor, mask2d: torch.Tensor,
                 mask3d: torch.Tensor, R: torch.Tensor, t: torch.Tensor, *, partners: int,
-                threshold: float | torch.Tensor, chunk: int = 1 << 23) -> torch.Tensor:
+                threshold: float | torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
     """Row support of poses: per pose, the number of real 2D points ``i`` with at least one of
     their ``partners`` most probable real 3D points ``j`` (largest ``P_ij > 0``) within
     ``threshold`` of the bearing (angle between ``b_i`` and ``R p_j + t``, in front of the camera).
@@ -163,7 +163,9 @@ def row_support(P: torch.Tensor, bearings: torch.Tensor, points: torch.Tensor, m
         P: (b, m, n) soft matches; bearings (b, m, 3) unit; points (b, n, 3); masks (b, m), (b, n)
             bool; R (b, k, 3, 3), t (b, k, 3) poses; partners: ``T >= 1`` 3D points per 2D point;
             threshold: radians, one angle or a (b,) tensor; chunk: most (pose, pair) entries
-            scored at once (memory: about 12 bytes each).
+            scored at once (memory: about 12 bytes each, so 12 MB at the default 2^20; larger
+            chunks are no faster, 2^16 is 2.5x slower from the per-chunk overhead:
+            ``python bench/pose_search.py``).
 
     Returns:
         (b, k) int64; -1 for a pose that is not finite.
