@@ -215,14 +215,8 @@ def angular_inliers(
     return (dot * dot.abs()) > rhs
 
 
-def _angular_scores(
-    R: torch.Tensor,
-    t: torch.Tensor,
-    bc: torch.Tensor,
-    pc: torch.Tensor,
-    wc: torch.Tensor,
-    cos_thr: float | torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+def _angular_scores(R: torch.Tensor, t: torch.Tensor, bc: torch.Tensor, pc: torch.Tensor, wc: torch.Tensor,
+                    cos_thr: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted inlier score and count of poses (b, H) over candidates (b, K) with weights
     ``wc`` (b, K) (:func:`angular_inliers`)."""
     inl = angular_inliers(R, t, bc, pc, cos_thr)
