@@ -31,22 +31,24 @@ from typing import Any
 import numpy as np
 import torch
 
+from bpnp.so3 import geodesic_angle
+
 __all__ = ["diagnose", "format_table", "main"]
 
 NEAR_DEG = 5.0
 
 
 def _rotation_errors_deg(R: torch.Tensor, R_true: torch.Tensor) -> torch.Tensor:
-    """(k,) angles in degrees between the (k, 3, 3) rotations and the true (3, 3) one (NaN -> inf)."""
-    cos = ((torch.einsum("kij,ij->k", R.double(), R_true.double()) - 1.0) / 2.0).clamp(-1.0, 1.0)
-    return torch.nan_to_num(torch.rad2deg(torch.acos(cos)), nan=math.inf)
+    """(k,) angles in degrees between the (k, 3, 3) rotations and the true (3, 3) one (NaN for a
+    non-finite rotation, which no threshold test passes)."""
+    return torch.rad2deg(geodesic_angle(R.double(), R_true.double().expand_as(R)))
 
 
 def diagnose(net, dataset) -> dict[str, Any]:
     """Counts over the scenes of ``dataset`` (scene dicts) for :func:`format_table`."""
     from bpnp.data.collate import collate_scenes
     from bpnp.evaluation.runner import instance_errors
-    from bpnp.geometry.pose_search import pose_search, rerank_by_row_support
+    from bpnp.geometry.pose_search import pose_search
     from bpnp.geometry.ransac import default_top_k, ransac_pnp, seeded_generator
     from bpnp.models.network import _geometric_inputs
 
@@ -76,22 +78,17 @@ def diagnose(net, dataset) -> dict[str, Any]:
         R_true = torch.as_tensor(np.asarray(scene["R"]), dtype=torch.float64).reshape(3, 3)
         t_true = torch.as_tensor(np.asarray(scene["t"]), dtype=torch.float64).reshape(3)
         args = (P[None], bearings, points, batch["mask2d"], batch["mask3d"])
-        kw = dict(iterations=s.iterations, threshold=s.threshold, start_threshold=max(s.start_threshold, s.threshold),
-                  prior_weight=s.prior_weight, solve_steps=s.solve_steps, gate_factor=factor)
+        kw = net._search_call_kwargs(factor)
         with torch.no_grad():
             chosen = pose_search(*args, out.R0[:, None], out.t0[:, None], **kw)
             truth = pose_search(*args, R_true[None, None].to(P.dtype), t_true[None, None].to(P.dtype), **kw)
-            ransac_kwargs = dict(net.ransac_kwargs)
-            if factor is not None:
-                ransac_kwargs["threshold"] = ransac_kwargs["threshold"] * factor
+            ransac_kwargs = net._ransac_call_kwargs(factor)
             H = ransac_kwargs["num_hypotheses"]
             rs = ransac_pnp(*args, generator=seeded_generator(0, i), top_hypotheses=H, **ransac_kwargs)
-            starts = rs.R_top[:, :s.hypotheses]
-            if s.enabled and H > s.hypotheses and s.rerank_pool > s.hypotheses:
-                pool = min(s.rerank_pool, H)
-                gate = s.threshold if factor is None else s.threshold * factor
-                starts, _ = rerank_by_row_support(*args, rs.R_top[:, :pool], rs.t_top[:, :pool], s.hypotheses,
-                                                  partners=s.rerank_partners, threshold=gate)
+            # The starts the forward searched from: RANSAC's best-ranked pool, re-ranked as configured.
+            pool = max(s.hypotheses, s.rerank_pool)
+            starts, _ = net._search_starts(*args, rs.R_top[:, :pool], rs.t_top[:, :pool], factor)
+            starts = starts[:, :s.hypotheses]
         c_chosen, c_true = int(chosen.consensus[0]), int(truth.consensus[0])
         out_rows["consensus_chosen"].append(c_chosen)
         out_rows["consensus_true"].append(c_true)

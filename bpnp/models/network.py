@@ -387,13 +387,10 @@ class BlindPnPNet(nn.Module):
         factor = None
         if pose:
             bearings, points = _geometric_inputs(p2d, p3d, mask2d, mask3d)
-            ransac_kwargs = self.ransac_kwargs
             factor = self._gate_factor(bearings, mask2d)
-            if factor is not None:
-                ransac_kwargs = {**ransac_kwargs, "threshold": ransac_kwargs["threshold"] * factor}
             pool = 1 if search is None else max(search.hypotheses, search.rerank_pool)
             rs = ransac_pnp(P.detach(), bearings, points, mask2d, mask3d, generator=generator,
-                            top_hypotheses=pool, **ransac_kwargs)
+                            top_hypotheses=pool, **self._ransac_call_kwargs(factor))
             R0, t0 = rs.R.to(P.dtype).detach(), rs.t.to(P.dtype).detach()
             ransac_status, ransac_inliers = rs.status, rs.num_inliers
         else:  # training steps that need only P: no pose, NaN so that no metric can mistake it for one
@@ -405,16 +402,9 @@ class BlindPnPNet(nn.Module):
         if search is not None:
             R_top = rs.R_top if rs.R_top is not None else rs.R[:, None]
             t_top = rs.t_top if rs.t_top is not None else rs.t[:, None]
-            if R_top.shape[1] > search.hypotheses:
-                gate = search.threshold if factor is None else search.threshold * factor
-                R_top, t_top = rerank_by_row_support(P.detach(), bearings, points, mask2d, mask3d, R_top, t_top,
-                                                     search.hypotheses, partners=search.rerank_partners,
-                                                     threshold=gate)
+            R_top, t_top = self._search_starts(P.detach(), bearings, points, mask2d, mask3d, R_top, t_top, factor)
             ps = pose_search(P.detach(), bearings, points, mask2d, mask3d, R_top, t_top,
-                             iterations=search.iterations, threshold=search.threshold,
-                             start_threshold=max(search.start_threshold, search.threshold),
-                             prior_weight=search.prior_weight, solve_steps=search.solve_steps,
-                             gate_factor=factor)
+                             **self._search_call_kwargs(factor))
             R_ransac, t_ransac, search_matches = R0, t0, ps.matches
             R0, t0 = ps.R.to(P.dtype), ps.t.to(P.dtype)
             timer.lap("search")
@@ -473,6 +463,30 @@ class BlindPnPNet(nn.Module):
         # Capped so that the widest gate (search.start_threshold) stays below a right angle.
         high = min(g.max_factor, _MAX_GATE / max(self.search_settings.start_threshold, self.ransac_settings.threshold))
         return gate_factor(bearings, mask2d, g.reference, min(g.min_factor, high), high)
+
+    def _ransac_call_kwargs(self, factor: torch.Tensor | None) -> dict[str, Any]:
+        """:func:`ransac_pnp`'s keywords with the inlier angle scaled by ``factor`` (:meth:`_gate_factor`)."""
+        if factor is None:
+            return dict(self.ransac_kwargs)
+        return {**self.ransac_kwargs, "threshold": self.ransac_kwargs["threshold"] * factor}
+
+    def _search_call_kwargs(self, factor: torch.Tensor | None) -> dict[str, Any]:
+        """:func:`pose_search`'s keywords from ``search`` and the gate factor."""
+        s = self.search_settings
+        return dict(iterations=s.iterations, threshold=s.threshold, start_threshold=max(s.start_threshold, s.threshold),
+                    prior_weight=s.prior_weight, solve_steps=s.solve_steps, gate_factor=factor)
+
+    def _search_starts(self, P, bearings, points, mask2d, mask3d, R_pool: torch.Tensor, t_pool: torch.Tensor,
+                       factor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pose search's ``search.hypotheses`` starts from RANSAC's best-ranked pool (b, k, 3, 3),
+        (b, k, 3): re-ranked by row support when the pool is larger (``search.rerank_pool``), else
+        the pool as it is."""
+        s = self.search_settings
+        if R_pool.shape[1] <= s.hypotheses:
+            return R_pool, t_pool
+        gate = s.threshold if factor is None else s.threshold * factor
+        return rerank_by_row_support(P, bearings, points, mask2d, mask3d, R_pool, t_pool, s.hypotheses,
+                                     partners=s.rerank_partners, threshold=gate)
 
     def _refine(self, out: BlindPnPOutput, bearings, points, mask2d, mask3d,
                 factor: torch.Tensor | None) -> BlindPnPOutput:
