@@ -11,6 +11,9 @@ maximises the P-weighted count of angular inliers among the ``top_k`` most proba
 2. **Sampling**: each hypothesis draws 4 distinct candidates with probability proportional to
    ``P`` (successive sampling without replacement, by inverse CDF with the drawn mass
    removed). The random numbers are one ``(b, num_hypotheses, 4)`` draw from ``generator``.
+   With ``sample_power`` = gamma != 1 the sampling weights are ``P^gamma`` instead (gamma > 1
+   concentrates the draws on the confident pairs, a lower sampling temperature); scoring and the
+   local optimisation still weigh by ``P``.
    **Guided sampling** (``guided`` > 0, a fraction of the hypotheses, the last ones): the first
    candidate is drawn as above, the other three from its *consistent neighbours* only, the
    candidates whose 2D point is among the ``guided_neighbours`` nearest 2D points (by angle) of
@@ -301,6 +304,7 @@ def ransac_pnp(
     top_hypotheses: int = 1,
     guided: float = 0.0,
     guided_neighbours: int = 16,
+    sample_power: float = 1.0,
 ) -> RansacResult:
     r"""Robust pose from soft 2D-3D correspondences by batched, P-weighted RANSAC-P3P.
 
@@ -335,6 +339,9 @@ def ransac_pnp(
         guided: fraction in [0, 1] of the hypotheses drawn by guided sampling (module docstring,
             step 2); 0 = P-weighted sampling only (the same hypotheses as without the option).
         guided_neighbours: neighbours per side that define a consistent neighbour, >= 3.
+        sample_power: exponent gamma > 0 of the sampling weights ``P^gamma`` (both samplers;
+            module docstring, step 2); 1 = proportional to ``P`` (the same hypotheses as
+            without the option).
 
     Returns:
         :class:`RansacResult` with ``R`` (B, 3, 3) and ``t`` (B, 3) in the promoted dtype of
@@ -393,6 +400,9 @@ def ransac_pnp(
         raise ValueError(f"guided must be a fraction in [0, 1], got {guided!r}")
     if isinstance(guided_neighbours, bool) or not isinstance(guided_neighbours, int) or guided_neighbours < 3:
         raise ValueError(f"guided_neighbours must be an int >= 3, got {guided_neighbours!r}")
+    if (isinstance(sample_power, bool) or not isinstance(sample_power, (int, float)) or not math.isfinite(sample_power)
+            or sample_power <= 0):
+        raise ValueError(f"sample_power must be a finite number > 0, got {sample_power!r}")
 
     with torch.no_grad():
         return _ransac(
@@ -401,6 +411,7 @@ def ransac_pnp(
             min_inlier_weight=min_inlier_weight, score_all=score_all_solutions,
             refine_steps=refine_steps, generator=generator, top=top_hypotheses,
             guided=int(round(float(guided) * num_hypotheses)), neighbours=guided_neighbours,
+            sample_power=float(sample_power),
         )
 
 
@@ -445,7 +456,8 @@ def _guided_samples(w64, C, u_seed, gumbel_u):
 
 
 def _ransac(P, bearings, points, mask2d, mask3d, *, H, top_k, threshold, min_inliers,
-            min_inlier_weight, score_all, refine_steps, generator, top=1, guided=0, neighbours=16) -> RansacResult:
+            min_inlier_weight, score_all, refine_steps, generator, top=1, guided=0, neighbours=16,
+            sample_power=1.0) -> RansacResult:
     b, m, n = P.shape
     device = P.device
     dtype = torch.promote_types(bearings.dtype, points.dtype)
@@ -507,8 +519,14 @@ def _ransac(P, bearings, points, mask2d, mask3d, *, H, top_k, threshold, min_inl
 
     # ------------------------------------------------------------------ sampling
     w64 = wc.to(f64)
+    if sample_power == 1.0:
+        w_draw = w64
+    else:
+        # Relative to the item's largest weight first, so that P^gamma cannot underflow to 0 for
+        # a whole item (P ~ 1 / (m n), gamma up to ~30 in float64); draws are scale-invariant.
+        w_draw = (w64 / w64.amax(1, keepdim=True).clamp_min(torch.finfo(f64).tiny)) ** sample_power
     Hp = H - guided  # P-weighted hypotheses first, then the guided ones
-    s_idx = _sample_without_replacement(w64, u[:, :Hp])  # (b, Hp, 4)
+    s_idx = _sample_without_replacement(w_draw, u[:, :Hp])  # (b, Hp, 4)
     guided_ok = None
     if guided:
         # A column count that padding cannot change (K grows with the padded m), so that an
@@ -518,10 +536,10 @@ def _ransac(P, bearings, points, mask2d, mask3d, *, H, top_k, threshold, min_inl
                               device=generator.device if generator is not None else device).to(device)[:, :, :K]
         C = _consistent_neighbours(F.normalize(bearings.to(dtype), dim=-1), points.to(dtype), ok_b, ok_p,
                                    ci, cj, cvalid, neighbours)
-        g_idx, g_ok = _guided_samples(w64, C, u[:, Hp:, 0], gumbel_u)
+        g_idx, g_ok = _guided_samples(w_draw, C, u[:, Hp:, 0], gumbel_u)
         s_idx = torch.cat([s_idx, g_idx], 1)
         guided_ok = torch.cat([torch.ones(b, Hp, dtype=torch.bool, device=device), g_ok], 1)
-    s_i, s_j, s_w = _take(ci, s_idx), _take(cj, s_idx), _take(w64, s_idx)
+    s_i, s_j, s_w = _take(ci, s_idx), _take(cj, s_idx), _take(w_draw, s_idx)
     distinct = torch.ones_like(s_w[..., 0], dtype=torch.bool)
     for a_, b_ in ((0, 1), (0, 2), (1, 2)):  # the 3 pairs of the minimal sample
         distinct &= (s_i[..., a_] != s_i[..., b_]) & (s_j[..., a_] != s_j[..., b_])

@@ -164,7 +164,7 @@ class BlindPnPNet(nn.Module):
         sinkhorn: the OT node's settings, :class:`bpnp.models.settings.SinkhornSettings`
             (``lam``, ``max_iter``, ``tol``, ``bins``, ``bin_init``), a mapping or the dataclass.
         ransac: :class:`~bpnp.models.settings.RansacSettings` (``num_hypotheses``, ``top_k``,
-            ``threshold``, ``refine_steps``, ``guided``, ``guided_neighbours``).
+            ``threshold``, ``refine_steps``, ``guided``, ``guided_neighbours``, ``sample_power``).
         search: :class:`~bpnp.models.settings.SearchSettings`: pose search after RANSAC
             (inference only; :mod:`bpnp.geometry.pose_search`); its pose becomes ``R0``.
         gates: :class:`~bpnp.models.settings.GateSettings`: every angular gate of the three
@@ -247,7 +247,8 @@ class BlindPnPNet(nn.Module):
             self.ransac_settings = _group(RansacSettings, ransac, "ransac", getattr(self, "ransac_settings", None))
             r = self.ransac_settings
             self.ransac_kwargs = dict(num_hypotheses=r.num_hypotheses, top_k=r.top_k, threshold=r.threshold,
-                                      refine_steps=r.refine_steps, guided=r.guided, guided_neighbours=r.guided_neighbours)
+                                      refine_steps=r.refine_steps, guided=r.guided, guided_neighbours=r.guided_neighbours,
+                                      sample_power=r.sample_power)
         if refine is not None:
             self.refine_settings = f = _group(RefineSettings, refine, "refine", getattr(self, "refine_settings", None))
             self.pnp = PnPRefine(robust=f.robust, robust_scale=f.robust_scale, max_iter=f.max_iter, backward=self.backward,

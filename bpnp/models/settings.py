@@ -9,7 +9,8 @@ and using its argument names:
 ``sinkhorn``    :class:`SinkhornSettings`: the OT node (``lam``, ``max_iter``, ``tol``,
                 ``bins``, ``bin_init``)
 ``ransac``      :class:`RansacSettings`: :func:`bpnp.geometry.ransac_pnp` (``num_hypotheses``,
-                ``top_k``, ``threshold``, ``refine_steps``, ``guided``, ``guided_neighbours``)
+                ``top_k``, ``threshold``, ``refine_steps``, ``guided``, ``guided_neighbours``,
+                ``sample_power``)
 ``refine``      :class:`RefineSettings`: :class:`bpnp.nodes.PnPRefine` (``robust``,
                 ``robust_scale``, ``max_iter``) and which pairs it weighs (``gate``, ``top_k``)
                 and when it runs (``in_training``)
@@ -141,6 +142,8 @@ class RansacSettings(_Group):
     guided: fraction of the hypotheses drawn by guided sampling (a P-drawn pair and three of its
         consistent neighbours in 2D and 3D; :func:`bpnp.geometry.ransac_pnp`); 0 = off.
     guided_neighbours: nearest neighbours per side that define a consistent neighbour.
+    sample_power: exponent of the sampling weights ``P^sample_power`` (both samplers; scoring
+        stays P-weighted); 1 = proportional to ``P``.
     """
 
     num_hypotheses: int = 512
@@ -149,10 +152,12 @@ class RansacSettings(_Group):
     refine_steps: int = 5
     guided: float = 0.0
     guided_neighbours: int = 16
+    sample_power: float = 1.0
 
     CHECKS = {"num_hypotheses": _number(integer=True, low=1), "top_k": _number(integer=True, low=1, none=True),
               "threshold": _number(low=0, open_low=True, high=math.pi), "refine_steps": _number(integer=True, low=0),
-              "guided": _number(low=0, high=1, open_high=False), "guided_neighbours": _number(integer=True, low=3)}
+              "guided": _number(low=0, high=1, open_high=False), "guided_neighbours": _number(integer=True, low=3),
+              "sample_power": _number(low=0, open_low=True)}
 
 
 @dataclass(frozen=True)

@@ -454,11 +454,12 @@ def test_rerank_pool_reorders_the_search_starts_only_when_larger_than_the_starts
 
 
 def test_guided_ransac_setting_reaches_ransac_and_finds_the_true_match_pose():
-    """``ransac.guided`` is passed to RANSAC; with the true-match cost and every hypothesis
-    guided, the RANSAC pose is still the true one."""
+    """``ransac.guided`` and ``ransac.sample_power`` are passed to RANSAC; with the true-match
+    cost and every hypothesis guided (and tempered), the RANSAC pose is still the true one."""
     batch = _batch(b=2, m=(40, 50))
-    net = _small_net(ransac={"num_hypotheses": 64, "guided": 1.0, "guided_neighbours": 8}).eval()
+    net = _small_net(ransac={"num_hypotheses": 64, "guided": 1.0, "guided_neighbours": 8, "sample_power": 3.0}).eval()
     assert net.ransac_kwargs["guided"] == 1.0 and net.ransac_kwargs["guided_neighbours"] == 8
+    assert net.ransac_kwargs["sample_power"] == 3.0
     with torch.no_grad():
         out = net(batch, cost_override=_true_cost(batch), generator=_gen())
     err = pose_errors(out.R0, out.t0, batch["R"], batch["t"], batch["p3d"], batch["match"], batch["mask2d"])

@@ -44,6 +44,7 @@ def test_schur_solver_names_are_the_nodes():
     ({"ransac": {"top_k": 0}}, "model.net.ransac.top_k: expected an integer >= 1 or null, got 0"),
     ({"ransac": {"guided": 1.5}}, "model.net.ransac.guided: expected a number >= 0 and <= 1, got 1.5"),
     ({"ransac": {"guided_neighbours": 2}}, "model.net.ransac.guided_neighbours: expected an integer >= 3, got 2"),
+    ({"ransac": {"sample_power": 0}}, "model.net.ransac.sample_power: expected a number > 0, got 0"),
     ({"gates": {"reference": 0}}, "model.net.gates.reference: expected a number > 0, got 0"),
     ({"gates": {"min_factor": 2.0, "max_factor": 1.0}}, "model.net.gates.min_factor: 2.0 exceeds max_factor 1.0"),
     ({"refine": {"robust_scal": 1e-4}}, "model.net.refine.robust_scal: unknown setting (known: robust, robust_scale"),
