@@ -47,9 +47,10 @@ Memory: the scoring step peaks at about ``5 * b * H * K`` floats of the working 
 ``num_hypotheses``, or ``4 H`` with ``score_all_solutions``; ``K`` = ``top_k``, or
 ``min(1000, ceil(1.5 m))`` from the padded ``m``): b = 8, H = 512, K = 1000 is ~80 MB in
 float32. Candidate selection needs ~20 bytes per entry of ``P`` (b = 8, m = n = 1000: 160 MB);
-the minimal solver ~3 KB per hypothesis. Guided sampling adds three (b, H_guided, K) float64
-arrays, (b, m, m) and (b, n, n) distances and (b, K, K), (b, m, m), (b, n, n) booleans (b = 1,
-H_guided = 512, m = n = 1000, K = 1500: about 30 MB by these shapes). Time at b = 8, m = n = 1000, H = 512 on two CPU
+the minimal solver ~3 KB per hypothesis. Guided sampling adds one (b, H_guided, K) float64
+array of uniforms, (b, m, m) and (b, n, n) distances, (b, K, K), (b, m, m), (b, n, n) booleans
+and (b, K, L) / (b, H_guided, L) neighbour lists, L the largest count of consistent neighbours
+(tens; b = 1, H_guided = 512, m = n = 1000, K = 1500: about 20 MB by these shapes). Time at b = 8, m = n = 1000, H = 512 on two CPU
 threads: about 0.1 s in ``python bench/train_step.py`` (the original's per-sample OpenCV loop:
 0.59 s).
 
@@ -446,12 +447,22 @@ def _guided_samples(w64, C, u_seed, gumbel_u):
     K = w64.shape[1]
     cdf = w64.cumsum(-1)
     seed = torch.searchsorted(cdf, u_seed * cdf[:, -1:], right=True).clamp(max=K - 1)  # (b, Hg)
-    allowed = torch.gather(C, 1, seed[..., None].expand(*seed.shape, K))  # (b, Hg, K)
-    logw = torch.where(allowed & (w64[:, None, :] > 0), w64[:, None, :].clamp_min(1e-300).log(),
-                       torch.full_like(gumbel_u, -math.inf))
-    keys = logw - torch.log(-torch.log(gumbel_u.clamp(1e-300, 1.0 - 1e-16)))
-    rest = keys.topk(3, dim=2).indices  # (b, Hg, 3)
-    ok = torch.isfinite(torch.gather(keys, 2, rest)).all(-1)
+    # A candidate has few consistent neighbours (at most about k^2 of K), so the Gumbel keys are
+    # formed on each seed's neighbour list (b, K, L), L the largest count, instead of on all K
+    # columns per hypothesis: the same keys (each neighbour keeps its own uniform of
+    # ``gumbel_u``), so the same draws, at L / K of the cost (one host sync for L).
+    L = max(3, int(C.sum(-1).max()))
+    nbr = C.to(torch.uint8).topk(min(L, K), dim=2).indices  # (b, K, L): every True entry of a row first
+    nbr_ok = torch.gather(C, 2, nbr)
+    pick = seed[..., None].expand(*seed.shape, nbr.shape[2])
+    nb, allowed = torch.gather(nbr, 1, pick), torch.gather(nbr_ok, 1, pick)  # (b, Hg, L)
+    w_nb = torch.gather(w64, 1, nb.flatten(1)).view_as(nb).to(w64.dtype)
+    u_nb = torch.gather(gumbel_u, 2, nb)
+    logw = torch.where(allowed & (w_nb > 0), w_nb.clamp_min(1e-300).log(), torch.full_like(u_nb, -math.inf))
+    keys = logw - torch.log(-torch.log(u_nb.clamp(1e-300, 1.0 - 1e-16)))
+    top = keys.topk(3, dim=2)
+    rest = torch.gather(nb, 2, top.indices)  # (b, Hg, 3)
+    ok = torch.isfinite(top.values).all(-1)
     return torch.cat([seed[..., None], rest], -1), ok
 
 

@@ -122,3 +122,29 @@ def test_guided_options_are_checked(kw, msg):
     with pytest.raises(ValueError, match=msg):
         ransac_pnp(one := torch.ones(1, 10, 10) / 100, s["bearings"], s["X"], s["mask2d"], s["mask3d"], **kw)
     del one
+
+
+def test_guided_samples_are_the_gumbel_top3_over_all_columns():
+    """The neighbour-list form draws what the definition does: per hypothesis, the three
+    allowed columns with the largest ``log w - log(-log u)`` over all K columns (a loop here)."""
+    import math
+
+    g = torch.Generator().manual_seed(3)
+    b, K, Hg = 2, 80, 40
+    C = torch.rand(b, K, K, generator=g) < 0.1
+    C &= ~torch.eye(K, dtype=torch.bool)
+    C[:, 4] = False
+    w = torch.rand(b, K, generator=g, dtype=torch.float64)
+    w[:, 9] = 0.0
+    u_seed = torch.rand(b, Hg, generator=g, dtype=torch.float64)
+    gumbel_u = torch.rand(b, Hg, K, generator=g, dtype=torch.float64)
+    idx, ok = _guided_samples(w, C, u_seed, gumbel_u)
+    for i in range(b):
+        for h in range(Hg):
+            seed = int(idx[i, h, 0])
+            cols = [j for j in range(K) if C[i, seed, j] and w[i, j] > 0]
+            keys = {j: math.log(w[i, j]) - math.log(-math.log(gumbel_u[i, h, j])) for j in cols}
+            best = sorted(cols, key=lambda j: -keys[j])[:3]
+            assert bool(ok[i, h]) == (len(cols) >= 3)
+            if ok[i, h]:
+                assert idx[i, h, 1:].tolist() == best
