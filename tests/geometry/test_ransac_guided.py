@@ -96,11 +96,10 @@ def test_guided_zero_is_the_p_weighted_sampler():
     assert torch.equal(a.R, c.R) and torch.equal(a.t, c.t)
 
 
-def test_guided_result_does_not_depend_on_padding():
-    s = make_scene(3, 60, n_extra3d=20, seed=7)
-    P = _candidates(s, 3, seed=4)
+def assert_padding_invariant(P, s, **kw):
+    """RANSAC with ``kw`` on ``P`` / scene ``s`` and on the same inputs padded by 9 2D and 5 3D
+    points (random values, masked out) draws the same samples and picks the same winner."""
     b, m, n = P.shape
-    kw = dict(num_hypotheses=48, guided=0.5, guided_neighbours=8)
     ref = ransac_pnp(P, s["bearings"], s["X"], s["mask2d"], s["mask3d"], generator=torch.Generator().manual_seed(1), **kw)
     g = torch.Generator().manual_seed(9)
     Pp = torch.cat([torch.cat([P, torch.rand(b, m, 5, generator=g)], 2), torch.rand(b, 9, n + 5, generator=g)], 1)
@@ -113,6 +112,11 @@ def test_guided_result_does_not_depend_on_padding():
     assert torch.equal(ref.num_valid_hypotheses, pad.num_valid_hypotheses)
     assert torch.equal(ref.num_inliers, pad.num_inliers)
     assert torch.allclose(ref.R, pad.R, atol=1e-6) and torch.allclose(ref.t, pad.t, atol=1e-5)
+
+
+def test_guided_result_does_not_depend_on_padding():
+    s = make_scene(3, 60, n_extra3d=20, seed=7)
+    assert_padding_invariant(_candidates(s, 3, seed=4), s, num_hypotheses=48, guided=0.5, guided_neighbours=8)
 
 
 @pytest.mark.parametrize("kw, msg", [({"guided": 1.5}, "guided must be a fraction"), ({"guided": True}, "guided must be"),
