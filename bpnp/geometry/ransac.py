@@ -456,7 +456,7 @@ def _guided_samples(w64, C, u_seed, gumbel_u):
     nbr_ok = torch.gather(C, 2, nbr)
     pick = seed[..., None].expand(*seed.shape, nbr.shape[2])
     nb, allowed = torch.gather(nbr, 1, pick), torch.gather(nbr_ok, 1, pick)  # (b, Hg, L)
-    w_nb = torch.gather(w64, 1, nb.flatten(1)).view_as(nb).to(w64.dtype)
+    w_nb = torch.gather(w64, 1, nb.flatten(1)).view_as(nb)
     u_nb = torch.gather(gumbel_u, 2, nb)
     logw = torch.where(allowed & (w_nb > 0), w_nb.clamp_min(1e-300).log(), torch.full_like(u_nb, -math.inf))
     keys = logw - torch.log(-torch.log(u_nb.clamp(1e-300, 1.0 - 1e-16)))
