@@ -13,7 +13,7 @@
 3. The whole :func:`~bpnp.geometry.pose_search.pose_search` with the before / after kernels.
 4. Session 13's :func:`~bpnp.geometry.pose_search.row_support` (the re-ranking of the search's
    starts) over a pool of 256 poses and 16 partners per 2D point, by ``chunk`` (how many
-   (pose, pair) entries are scored at once; the default is 2^20), with the supports compared.
+   (pose, pair) entries are scored at once; the default is 2^18 since session 15), with the supports compared.
 
 b = 1, k = 4 hypotheses near the true pose, m = n points per side (a quarter of them outliers), a
 soft-match matrix with a third of each true row's mass on the true pair, float64 as the search runs.
@@ -189,7 +189,7 @@ def main() -> None:
     print(f"\n# row support of a pool of 256 poses, 16 partners, float32 (as the network runs it), by chunk, "
           f"median of {args.repeats}")
     print("| m = n | " + " | ".join(f"chunk 2^{c.bit_length() - 1} ms" for c in chunks)
-          + " | 2^23 / 2^20 | same supports |")
+          + " | 2^23 / 2^18 | same supports |")
     print("|---|" + "---|" * (len(chunks) + 2))
     for n in args.sizes:
         P, b, X, mask, _, _ = search_inputs(n)
@@ -202,7 +202,7 @@ def main() -> None:
                                                             chunk=c)) for c in chunks}, args.repeats)
         same = all(torch.equal(rs_out[chunks[0]], rs_out[c]) for c in chunks)
         print(f"| {n} | " + " | ".join(f"{1e3 * rs[c]:.1f}" for c in chunks)
-              + f" | **{rs[chunks[0]] / rs[1 << 20]:.2f}x** | {same} |")
+              + f" | **{rs[chunks[0]] / rs[1 << 18]:.2f}x** | {same} |")
 
 
 if __name__ == "__main__":

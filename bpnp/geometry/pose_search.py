@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from bpnp.geometry.angular_scale import check_angle
-from bpnp.geometry.ransac import angular_inliers, gauss_newton_angular
+from bpnp.geometry.ransac import gauss_newton_angular, inliers_of_features, pair_features
 from bpnp.geometry.rotations import _check_tensor
 
 __all__ = ["PoseSearchResult", "pose_search", "rematch", "row_support", "rerank_by_row_support"]
@@ -65,7 +65,7 @@ class PoseSearchResult(NamedTuple):
 def rematch(P: torch.Tensor, bearings: torch.Tensor, points: torch.Tensor, mask2d: torch.Tensor,
             mask3d: torch.Tensor, R: torch.Tensor, t: torch.Tensor, gate: float,
             prior_weight: float, log_prior: torch.Tensor | None = None,
-            workspace: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+            workspace: torch.Tensor | None = None, chunk: int = 1 << 17) -> tuple[torch.Tensor, torch.Tensor]:
     """Mutual best matches under poses (step 1 of the module docstring).
 
     Args:
@@ -75,20 +75,25 @@ def rematch(P: torch.Tensor, bearings: torch.Tensor, points: torch.Tensor, mask2
             prior_weight: ``w``.
         log_prior: ``w log P`` (b, m, n) if already computed (:func:`pose_search` forms it once
             for all its rounds), else formed here from ``P`` and ``prior_weight``.
-        workspace: a (b k, m, n) tensor of the bearings' dtype that the score is written into
-            (:func:`pose_search` passes one for all its rounds), else one is allocated.
+        workspace: a contiguous tensor of the bearings' dtype with at least ``chunk`` entries
+            (or ``k m n``, if fewer) that the score is written into (:func:`pose_search` passes
+            one for all its rounds), else one is allocated.
+        chunk: most score entries formed at once (the (k, rows, n) block of one item's rows).
 
     Returns:
         ``(matches, prior)``: (b, m) (or (b, k, m)) int64 3D index or -1, and the ``P`` of each
         match (0 where none).
 
-    The (b, k, m, n) score matrix is the one large tensor: it is written by one batched
-    ``b . ray`` product into ``workspace`` and then updated in place, and ``P`` is never copied
-    per pose. Why the workspace and these passes: on a CPU a fresh multi-megabyte tensor costs
-    more than the arithmetic on it (its pages are first touched, 16 ms of a 20 ms product at
-    k m n = 4e6 in float64), ``max(dim).indices`` is about twice as fast as ``argmax(dim)`` for
-    the same (first) index and ``amax`` four times faster still, the gate is one in-place
-    threshold and the scaling and the prior one fused pass (``python bench/pose_search.py``).
+    The (b, k, m, n) score matrix is never formed whole: each item's rows are scored in blocks of
+    ``chunk`` entries (1 MB in float64 by default, so a block stays in cache), each written by one
+    batched ``b . ray`` product into ``workspace`` and updated in place; a block gives its rows'
+    maxima and updates the running column maxima, so every entry is computed as on the whole matrix
+    and the matches are the same. Why the blocks, the workspace and these passes: on a CPU touching
+    fresh or uncached memory costs more than the arithmetic on it (its pages are first touched,
+    16 ms of a 20 ms product at k m n = 4e6 in float64; the whole matrix of 4 poses at m = n =
+    1,000 is 32 MB), ``max(dim).indices`` is about twice as fast as ``argmax(dim)`` for the same
+    (first) index and ``amax`` four times faster still, the gate is one in-place threshold and the
+    scaling and the prior one fused pass (``python bench/pose_search.py``).
     """
     single = R.ndim == 3
     if single:
@@ -97,47 +102,48 @@ def rematch(P: torch.Tensor, bearings: torch.Tensor, points: torch.Tensor, mask2
     # The zeroed rays below rely on cos(gate) > 0.
     check_angle(gate, b, "rematch: gate")
     if isinstance(gate, torch.Tensor):
-        cos_gate = torch.cos(gate.to(bearings.dtype)).view(b, 1, 1, 1)
+        cos_gate = torch.cos(gate.to(bearings.dtype))
+        gates = [(float(c), 1.0 / float(1.0 - c)) for c in cos_gate]
     else:
         cos_gate = math.cos(gate)
+        gates = [(cos_gate, 1.0 / (1.0 - cos_gate))] * b
     m, n = bearings.shape[1], points.shape[1]
     x = points.unsqueeze(1) @ R.transpose(-1, -2) + t.unsqueeze(-2)  # (b, k, n, 3)
     # Rays of padded points and of points behind the camera are 0, and so are padded bearings:
     # their cosine with anything is 0 < cos(gate), which the gate test below then rejects (so
     # no separate masks need combining over the (b, k, m, n) matrix).
     front = mask3d.unsqueeze(1) & (x[..., 2] > 0)
-    rays = torch.where(front.unsqueeze(-1), F.normalize(x, dim=-1, eps=1e-12), torch.zeros_like(x))
+    rays_t = torch.where(front.unsqueeze(-1), F.normalize(x, dim=-1, eps=1e-12), torch.zeros_like(x)).transpose(-1, -2)
     bw = torch.where(mask2d.unsqueeze(-1), bearings, torch.zeros_like(bearings))
-    bk = bw.unsqueeze(1).expand(b, k, m, 3).reshape(b * k, m, 3)
-    if workspace is None:
-        workspace = torch.empty(b * k, m, n, dtype=bearings.dtype, device=bearings.device)
-    cos = torch.bmm(bk, rays.reshape(b * k, n, 3).transpose(-1, -2), out=workspace).view(b, k, m, n)  # b_i . ray_j
-    scale = 1.0 - cos_gate
-    # Not a candidate: residual 1 - cos >= 1 - cos(gate), i.e. cos <= cos(gate). -inf first: it
-    # stays -inf below. threshold_ (x if x > c else -inf, in place) is one pass with no mask
-    # tensor: 7x faster than a comparison and masked_fill_ on a CPU (bench/pose_search.py).
-    if isinstance(cos_gate, torch.Tensor):
-        for i in range(b):
-            F.threshold_(cos[i], float(cos_gate[i]), -math.inf)
-    else:
-        F.threshold_(cos, cos_gate, -math.inf)
-    score = cos
-    # The score -r / scale + w log P, up to the constant -1 / scale (argmax ignores it), in place
-    # (one fused pass: log P + score / scale).
     if log_prior is None and prior_weight > 0:
-        log_prior = prior_weight * torch.log(P.clamp_min(torch.finfo(P.dtype).tiny)).to(score.dtype)
-    if log_prior is None:
-        score.mul_(1.0 / scale)
-    elif isinstance(scale, torch.Tensor):  # finite (P clamped at tiny), so -inf stays -inf
-        for i in range(b):
-            torch.add(log_prior[i], score[i], alpha=1.0 / float(scale[i]), out=score[i])
-    else:
-        torch.add(log_prior.unsqueeze(1), score, alpha=1.0 / scale, out=score)
-    best, best_j = score.max(-1)  # (b, k, m): each row's best column (the first, as argmax)
+        log_prior = prior_weight * torch.log(P.clamp_min(torch.finfo(P.dtype).tiny)).to(bearings.dtype)
+    block = max(1, min(m, chunk // max(k * n, 1)))  # rows per block
+    need = k * block * n
+    if workspace is None or workspace.numel() < need:
+        workspace = torch.empty(need, dtype=bearings.dtype, device=bearings.device)
+    buf = workspace.view(-1)
+    best = torch.empty(b, k, m, dtype=bearings.dtype, device=bearings.device)
+    best_j = torch.empty(b, k, m, dtype=torch.long, device=bearings.device)
+    col_best = torch.full((b, k, n), -math.inf, dtype=bearings.dtype, device=bearings.device)
+    for i, (cg, inv_scale) in enumerate(gates):
+        for r0 in range(0, m, block):
+            r = min(block, m - r0)
+            score = torch.bmm(bw[i, r0:r0 + r].expand(k, r, 3), rays_t[i], out=buf[:k * r * n].view(k, r, n))
+            # Not a candidate: residual 1 - cos >= 1 - cos(gate), i.e. cos <= cos(gate). -inf
+            # first: it stays -inf below. threshold_ (x if x > c else -inf, in place) is one
+            # pass with no mask tensor: 7x faster than a comparison and masked_fill_ on a CPU.
+            F.threshold_(score, cg, -math.inf)
+            # The score -r / scale + w log P, up to the constant -1 / scale (argmax ignores it),
+            # in place (one fused pass: log P + score / scale; P clamped at tiny, so finite).
+            if log_prior is None:
+                score.mul_(inv_scale)
+            else:
+                torch.add(log_prior[i, r0:r0 + r], score, alpha=inv_scale, out=score)
+            best[i, :, r0:r0 + r], best_j[i, :, r0:r0 + r] = score.max(-1)  # each row's first best
+            torch.maximum(col_best[i], score.amax(-2), out=col_best[i])
     # Mutual: row i's best is column j and no row beats i in column j. The column maxima alone
     # (amax: 4x faster than max with indices) say that; among rows that tie for a column's
     # maximum the lowest index keeps it, so the matches stay one-to-one.
-    col_best = score.amax(-2)  # (b, k, n)
     has = best > -math.inf
     claim = has & (best == torch.gather(col_best, 2, best_j))
     rows = torch.arange(m, device=P.device).expand(b, k, m)
@@ -154,7 +160,7 @@ def rematch(P: torch.Tensor, bearings: torch.Tensor, points: torch.Tensor, mask2
 
 def row_support(P: torch.Tensor, bearings: torch.Tensor, points: torch.Tensor, mask2d: torch.Tensor,
                 mask3d: torch.Tensor, R: torch.Tensor, t: torch.Tensor, *, partners: int,
-                threshold: float | torch.Tensor, chunk: int = 1 << 20) -> torch.Tensor:
+                threshold: float | torch.Tensor, chunk: int = 1 << 18) -> torch.Tensor:
     """Row support of poses: per pose, the number of real 2D points ``i`` with at least one of
     their ``partners`` most probable real 3D points ``j`` (largest ``P_ij > 0``) within
     ``threshold`` of the bearing (angle between ``b_i`` and ``R p_j + t``, in front of the camera).
@@ -163,9 +169,9 @@ def row_support(P: torch.Tensor, bearings: torch.Tensor, points: torch.Tensor, m
         P: (b, m, n) soft matches; bearings (b, m, 3) unit; points (b, n, 3); masks (b, m), (b, n)
             bool; R (b, k, 3, 3), t (b, k, 3) poses; partners: ``T >= 1`` 3D points per 2D point;
             threshold: radians, one angle or a (b,) tensor; chunk: most (pose, pair) entries
-            scored at once (memory: about 12 bytes each, so 12 MB at the default 2^20; larger
-            chunks are no faster, 2^16 is 2.5x slower from the per-chunk overhead:
-            ``python bench/pose_search.py``).
+            scored at once (memory: about 12 bytes each, so 3 MB at the default 2^18; the pairs'
+            features are formed once for all chunks; at m = 1,000, 2^18 is 1.2x faster than 2^20
+            and 1.9x faster than 2^23: ``python bench/pose_search.py``).
 
     Returns:
         (b, k) int64; -1 for a pose that is not finite.
@@ -194,7 +200,8 @@ def row_support(P: torch.Tensor, bearings: torch.Tensor, points: torch.Tensor, m
     Rs = torch.where(finite[..., None, None], R.to(dtype), torch.eye(3, dtype=dtype, device=P.device))
     ts = torch.where(finite[..., None], t.to(dtype), zero)
     step = max(1, chunk // max(b * m * T, 1))
-    support = torch.cat([angular_inliers(Rs[:, h:h + step], ts[:, h:h + step], bc, pc, cos_thr)
+    f = pair_features(bc, pc, cos_thr)  # once for every chunk of poses
+    support = torch.cat([inliers_of_features(Rs[:, h:h + step], ts[:, h:h + step], f)
                          .view(b, -1, m, T).any(-1).sum(-1) for h in range(0, k, step)], 1)
     return torch.where(finite, support, torch.full_like(support, -1))
 
@@ -310,7 +317,7 @@ def pose_search(
         R = torch.where(finite[:, None, None], R, torch.eye(3, dtype=f64, device=R.device))
         t = torch.where(finite[:, None], t, torch.zeros_like(t))
 
-        workspace = torch.empty(b * k, m, P.shape[2], dtype=f64, device=P.device)  # every round's score
+        workspace = torch.empty(min(1 << 17, k * m * P.shape[2]), dtype=f64, device=P.device)  # every round's score blocks
 
         def match(R, t, gate):
             mt, pr = rematch(P64, b64, p64, mask2d, mask3d, R.view(b, k, 3, 3), t.view(b, k, 3), gate,

@@ -43,14 +43,16 @@ image units with OpenCV; near the optical axis a normalised distance ``d`` is an
 radians (``d(angle) = d(x) cos^2(angle_off_axis)``), so the default 0.01 rad matches it at the
 centre and is slightly more permissive in normalised units towards the borders.
 
-Memory: the scoring step peaks at about ``5 * b * H * K`` floats of the working dtype (``H`` =
-``num_hypotheses``, or ``4 H`` with ``score_all_solutions``; ``K`` = ``top_k``, or
-``min(1000, ceil(1.5 m))`` from the padded ``m``): b = 8, H = 512, K = 1000 is ~80 MB in
-float32. Candidate selection needs ~20 bytes per entry of ``P`` (b = 8, m = n = 1000: 160 MB);
+Memory: the scoring step scores the hypotheses in chunks of 2^19 (hypothesis, pair) entries,
+peaking at about 5 x 2^19 floats of the working dtype (10 MB in float32) and ``2 b H`` for the
+scores, whatever ``H`` = ``num_hypotheses`` (``4 H`` with ``score_all_solutions``) and ``K`` =
+``top_k`` (or ``min(1000, ceil(1.5 m))`` from the padded ``m``). Candidate selection needs ~20 bytes per entry of ``P`` (b = 8, m = n = 1000: 160 MB);
 the minimal solver ~3 KB per hypothesis. Guided sampling adds one (b, H_guided, K) float64
-array of uniforms, (b, m, m) and (b, n, n) distances, (b, K, K), (b, m, m), (b, n, n) booleans
-and (b, K, L) / (b, H_guided, L) neighbour lists, L the largest count of consistent neighbours
-(tens; b = 1, H_guided = 512, m = n = 1000, K = 1500: about 20 MB by these shapes). Time at b = 8, m = n = 1000, H = 512 on two CPU
+array of uniforms, (b, m, m) and (b, n, n) distances, one (b, n, n) (or (b, m, m)) boolean
+nearest-point relation and (b, K, k G) / (b, K, L) / (b, H_guided, L) neighbour lists, ``k`` =
+``guided_neighbours``, G the most candidates sharing one point, L the largest count of
+consistent neighbours (tens; b = 1, H_guided = 1,024, m = n = 1000, K = 1000: about 20 MB by
+these shapes). Time at b = 8, m = n = 1000, H = 512 on two CPU
 threads: about 0.1 s in ``python bench/train_step.py`` (the original's per-sample OpenCV loop:
 0.59 s).
 
@@ -71,10 +73,11 @@ import torch.nn.functional as F
 
 from bpnp.geometry.angular_scale import check_angle
 from bpnp.geometry.p3p import p3p
-from bpnp.geometry.rotations import _check_float, _check_tensor, skew, so3_exp
+from bpnp.geometry.rotations import _check_float, _check_tensor, so3_exp
+from bpnp.geometry.vec3 import dot3, norm3
 
 __all__ = ["RansacStatus", "RansacResult", "ransac_pnp", "default_top_k", "seeded_generator", "gauss_newton_angular",
-           "angular_inliers"]
+           "angular_inliers", "PairFeatures", "pair_features", "inliers_of_features"]
 
 
 class RansacStatus(IntEnum):
@@ -181,6 +184,52 @@ def _sample_without_replacement(w: torch.Tensor, u: torch.Tensor) -> torch.Tenso
     return torch.stack(drawn, -1)
 
 
+class PairFeatures(NamedTuple):
+    """The pose-independent part of :func:`angular_inliers` for K pairs (:func:`pair_features`),
+    formed once when many chunks of poses are tested against the same pairs."""
+
+    origin: torch.Tensor
+    """(b, 1, 3) the first pair's 3D point (the points are taken relative to it)."""
+    Fr: torch.Tensor
+    """(b, K, 5) ``[1, c2 |p|^2, p]`` of the relative points ``p``."""
+    Fk: torch.Tensor
+    """(b, K, 12) ``[vec(b p^T), b]``."""
+    c2: float | torch.Tensor
+    """``cos_thr^2``, one number or (b, 1, 1)."""
+
+
+def pair_features(bc: torch.Tensor, pc: torch.Tensor, cos_thr: float | torch.Tensor) -> PairFeatures:
+    """:class:`PairFeatures` of unit bearings ``bc`` (b, K, 3) and points ``pc`` (b, K, 3) at the
+    inlier cosine ``cos_thr`` (one number or (b, 1) per item)."""
+    # Points relative to the top candidate's 3D point (padding-invariant): the camera-frame
+    # terms of the test then have the size of the visible structure and its depth, not of the
+    # world coordinates, so the expanded |x|^2 keeps float32 accuracy near the threshold.
+    origin = pc[:, :1, :]
+    p0 = pc - origin  # (b, K, 3)
+    c2 = cos_thr * cos_thr
+    if isinstance(c2, torch.Tensor):  # per item (b, 1) -> (b, 1, 1) against (b, H, .) and (b, K, .)
+        c2 = c2.to(pc.dtype)[..., None]
+    Fr = torch.cat([torch.ones_like(p0[..., :1]), c2 * p0.square().sum(-1, keepdim=True), p0], -1)
+    Fk = torch.cat([(bc.unsqueeze(-1) * p0.unsqueeze(-2)).reshape(*pc.shape[:2], 9), bc], -1)
+    return PairFeatures(origin, Fr, Fk, c2)
+
+
+def inliers_of_features(R: torch.Tensor, t: torch.Tensor, f: PairFeatures) -> torch.Tensor:
+    """(b, H, K) bool: :func:`angular_inliers` of poses ``R`` (b, H, 3, 3), ``t`` (b, H, 3) against
+    pairs given by their :func:`pair_features`."""
+    t0 = t + (R @ f.origin.transpose(1, 2).unsqueeze(1)).squeeze(-1)  # (b, H, 3): R c + t
+    # cos_thr^2 |R p + t|^2 = c2 |t|^2 + c2 |p|^2 + 2 c2 (R^T t) . p: one (b, H, 5) x (b, 5, K)
+    # matmul of [c2 |t|^2, 1, 2 c2 R^T t] and [1, c2 |p|^2, p].
+    q = (R.transpose(-1, -2) @ t0.unsqueeze(-1)).squeeze(-1)  # (b, H, 3)
+    c2 = f.c2
+    Gr = torch.cat([c2 * t0.square().sum(-1, keepdim=True), torch.ones_like(q[..., :1]), 2.0 * c2 * q], -1)
+    rhs = Gr @ f.Fr.transpose(1, 2)
+    # b . (R p + t) = vec(R) . vec(b p^T) + t . b: one (b, H, 12) x (b, 12, K) matmul.
+    G = torch.cat([R.reshape(*R.shape[:2], 9), t0], -1)
+    dot = G @ f.Fk.transpose(1, 2)
+    return (dot * dot.abs()) > rhs
+
+
 def angular_inliers(
     R: torch.Tensor,
     t: torch.Tensor,
@@ -195,38 +244,30 @@ def angular_inliers(
     Pair k is an inlier of hypothesis h iff ``d |d| > cos_thr^2 |x|^2`` with ``x = R_h p_k + t_h``
     and ``d = b_k . x`` (|b| = 1), i.e. ``d > 0`` (in front of the camera) and
     ``cos(angle) > cos_thr``: no sqrt, no (b, H, 3, K) tensor of transformed points. Pairs
-    with ``bc = 0`` are never inliers.
+    with ``bc = 0`` are never inliers. Many chunks of poses against the same pairs: form
+    :func:`pair_features` once and call :func:`inliers_of_features` per chunk.
     """
-    # Points relative to the top candidate's 3D point (padding-invariant): the camera-frame
-    # terms below then have the size of the visible structure and its depth, not of the world
-    # coordinates, so the expanded |x|^2 keeps float32 accuracy near the threshold.
-    origin = pc[:, :1, :]
-    p0 = pc - origin  # (b, K, 3)
-    t0 = t + (R @ origin.transpose(1, 2).unsqueeze(1)).squeeze(-1)  # (b, H, 3): R c + t
-    # cos_thr^2 |R p + t|^2 = c2 |t|^2 + c2 |p|^2 + 2 c2 (R^T t) . p: one (b, H, 5) x (b, 5, K)
-    # matmul of [c2 |t|^2, 1, 2 c2 R^T t] and [1, c2 |p|^2, p].
-    q = (R.transpose(-1, -2) @ t0.unsqueeze(-1)).squeeze(-1)  # (b, H, 3)
-    c2 = cos_thr * cos_thr
-    if isinstance(c2, torch.Tensor):  # per item (b, 1) -> (b, 1, 1) against (b, H, .) and (b, K, .)
-        c2 = c2.to(pc.dtype)[..., None]
-    Gr = torch.cat([c2 * t0.square().sum(-1, keepdim=True), torch.ones_like(q[..., :1]), 2.0 * c2 * q], -1)
-    Fr = torch.cat([torch.ones_like(p0[..., :1]), c2 * p0.square().sum(-1, keepdim=True), p0], -1)
-    rhs = Gr @ Fr.transpose(1, 2)
-    # b . (R p + t) = vec(R) . vec(b p^T) + t . b: one (b, H, 12) x (b, 12, K) matmul.
-    G = torch.cat([R.reshape(*R.shape[:2], 9), t0], -1)
-    Fk = torch.cat([(bc.unsqueeze(-1) * p0.unsqueeze(-2)).reshape(*pc.shape[:2], 9), bc], -1)
-    dot = G @ Fk.transpose(1, 2)
-    return (dot * dot.abs()) > rhs
+    return inliers_of_features(R, t, pair_features(bc, pc, cos_thr))
 
 
 def _angular_scores(R: torch.Tensor, t: torch.Tensor, bc: torch.Tensor, pc: torch.Tensor, wc: torch.Tensor,
-                    cos_thr: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                    cos_thr: float | torch.Tensor, chunk: int = 1 << 19) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted inlier score and count of poses (b, H) over candidates (b, K) with weights
-    ``wc`` (b, K) (:func:`angular_inliers`)."""
-    inl = angular_inliers(R, t, bc, pc, cos_thr)
+    ``wc`` (b, K) (:func:`angular_inliers`), ``chunk`` (pose, pair) entries at a time.
+
+    Why chunks: the (b, H, K) products and masks of all poses at once (16 MB each at H = 4,096,
+    K = 1,000 in float32) are fresh memory on every call, and on a CPU touching it costs more
+    than the arithmetic; chunks of 2^19 entries stay in cache and score the same poses faster
+    (``python bench/ransac.py``). The chunks split the poses only, so every entry is the same
+    computation whatever the chunk.
+    """
+    b, H, K = R.shape[0], R.shape[1], bc.shape[1]
+    f = pair_features(bc, pc, cos_thr)
     # Score (sum of weights) and count (real candidates) of the inliers in one matmul.
     wk = torch.stack([wc, (wc > 0).to(wc.dtype)], -1)  # (b, K, 2)
-    sc = inl.to(wc.dtype) @ wk
+    step = max(1, chunk // max(b * K, 1))
+    sc = torch.cat([inliers_of_features(R[:, h:h + step], t[:, h:h + step], f).to(wc.dtype) @ wk
+                    for h in range(0, H, step)], 1)
     return sc[..., 0], sc[..., 1].round().long()
 
 
@@ -254,21 +295,24 @@ def gauss_newton_angular(
 
     def cost_terms(R_, t_):
         x = pc @ R_.transpose(-1, -2) + t_.unsqueeze(-2)  # (b, K, 3)
-        nrm = x.norm(dim=-1, keepdim=True).clamp(min=torch.finfo(R.dtype).tiny)
+        nrm = norm3(x).clamp(min=torch.finfo(R.dtype).tiny).unsqueeze(-1)
         u = x / nrm
         return x, nrm, u
 
     for _ in range(steps):
         x, nrm, u = cost_terms(R, t)
-        inl = ((u * bc).sum(-1) > cos_thr) & (wc > 0)
+        inl = (dot3(u, bc) > cos_thr) & (wc > 0)
         w = wc * inl
         e = u - bc  # (b, K, 3)
-        cost = (w * (e * e).sum(-1)).sum(-1)
-        proj = (eye3 - u.unsqueeze(-1) * u.unsqueeze(-2)) / nrm.unsqueeze(-1)  # d u / d x
+        cost = (w * dot3(e, e)).sum(-1)
+        proj = (eye3 - u.unsqueeze(-1) * u.unsqueeze(-2)) / nrm.unsqueeze(-1)  # d u / d x, symmetric
         Rp = x - t.unsqueeze(-2)
-        # Left perturbation: x(d) = exp([dw]) R p + t + dt  =>  dx/d(dw, dt) = [-[Rp]_x, I].
-        J = torch.cat([proj @ -skew(Rp), proj], dim=-1).reshape(b, 3 * K, 6)  # the K (3, 6) blocks stacked
-        Jw = J * w.repeat_interleave(3, dim=1)[..., None]
+        # Left perturbation: x(d) = exp([dw]) R p + t + dt  =>  dx/d(dw, dt) = [-[Rp]_x, I], so
+        # row r of d u / d(dw, dt) is [Rp x proj_r, proj_r] (v^T [a]_x = (v x a)^T): one cross
+        # product instead of K (3, 3) matrix products.
+        J = torch.cat([torch.linalg.cross(Rp.unsqueeze(-2).expand_as(proj), proj), proj], dim=-1)  # (b, K, 3, 6)
+        Jw = (J * w[..., None, None]).reshape(b, 3 * K, 6)
+        J = J.reshape(b, 3 * K, 6)  # the K (3, 6) blocks stacked
         # One (6, 3K) x (3K, 6) product per item sums the pairs' J^T w J (a product per pair
         # and a sum formed K (6, 6) matrices first: twice the time at b = 4, K = 1000).
         Hm = Jw.transpose(1, 2) @ J  # (b, 6, 6)
@@ -280,7 +324,8 @@ def gauss_newton_angular(
         R_new = so3_exp(delta[:, :3]) @ R
         t_new = t + delta[:, 3:]
         _, _, u_new = cost_terms(R_new, t_new)
-        cost_new = (w * ((u_new - bc) ** 2).sum(-1)).sum(-1)
+        e_new = u_new - bc
+        cost_new = (w * dot3(e_new, e_new)).sum(-1)
         ok = torch.isfinite(delta).all(-1) & (cost_new <= cost)
         R = torch.where(ok[:, None, None], R_new, R)
         t = torch.where(ok[:, None], t_new, t)
@@ -416,44 +461,92 @@ def ransac_pnp(
         )
 
 
-def _nearest_points(d: torch.Tensor, k: int) -> torch.Tensor:
-    """(b, N, N) bool: column j is among the ``k`` nearest of row i by the distances ``d``
-    (b, N, N), inf = excluded (itself, padding)."""
+def _nearest(d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (b, N, k') of the ``k' = min(k, N)`` nearest columns of each row by the distances
+    ``d`` (b, N, N) (inf = excluded: itself, padding) and whether each is a real neighbour."""
     val, idx = d.topk(min(k, d.shape[-1]), dim=2, largest=False)
-    return torch.zeros(d.shape, dtype=torch.bool, device=d.device).scatter_(2, idx, torch.isfinite(val))
+    return idx, torch.isfinite(val)
 
 
-def _consistent_neighbours(bearings, points, mask2d, mask3d, ci, cj, cvalid, k):
-    """(b, K, K) bool: candidate ``c'`` is a consistent neighbour of ``c`` when the 2D point of
-    ``c'`` is among the ``k`` nearest 2D points (by angle) of ``c``'s and its 3D point among the
-    ``k`` nearest 3D points of ``c``'s (distinct points: a point's several candidate pairs count
-    once); a candidate sharing ``c``'s 2D or 3D point is not one, nor is an invalid candidate.
-    O(m^2 + n^2 + K^2) per item."""
+def _neighbour_distances(bearings, points, mask2d, mask3d):
+    """(b, m, m) angular (``1 - cos``) and (b, n, n) Euclidean distances, inf on the diagonal and
+    wherever a point is padding."""
     eye2 = torch.eye(bearings.shape[1], dtype=torch.bool, device=bearings.device)
     eye3 = torch.eye(points.shape[1], dtype=torch.bool, device=points.device)
     d2 = (1.0 - bearings @ bearings.transpose(1, 2)).masked_fill(eye2 | ~(mask2d[:, :, None] & mask2d[:, None, :]), math.inf)
     d3 = torch.cdist(points, points).masked_fill(eye3 | ~(mask3d[:, :, None] & mask3d[:, None, :]), math.inf)
-    A2, A3 = _nearest_points(d2, k), _nearest_points(d3, k)  # (b, m, m), (b, n, n)
-    bidx = torch.arange(ci.shape[0], device=ci.device)[:, None, None]
-    C = A2[bidx, ci[:, :, None], ci[:, None, :]] & A3[bidx, cj[:, :, None], cj[:, None, :]]
-    return C & cvalid[:, :, None] & cvalid[:, None, :]
+    return d2, d3
 
 
-def _guided_samples(w64, C, u_seed, gumbel_u):
+def _consistent_neighbours(bearings, points, mask2d, mask3d, ci, cj, cvalid, k):
+    """Each candidate's consistent neighbours as lists: ``(nbr, ok)``, (b, K, L) int64 candidate
+    indices and bool, the ``ok`` entries of a row being its consistent neighbours (each once, in
+    no particular order), ``L`` the largest count (at least 3).
+
+    Candidate ``c'`` is a consistent neighbour of ``c`` when the 2D point of ``c'`` is among the
+    ``k`` nearest 2D points (by angle) of ``c``'s and its 3D point among the ``k`` nearest 3D
+    points of ``c``'s (distinct points: a point's several candidate pairs count once); a candidate
+    sharing ``c``'s 2D or 3D point is not one, nor is an invalid candidate.
+
+    How, without the (b, K, K) relation: the candidates are grouped by the point of one side (the
+    side whose points carry fewer candidates each, at most ``G``); for each of ``c``'s ``k``
+    nearest points on that side, the ``G`` slots of its group are tested against the other side's
+    (b, N, N) nearest-point relation. O(m^2 + n^2 + K k G) per item (G is 1-3 for a Sinkhorn
+    ``P``), against O(K^2) for the dense relation it replaces (``python bench/ransac.py``).
+    """
+    b, K = ci.shape
+    device = ci.device
+    d2, d3 = _neighbour_distances(bearings, points, mask2d, mask3d)
+    counts = [torch.zeros(b, d.shape[1] + 1, dtype=torch.long, device=device).scatter_add_(
+        1, torch.where(cvalid, c, d.shape[1]), torch.ones_like(c)) for c, d in ((ci, d2), (cj, d3))]
+    g2, g3 = (int(c[:, :-1].max()) if c.shape[1] > 1 else 0 for c in counts)
+    # Group by the side with the smaller largest group; test the other side's relation.
+    (ca, da, cnt, G), (cb, db) = ((ci, d2, counts[0], g2), (cj, d3)) if g2 <= g3 else ((cj, d3, counts[1], g3), (ci, d2))
+    Na = da.shape[1]
+    bidx = torch.arange(b, device=device)[:, None]
+    if G == 0:
+        nbr = torch.zeros(b, K, 3, dtype=torch.long, device=device)
+        return nbr, torch.zeros_like(nbr, dtype=torch.bool)
+    near_a, real_a = _nearest(da, k)  # (b, Na, k)
+    near_b, real_b = _nearest(db, k)
+    Nb = db.shape[1]
+    rel_b = torch.zeros(b, Nb, Nb, dtype=torch.bool, device=device).scatter_(2, near_b, real_b)
+    # Candidates sorted by their side-a point (invalid ones last); group g starts at first[g].
+    order = torch.where(cvalid, ca, Na).argsort(dim=1, stable=True)  # (b, K)
+    first = cnt.cumsum(1) - cnt  # (b, Na + 1)
+    pa = near_a[bidx, ca]  # (b, K, k): c's nearest side-a points
+    ra = real_a[bidx, ca] & cvalid[:, :, None]
+    slot = torch.arange(G, device=device)
+    start, size = torch.gather(first, 1, pa.flatten(1)).view_as(pa), torch.gather(cnt, 1, pa.flatten(1)).view_as(pa)
+    pos = (start[..., None] + slot).clamp(max=K - 1)  # (b, K, k, G)
+    nbr = torch.gather(order, 1, pos.flatten(1)).view(b, K, -1)  # (b, K, k G)
+    ok = (ra[..., None] & (slot < size[..., None])).view(b, K, -1)
+    # ... and c' is one only if its side-b point is among the nearest of c's.
+    cb_n = torch.gather(cb, 1, nbr.flatten(1)).view_as(nbr)
+    ok &= torch.gather(rel_b.view(b, Nb * Nb), 1, (cb[:, :, None] * Nb + cb_n).flatten(1)).view_as(nbr)
+    L = max(3, int(ok.sum(-1).max()))
+    if L < nbr.shape[2]:  # the ok entries of every row first
+        keep = ok.to(torch.uint8).topk(L, dim=2).indices
+        nbr, ok = torch.gather(nbr, 2, keep), torch.gather(ok, 2, keep)
+    elif L > nbr.shape[2]:
+        pad = L - nbr.shape[2]
+        nbr = F.pad(nbr, (0, pad))
+        ok = F.pad(ok, (0, pad))
+    return nbr, ok
+
+
+def _guided_samples(w64, nbr, nbr_ok, u_seed, gumbel_u):
     """(b, Hg, 4) candidate indices: the first by P (inverse CDF of ``u_seed`` (b, Hg)), the other
-    three among its consistent neighbours ``C`` (b, K, K) proportional to ``w64`` (b, K), by
-    Gumbel top-3 of ``gumbel_u`` (b, Hg, K). A hypothesis whose first candidate has fewer than
-    three consistent neighbours gets weight-0 draws (its sample is then invalid)."""
+    three among its consistent neighbours (``nbr``, ``nbr_ok`` (b, K, L), :func:`_consistent_neighbours`)
+    proportional to ``w64`` (b, K), by Gumbel top-3 of ``gumbel_u`` (b, Hg, K). A hypothesis whose
+    first candidate has fewer than three consistent neighbours gets weight-0 draws (its sample is
+    then invalid)."""
     K = w64.shape[1]
     cdf = w64.cumsum(-1)
     seed = torch.searchsorted(cdf, u_seed * cdf[:, -1:], right=True).clamp(max=K - 1)  # (b, Hg)
-    # A candidate has few consistent neighbours (at most about k^2 of K), so the Gumbel keys are
-    # formed on each seed's neighbour list (b, K, L), L the largest count, instead of on all K
-    # columns per hypothesis: the same keys (each neighbour keeps its own uniform of
-    # ``gumbel_u``), so the same draws, at L / K of the cost (one host sync for L).
-    L = max(3, int(C.sum(-1).max()))
-    nbr = C.to(torch.uint8).topk(min(L, K), dim=2).indices  # (b, K, L): every True entry of a row first
-    nbr_ok = torch.gather(C, 2, nbr)
+    # The Gumbel keys are formed on the seed's neighbour list, not on all K columns per
+    # hypothesis: the same keys (each neighbour keeps its own uniform of ``gumbel_u``), so the
+    # same draws, at L / K of the cost.
     pick = seed[..., None].expand(*seed.shape, nbr.shape[2])
     nb, allowed = torch.gather(nbr, 1, pick), torch.gather(nbr_ok, 1, pick)  # (b, Hg, L)
     w_nb = torch.gather(w64, 1, nb.flatten(1)).view_as(nb)
@@ -545,9 +638,9 @@ def _ransac(P, bearings, points, mask2d, mask3d, *, H, top_k, threshold, min_inl
         K_draw = 1000 if top_k is None else top_k
         gumbel_u = torch.rand(b, guided, max(K_draw, K), generator=generator, dtype=f64,
                               device=generator.device if generator is not None else device).to(device)[:, :, :K]
-        C = _consistent_neighbours(F.normalize(bearings.to(dtype), dim=-1), points.to(dtype), ok_b, ok_p,
-                                   ci, cj, cvalid, neighbours)
-        g_idx, g_ok = _guided_samples(w_draw, C, u[:, Hp:, 0], gumbel_u)
+        nbr, nbr_ok = _consistent_neighbours(F.normalize(bearings.to(dtype), dim=-1), points.to(dtype), ok_b, ok_p,
+                                             ci, cj, cvalid, neighbours)
+        g_idx, g_ok = _guided_samples(w_draw, nbr, nbr_ok, u[:, Hp:, 0], gumbel_u)
         s_idx = torch.cat([s_idx, g_idx], 1)
         guided_ok = torch.cat([torch.ones(b, Hp, dtype=torch.bool, device=device), g_ok], 1)
     s_i, s_j, s_w = _take(ci, s_idx), _take(cj, s_idx), _take(w_draw, s_idx)

@@ -233,3 +233,23 @@ def test_rerank_keeps_the_best_supported_poses_in_order_and_ties_in_pool_order()
     assert torch.equal(R2[0], R[0, order]) and torch.equal(t2[0], t[0, order])
     with pytest.raises(ValueError, match="keep"):
         rerank_by_row_support(*args, R, t, 5, partners=1, threshold=0.01)
+
+
+@pytest.mark.parametrize("per_item_gate", [False, True])
+def test_rematch_in_row_blocks_is_the_whole_matrix(per_item_gate):
+    """Scoring the rows in blocks (``chunk``: one row, a partial last block, all rows at once)
+    gives the same matches and priors: each block's row maxima and the running column maxima
+    are those of the whole (b, k, m, n) score."""
+    s = make_scene(2, 37, n_extra3d=11, seed=6)
+    b, X = s["bearings"].double(), s["X"].double()
+    g = torch.Generator().manual_seed(3)
+    P = torch.rand(2, 37, 48, generator=g, dtype=torch.float64)
+    k = 3
+    R = s["R"][:, None].expand(2, k, 3, 3).clone()
+    t = s["t"][:, None].expand(2, k, 3) + 0.01 * torch.randn(2, k, 3, generator=g, dtype=torch.float64)
+    gate = torch.tensor([0.03, 0.05], dtype=torch.float64) if per_item_gate else 0.04
+    whole = rematch(P, b, X, s["mask2d"], s["mask3d"], R, t, gate, 0.6, chunk=k * 37 * 48)
+    assert (whole[0] >= 0).sum() > 20  # not a vacuous comparison
+    for chunk in (1, k * 48, 5 * k * 48):
+        got = rematch(P, b, X, s["mask2d"], s["mask3d"], R, t, gate, 0.6, chunk=chunk)
+        assert torch.equal(got[0], whole[0]) and torch.equal(got[1], whole[1])

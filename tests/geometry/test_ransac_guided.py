@@ -4,9 +4,33 @@ pair and three of its consistent neighbours (nearest in 2D and in 3D)."""
 import pytest
 import torch
 
-from bpnp.geometry.ransac import _consistent_neighbours, _guided_samples, ransac_pnp
+from bpnp.geometry.ransac import _consistent_neighbours, _guided_samples, _nearest, _neighbour_distances, ransac_pnp
 from bpnp.geometry.rotations import geodesic_angle
 from tests.geometry.test_ransac import make_scene
+
+
+def consistent_relation(bearings, points, mask2d, mask3d, ci, cj, cvalid, k):
+    """The definition, densely: (b, K, K) bool, ``C[c, c']`` iff the 2D point of ``c'`` is among
+    the ``k`` nearest of ``c``'s and its 3D point among the ``k`` nearest of ``c``'s, both valid."""
+    d2, d3 = _neighbour_distances(bearings, points, mask2d, mask3d)
+    A2, A3 = (torch.zeros(d.shape, dtype=torch.bool).scatter_(2, *_nearest(d, k)) for d in (d2, d3))
+    bidx = torch.arange(ci.shape[0])[:, None, None]
+    C = A2[bidx, ci[:, :, None], ci[:, None, :]] & A3[bidx, cj[:, :, None], cj[:, None, :]]
+    return C & cvalid[:, :, None] & cvalid[:, None, :]
+
+
+def lists_to_relation(nbr, ok, K):
+    """(b, K, K) bool from neighbour lists; asserts that no neighbour is listed twice."""
+    counts = torch.zeros(*nbr.shape[:2], K, dtype=torch.long).scatter_add_(2, nbr, ok.long())
+    assert counts.max() <= 1
+    return counts > 0
+
+
+def relation_to_lists(C):
+    """Neighbour lists (b, K, L) of a dense relation, its True entries first."""
+    L = max(3, int(C.sum(-1).max()))
+    nbr = C.to(torch.uint8).topk(min(L, C.shape[2]), dim=2).indices
+    return nbr, torch.gather(C, 2, nbr)
 
 
 def _candidates(s, wrong_per_point, seed):
@@ -31,7 +55,7 @@ def test_consistent_neighbours_of_true_pairs_are_mostly_true():
     ci, cj = flat // n, flat % n
     valid = torch.ones_like(ci, dtype=torch.bool)
     args = (s["bearings"], s["X"], s["mask2d"], s["mask3d"], ci, cj)
-    C = _consistent_neighbours(*args, valid, 16)
+    C = lists_to_relation(*_consistent_neighbours(*args, valid, 16), ci.shape[1])
     true = ci == cj
     # Never itself, nor a pair sharing its 2D or 3D point.
     assert not (C & ((ci[:, :, None] == ci[:, None, :]) | (cj[:, :, None] == cj[:, None, :]))).any()
@@ -46,8 +70,33 @@ def test_consistent_neighbours_of_true_pairs_are_mostly_true():
     assert frac_true_of_wrong < 1.5 * base
     # An invalid candidate has no consistent neighbours and is nobody's.
     valid[:, 0] = False
-    C2 = _consistent_neighbours(*args, valid, 16)
+    C2 = lists_to_relation(*_consistent_neighbours(*args, valid, 16), ci.shape[1])
     assert not C2[:, 0].any() and not C2[:, :, 0].any()
+
+
+@pytest.mark.parametrize("crowded", ["2d", "3d"])
+def test_neighbour_lists_are_the_dense_relation(crowded):
+    """The lists hold exactly the consistent neighbours of the definition, when several
+    candidates share a 2D point (grouped by 3D points then) or a 3D point, with invalid
+    candidates and padded points."""
+    s = make_scene(3, 50, n_extra3d=10, seed=11)
+    b, m = s["match"].shape
+    n = s["X"].shape[1]
+    g = torch.Generator().manual_seed(2)
+    K = 150
+    # Few distinct points on the crowded side: up to about 10 candidates each.
+    few = torch.randint(0, 15, (b, K), generator=g)
+    many_2d, many_3d = torch.randint(0, m, (b, K), generator=g), torch.randint(0, n, (b, K), generator=g)
+    ci, cj = (few, many_3d) if crowded == "2d" else (many_2d, few)
+    valid = torch.rand(b, K, generator=g) > 0.1
+    mask2d, mask3d = s["mask2d"].clone(), s["mask3d"].clone()
+    mask2d[0, -5:] = False  # padding: never a neighbour
+    mask3d[1, -7:] = False
+    for k in (3, 8):
+        args = (s["bearings"], s["X"], mask2d, mask3d, ci, cj, valid, k)
+        nbr, ok = _consistent_neighbours(*args)
+        assert ok.shape[2] == max(3, int(ok.sum(-1).max()))
+        assert torch.equal(lists_to_relation(nbr, ok, K), consistent_relation(*args))
 
 
 def test_guided_samples_stay_among_the_seeds_consistent_neighbours():
@@ -58,7 +107,7 @@ def test_guided_samples_stay_among_the_seeds_consistent_neighbours():
     C[:, 5] = False  # a candidate with no consistent neighbours
     w = torch.rand(b, K, generator=g, dtype=torch.float64)
     w[:, 7] = 0.0  # weight 0: never drawn
-    idx, ok = _guided_samples(w, C, torch.rand(b, Hg, generator=g, dtype=torch.float64),
+    idx, ok = _guided_samples(w, *relation_to_lists(C), torch.rand(b, Hg, generator=g, dtype=torch.float64),
                               torch.rand(b, Hg, K, generator=g, dtype=torch.float64))
     seed, rest = idx[..., 0], idx[..., 1:]
     member = torch.gather(C, 1, seed[..., None].expand(b, Hg, K)).gather(2, rest)
@@ -142,7 +191,7 @@ def test_guided_samples_are_the_gumbel_top3_over_all_columns():
     w[:, 9] = 0.0
     u_seed = torch.rand(b, Hg, generator=g, dtype=torch.float64)
     gumbel_u = torch.rand(b, Hg, K, generator=g, dtype=torch.float64)
-    idx, ok = _guided_samples(w, C, u_seed, gumbel_u)
+    idx, ok = _guided_samples(w, *relation_to_lists(C), u_seed, gumbel_u)
     for i in range(b):
         for h in range(Hg):
             seed = int(idx[i, h, 0])
