@@ -156,7 +156,8 @@ def test_real_experiment_composes_on_the_shared_data(compose_cfg):
 
 
 def test_experiments_and_debug_presets(compose_cfg):
-    assert _options("experiment") == ["bpnp_real", "bpnp_synthetic", "bpnp_synthetic_continue", "bpnp_synthetic_heavy"]
+    assert _options("experiment") == ["bpnp_real", "bpnp_real_hard", "bpnp_synthetic", "bpnp_synthetic_continue",
+                                      "bpnp_synthetic_heavy"]
     _compose_and_instantiate(compose_cfg, "bpnp_synthetic")
     more = _compose_and_instantiate(compose_cfg, "bpnp_synthetic_continue")
     assert Path(more.init_ckpt).is_file()  # continues from the committed full checkpoint
@@ -167,6 +168,10 @@ def test_experiments_and_debug_presets(compose_cfg):
     assert heavy.data.synthetic.fov_deg == more.data.synthetic.fov_deg
     real = compose_cfg("experiment=bpnp_real")  # composes anywhere; its data is one setting away
     assert real.data.source == "colmap" and real.data.root.endswith("data/real")
+    hard = compose_cfg("experiment=bpnp_real_hard")  # the same fine-tune, its views at heavier 2D outliers
+    assert hard.data.train_scenes == real.data.train_scenes and hard.data.val_scenes == real.data.val_scenes
+    assert list(hard.data.train_views.outlier_frac_2d) == [0.3, 0.9] and hard.data.train_views.mix == real.data.train_views.mix
+    assert hard.init_ckpt == more.init_ckpt and hard.trainer.max_epochs > hard.model.loss.pose_start_epoch
     assert _options("debug") == ["fast_dev_run", "limit", "overfit"]
     for name in _options("debug"):
         cfg = compose_cfg("experiment=bpnp_synthetic", f"debug={name}")
