@@ -6,7 +6,7 @@
 
 What ``evaluate.py``'s ``mean_time_s`` measures (forward only, b = 1, eval mode, no grad, RANSAC
 seeded per instance as evaluate.py seeds it), split by the network's stage timer (encoders,
-Sinkhorn, RANSAC, the pose search, refinement), with the success rate and median rotation error of each variant.
+Sinkhorn, RANSAC, the pose search, its second pass, refinement), with the success rate and median rotation error of each variant.
 A variant is a comma-separated list of ``group.key=value`` settings over the checkpoint's
 (``ransac.*``, ``refine.*``, ``search.*``, ``gates.*``; YAML values, ``null`` = None). Variants alternate per instance (one
 untimed warm-up forward first), so that machine load hits them alike; the means are over the
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bpnp.evaluation.ablate import INFERENCE_GROUPS  # noqa: E402
 
-STAGES = ("encoders", "sinkhorn", "ransac", "search", "refinement")
+STAGES = ("encoders", "sinkhorn", "ransac", "search", "second_pass", "refinement")
 
 
 def parse_variant(text: str) -> dict[str, dict]:
@@ -85,7 +85,7 @@ def main() -> None:
                     r = rec[name]
                     r["total"].append(dt)
                     for s in STAGES:
-                        r[s].append(net.last_timings.get(s, 0.0))  # no "search" lap when it is off
+                        r[s].append(net.last_timings.get(s, 0.0))  # no "search" / "second_pass" lap when off
                     e = pose_errors(out.R, out.t, batch["R"], batch["t"], batch["p3d"], batch["match"], batch["mask2d"],
                                     batch["mask3d"])
                     r["success"].append(float(e["success"][0]))

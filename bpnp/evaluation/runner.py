@@ -285,7 +285,7 @@ def _model_records(out: Any, dt: float, timings: Mapping[str, float], base: Mapp
     if "ransac" in settings.baselines:  # RANSAC's own pose (before the pose search, when it ran)
         R_r = out.R0 if getattr(out, "R_ransac", None) is None else out.R_ransac
         t_r = out.t0 if getattr(out, "t_ransac", None) is None else out.t_ransac
-        spent = float(timings.get("refinement", 0.0)) + float(timings.get("search", 0.0))
+        spent = sum(float(timings.get(k, 0.0)) for k in ("refinement", "search", "second_pass"))
         recs.append({**base, "method": "ransac",
                      **instance_errors(R_r[0].detach().cpu(), t_r[0].detach().cpu(), scene), **shared,
                      "time_s": max(dt - spent, 0.0), "pnp_status": -1})
@@ -297,11 +297,12 @@ def _nosearch_record(model: Any, out: Any, scene: Mapping[str, Any], device: tor
     """The network without its pose search: the refinement node from RANSAC's own pose (the same
     forward otherwise), so search on / off compare on the same encoders, plan and RANSAC draw."""
     batch = {k: v.to(device) for k, v in collate_scenes([scene]).items()}
-    plain = replace(out, R0=out.R_ransac, t0=out.t_ransac, R_ransac=None, t_ransac=None, search_matches=None)
+    plain = replace(out, R0=out.R_ransac, t0=out.t_ransac, R_ransac=None, t_ransac=None, search_matches=None,
+                    second_pass=None)
     start = time.perf_counter()
     refined = model.refine_pose(plain, batch)
     _sync(device)
-    own = max(dt - float(timings.get("search", 0.0)) - float(timings.get("refinement", 0.0)), 0.0)
+    own = max(dt - sum(float(timings.get(k, 0.0)) for k in ("search", "second_pass", "refinement")), 0.0)
     match = np.asarray(scene["match"])
     return {**base, "method": "nosearch",
             **instance_errors(refined.R[0].detach().cpu(), refined.t[0].detach().cpu(), scene),

@@ -44,7 +44,7 @@ from bpnp.geometry.angular_scale import check_angle
 from bpnp.geometry.ransac import gauss_newton_angular, inliers_of_features, pair_features
 from bpnp.geometry.rotations import _check_tensor
 
-__all__ = ["PoseSearchResult", "pose_search", "rematch", "row_support", "rerank_by_row_support"]
+__all__ = ["PoseSearchResult", "pose_search", "rematch", "row_support", "rerank_by_row_support", "select_by_consensus"]
 
 
 class PoseSearchResult(NamedTuple):
@@ -340,10 +340,56 @@ def pose_search(
             R = torch.where(enough[:, None, None], R_new, R)
             t = torch.where(enough[:, None], t_new, t)
         matches, prior = match(R, t, per_item(threshold)[0])
-        count = (matches >= 0).sum(1)
-        count = torch.where(finite, count, torch.full_like(count, -1))
-        # Largest consensus, then the larger P mass over it (prior < 1 in total, so it only breaks ties).
-        rank = count.to(f64) + prior.sum(1).clamp(max=0.999)
-        best = rank.reshape(b, k).argmax(1)
-        sel = torch.arange(b, device=best.device) * k + best
-        return PoseSearchResult(R[sel], t[sel], matches[sel], count[sel].clamp_min(0), best)
+        return _select(R, t, matches, prior, finite, b, k)
+
+
+def _select(R, t, matches, prior, finite, b: int, k: int) -> PoseSearchResult:
+    """Step 4 over (b k) poses and their final matches: per item the largest consensus, then the
+    larger ``P`` mass over it (``prior`` < 1 in total, so it only breaks ties; the first on a tie)."""
+    count = (matches >= 0).sum(1)
+    count = torch.where(finite, count, torch.full_like(count, -1))
+    rank = count.to(torch.float64) + prior.sum(1).clamp(max=0.999)
+    best = rank.reshape(b, k).argmax(1)
+    sel = torch.arange(b, device=best.device) * k + best
+    return PoseSearchResult(R[sel], t[sel], matches[sel], count[sel].clamp_min(0), best)
+
+
+def select_by_consensus(P: torch.Tensor, bearings: torch.Tensor, points: torch.Tensor, mask2d: torch.Tensor,
+                        mask3d: torch.Tensor, R: torch.Tensor, t: torch.Tensor, *, threshold: float = 0.01,
+                        prior_weight: float = 1.0, gate_factor: torch.Tensor | None = None) -> PoseSearchResult:
+    """Step 4 alone: of ``k`` given poses per item, the one with the largest consensus under ``P``
+    (the mutual matches within ``threshold``, ties: the larger ``P`` mass over them), no re-solve.
+
+    Used to choose between poses found from different soft matches (the network's second pass:
+    poses from a subset's matching, compared on all points under the first pass's ``P``).
+
+    Args:
+        P, bearings, points, mask2d, mask3d: as :func:`pose_search`.
+        R, t: (b, k, 3, 3), (b, k, 3) candidate poses; non-finite ones are never selected
+            (unless all of an item's are).
+        threshold: matching gate, radians (times ``gate_factor[b]`` per item when given).
+        prior_weight: weight of ``log P`` in the matching score.
+
+    Returns:
+        :class:`PoseSearchResult` of the selected poses (``hypothesis``: which of the ``k``).
+        Computed in float64.
+    """
+    for name, x in (("P", P), ("bearings", bearings), ("points", points), ("R", R), ("t", t)):
+        _check_tensor(x, name)
+    if R.ndim != 4 or R.shape[-2:] != (3, 3) or t.shape != (*R.shape[:2], 3):
+        raise ValueError(f"R must have shape (b, k, 3, 3) and t (b, k, 3), got {tuple(R.shape)} and {tuple(t.shape)}")
+    if not 0.0 < threshold < math.pi / 2:
+        raise ValueError(f"need 0 < threshold < pi/2 (radians), got {threshold!r}")
+    if not prior_weight >= 0:
+        raise ValueError(f"prior_weight must be >= 0, got {prior_weight!r}")
+    b, k = R.shape[:2]
+    with torch.no_grad():
+        f64 = torch.float64
+        R64, t64 = R.detach().to(f64).reshape(b * k, 3, 3), t.detach().to(f64).reshape(b * k, 3)
+        finite = torch.isfinite(R64).flatten(1).all(1) & torch.isfinite(t64).all(1)
+        R64 = torch.where(finite[:, None, None], R64, torch.eye(3, dtype=f64, device=R.device))
+        t64 = torch.where(finite[:, None], t64, torch.zeros_like(t64))
+        gate = threshold if gate_factor is None else threshold * gate_factor.detach().to(device=P.device, dtype=f64)
+        matches, prior = rematch(P.detach().to(f64), bearings.detach().to(f64), points.detach().to(f64), mask2d,
+                                 mask3d, R64.view(b, k, 3, 3), t64.view(b, k, 3), gate, prior_weight)
+        return _select(R64, t64, matches.reshape(b * k, -1), prior.reshape(b * k, -1), finite, b, k)

@@ -211,6 +211,15 @@ class SearchSettings(_Group):
     solve_steps: Gauss-Newton steps per round.
     refine_on_matches: the refinement node weighs the search's matches (one-to-one, weight 1)
         instead of ``P``.
+    second_pass: after the search, run the matcher, RANSAC and the search again on the points
+        its outlier bins call likeliest inliers, and keep whichever of the two poses has the larger
+        consensus on *all* points under the first pass's ``P``
+        (:func:`bpnp.geometry.pose_search.select_by_consensus`); needs ``sinkhorn.bins``.
+    second_keep_2d, second_keep_3d: the fraction of each item's real 2D / 3D points the second
+        pass keeps (those of largest ``inlier2d`` / ``inlier3d``), in (0, 1].
+    second_below: run the second pass only for items whose first consensus is below this
+        fraction of their real 2D points; null = for every item.
+    second_hypotheses: RANSAC hypotheses of the second pass; null = ``ransac.num_hypotheses``.
     """
 
     enabled: bool = False
@@ -223,13 +232,22 @@ class SearchSettings(_Group):
     prior_weight: float = 1.0
     solve_steps: int = 5
     refine_on_matches: bool = False
+    second_pass: bool = False
+    second_keep_2d: float = 0.6
+    second_keep_3d: float = 0.8
+    second_below: float | None = None
+    second_hypotheses: int | None = None
 
     CHECKS = {"enabled": _flag, "hypotheses": _number(integer=True, low=1), "rerank_pool": _number(integer=True, low=0),
               "rerank_partners": _number(integer=True, low=1), "iterations": _number(integer=True, low=1),
               "threshold": _number(low=0, open_low=True, high=math.pi / 2),
               "start_threshold": _number(low=0, open_low=True, high=math.pi / 2),
               "prior_weight": _number(low=0), "solve_steps": _number(integer=True, low=0),
-              "refine_on_matches": _flag}
+              "refine_on_matches": _flag, "second_pass": _flag,
+              "second_keep_2d": _number(low=0, open_low=True, high=1, open_high=False),
+              "second_keep_3d": _number(low=0, open_low=True, high=1, open_high=False),
+              "second_below": _number(low=0, open_low=True, high=1, open_high=False, none=True),
+              "second_hypotheses": _number(integer=True, low=1, none=True)}
 
 
 @dataclass(frozen=True)

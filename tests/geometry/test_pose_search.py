@@ -253,3 +253,32 @@ def test_rematch_in_row_blocks_is_the_whole_matrix(per_item_gate):
     for chunk in (1, k * 48, 5 * k * 48):
         got = rematch(P, b, X, s["mask2d"], s["mask3d"], R, t, gate, 0.6, chunk=chunk)
         assert torch.equal(got[0], whole[0]) and torch.equal(got[1], whole[1])
+
+
+def test_select_by_consensus_keeps_the_pose_with_most_mutual_matches_and_never_a_non_finite_one():
+    """Of a pose 30 degrees off, the true pose and a NaN pose, the true one is selected; its
+    consensus is the count of :func:`rematch`'s matches there; an item whose only other candidate
+    is NaN keeps the finite one."""
+    from bpnp.geometry.pose_search import select_by_consensus
+
+    g = torch.Generator().manual_seed(3)
+    b, n = 2, 60
+    X = torch.randn(b, n, 3, generator=g, dtype=torch.float64) + torch.tensor([0.0, 0.0, 6.0])
+    bearings = torch.nn.functional.normalize(X, dim=-1)           # true pose: identity
+    P = torch.full((b, n, n), 1.0 / n ** 2, dtype=torch.float64)
+    mask = torch.ones(b, n, dtype=torch.bool)
+    eye = torch.eye(3, dtype=torch.float64)
+    a = math.radians(30.0)
+    off = torch.tensor([[math.cos(a), -math.sin(a), 0.0], [math.sin(a), math.cos(a), 0.0], [0.0, 0.0, 1.0]],
+                       dtype=torch.float64)
+    nan = torch.full((3, 3), float("nan"), dtype=torch.float64)
+    R = torch.stack([torch.stack([off, eye, nan]), torch.stack([nan, off, eye])])
+    t = torch.zeros(b, 3, 3, dtype=torch.float64)
+    res = select_by_consensus(P, bearings, X, mask, mask, R, t, threshold=0.01)
+    assert res.hypothesis.tolist() == [1, 2]
+    torch.testing.assert_close(res.R, torch.stack([eye, eye]), rtol=0, atol=0)
+    matches, _ = rematch(P, bearings, X, mask, mask, torch.stack([eye, eye]), t[:, 0], 0.01, 1.0)
+    assert res.consensus.tolist() == (matches >= 0).sum(1).tolist() == [n, n]
+    assert torch.equal(res.matches, matches)
+    with pytest.raises(ValueError, match="R must have shape"):
+        select_by_consensus(P, bearings, X, mask, mask, R[:, 0], t, threshold=0.01)

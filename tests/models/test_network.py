@@ -486,3 +486,73 @@ def test_relative_gates_at_the_reference_spread_change_nothing_and_scale_with_it
     torch.testing.assert_close(half._gate_factor(bearings, batch["mask2d"]), torch.tensor([0.5], dtype=torch.float64))
     assert fixed._gate_factor(bearings, batch["mask2d"]) is None
     assert _small_net(gates={"relative": True})._gate_factor(bearings, batch["mask2d"]) is not None
+
+
+def test_likeliest_keeps_the_top_share_of_real_points_in_their_order():
+    from bpnp.models.network import _likeliest
+
+    score = torch.tensor([[0.1, 0.9, 0.5, 0.7, 0.3, 0.8, 0.2, 0.6],
+                          [0.9, 0.1, 0.8, 0.2, 0.7, 0.3, 0.6, 0.4]])
+    mask = torch.tensor([[True] * 8, [True] * 6 + [False] * 2])
+    idx, keep = _likeliest(score, mask, 0.5)
+    # item 0: ceil(0.5 x 8) = 4 of the largest (1, 5, 3, 7) in index order; item 1: at least 4 of its 6 real
+    # points (0, 2, 4, 5: the padding's 0.6 and 0.4 never count), padded to the same width
+    assert idx.tolist() == [[1, 3, 5, 7], [0, 2, 4, 5]] and keep.all()
+    idx, keep = _likeliest(score, mask, 1.0)
+    assert idx[0].tolist() == list(range(8)) and keep[0].all()
+    assert idx[1, :6].tolist() == list(range(6)) and keep[1].tolist() == [True] * 6 + [False] * 2
+    assert (idx[1, 6:] == 0).all()  # padding points at a valid index
+
+
+def test_second_pass_keeps_the_first_pose_unless_its_own_has_more_consensus():
+    """``search.second_pass``: RANSAC's pose is untouched, an item keeps the first pass's pose
+    exactly (0) or takes the second's (1; that choice is :func:`select_by_consensus`'s, tested in
+    tests/geometry/test_pose_search.py); ``second_below`` small enough runs it for no item
+    (-1, the same output as without it); with the true costs both passes solve every item."""
+    batch = _batch(b=3, m=(50, 70), outliers_2d=0.4, outliers_3d=0.4, seed=2)
+    settings = dict(ransac={"num_hypotheses": 64}, refine={"gate": 0.05})
+    with torch.no_grad():
+        first = _small_net(**settings, search={"enabled": True}).eval()(batch, generator=_gen())
+        both = _small_net(**settings, search={"enabled": True, "second_pass": True}).eval()(batch, generator=_gen())
+        none = _small_net(**settings, search={"enabled": True, "second_pass": True, "second_below": 1e-9}).eval()(
+            batch, generator=_gen())
+    assert first.second_pass is None and none.second_pass.tolist() == [-1, -1, -1]
+    assert torch.equal(none.R, first.R) and torch.equal(none.search_matches, first.search_matches)
+    assert set(both.second_pass.tolist()) <= {0, 1}
+    torch.testing.assert_close(both.R_ransac, first.R_ransac, rtol=0, atol=0)
+    kept = both.second_pass == 0
+    assert torch.equal(both.R0[kept], first.R0[kept]) and torch.equal(both.search_matches[kept], first.search_matches[kept])
+    M = _true_cost(batch)
+    with torch.no_grad():
+        true = _small_net(**settings, search={"enabled": True, "second_pass": True}).eval()(batch, cost_override=M,
+                                                                                           generator=_gen())
+    errs = pose_errors(true.R, true.t, batch["R"], batch["t"], batch["p3d"], batch["match"], batch["mask2d"], batch["mask3d"])
+    assert torch.all(errs["success"])
+    with pytest.raises(SettingError, match="search.second_pass: needs outlier bins"):
+        _small_net(sinkhorn={"bins": "none"}, search={"second_pass": True})
+    for key, value in (("second_keep_2d", 0.0), ("second_keep_3d", 1.5), ("second_below", 0.0), ("second_hypotheses", 0)):
+        with pytest.raises(SettingError, match=f"search.{key}"):
+            _small_net(search={key: value})
+
+
+def test_second_pass_pose_replaces_a_failed_first_pose():
+    """Costs with a decoy at 0 per row beside the true pair: one RANSAC hypothesis finds the pose
+    with probability 1/8, the second pass's 256 (``second_hypotheses``) almost surely; on all points
+    its pose has the larger consensus, so it is taken (1) where the first failed, and solves it."""
+    batch = _batch(b=4, m=(60, 60), outliers_2d=0.0, outliers_3d=0.0, seed=6)
+    M = _true_cost(batch)
+    g = torch.Generator().manual_seed(1)
+    B, m, n = M.shape
+    decoys = torch.randint(0, n, (B, m, 1), generator=g)
+    M.scatter_(2, decoys, 0.0)
+    settings = dict(ransac={"num_hypotheses": 1}, refine={"gate": 0.05})
+    with torch.no_grad():
+        first = _small_net(**settings, search={"enabled": True, "hypotheses": 1}).eval()(
+            batch, cost_override=M, generator=_gen())
+        both = _small_net(**settings, search={"enabled": True, "hypotheses": 1, "second_pass": True,
+                                              "second_hypotheses": 256}).eval()(batch, cost_override=M, generator=_gen())
+    ok = lambda o: pose_errors(o.R, o.t, batch["R"], batch["t"], batch["p3d"], batch["match"], batch["mask2d"],
+                               batch["mask3d"])["success"]
+    failed = ~ok(first)
+    assert failed.any(), "the decoys should defeat one hypothesis on some item"
+    assert (both.second_pass[failed] == 1).all() and ok(both).all()
