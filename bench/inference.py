@@ -94,7 +94,7 @@ def main() -> None:
     print(f"{args.ckpt} on {args.scenes} ({len(scenes)} instances, m = {sorted(m)}), {torch.get_num_threads()} thread(s), "
           f"forward only, b = 1; checkpoint settings " + ", ".join(f"{g} {base[g]}" for g in INFERENCE_GROUPS))
     print("| variant | mean time per instance s | " + " | ".join(STAGES) + " | success | median rot err deg |")
-    print("|---" * (5 + len(STAGES)) + "|")
+    print("|---" * (4 + len(STAGES)) + "|")
     for name, _ in variants:
         r = rec[name]
         print(f"| {name} | **{statistics.mean(r['total']):.3f}** | "

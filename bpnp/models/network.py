@@ -55,7 +55,7 @@ from bpnp.models.settings import (BINS, MATCHERS, GateSettings, RansacSettings, 
                                   SettingError, SinkhornSettings, check_net_config)
 from bpnp.nodes.pnp import gather_pairs
 
-__all__ = ["BlindPnPNet", "BlindPnPOutput", "NOT_RUN", "MATCHERS", "BINS", "feature_cost"]
+__all__ = ["BlindPnPNet", "BlindPnPOutput", "NOT_RUN", "MATCHERS", "BINS", "feature_cost", "likeliest_points"]
 
 #: ``pnp_status`` of items whose refinement did not run (training without refinement).
 NOT_RUN = -1
@@ -385,7 +385,7 @@ class BlindPnPNet(nn.Module):
         timer.lap("sinkhorn")
 
         search = self.search_settings if (pose and self.search_settings.enabled and not self.training) else None
-        R_ransac = t_ransac = search_matches = second = None
+        R_ransac = t_ransac = search_matches = second = P_refine = None
         factor = None
         if pose:
             bearings, points = _geometric_inputs(p2d, p3d, mask2d, mask3d)
@@ -409,9 +409,11 @@ class BlindPnPNet(nn.Module):
                              **self._search_call_kwargs(factor))
             timer.lap("search")
             if search.second_pass:
-                ps, second = self._second_pass(P.detach(), inlier2d, inlier3d, p2d, p3d, mask2d, mask3d,
-                                               bearings, points, ps, factor, generator,
-                                               None if cost_override is None else M.detach())
+                ps, second, P_second = self._second_pass(P.detach(), inlier2d, inlier3d, p2d, p3d, mask2d, mask3d,
+                                                         bearings, points, ps, factor, generator,
+                                                         None if cost_override is None else M.detach())
+                if search.second_refine == "own":  # the refinement weighs the plan the kept pose came from
+                    P_refine = torch.where((second == 1)[:, None, None], P_second.to(P.dtype), P)
                 timer.lap("second_pass")
             R_ransac, t_ransac, search_matches = R0, t0, ps.matches
             R0, t0 = ps.R.to(P.dtype), ps.t.to(P.dtype)
@@ -426,7 +428,7 @@ class BlindPnPNet(nn.Module):
             R_ransac=R_ransac, t_ransac=t_ransac, search_matches=search_matches, second_pass=second,
         )
         if refine:
-            out = self._refine(out, bearings, points, mask2d, mask3d, factor)
+            out = self._refine(out, bearings, points, mask2d, mask3d, factor, P_refine)
         timer.lap("refinement")
         self.last_timings = timer.laps
         return out
@@ -512,8 +514,10 @@ class BlindPnPNet(nn.Module):
                 then their block of the kept points (the geometric layers' tests), not the matcher's.
 
         Returns:
-            ``(result, which)``: the selected :class:`PoseSearchResult` per item and (B,) int64
-            (1 = the second pass's pose, 0 = the first's, -1 = not run for the item).
+            ``(result, which, P_second)``: the selected :class:`PoseSearchResult` per item, (B,)
+            int64 (1 = the second pass's pose, 0 = the first's, -1 = not run for the item) and
+            (B, m, n) the second pass's plan on the kept points in the full indices (0 elsewhere,
+            and for items it did not run on).
         """
         s = self.search_settings
         B = P.shape[0]
@@ -522,10 +526,11 @@ class BlindPnPNet(nn.Module):
         if s.second_below is not None:
             run = first.consensus.to(torch.float64) < s.second_below * mask2d.sum(1).to(torch.float64)
         items = run.nonzero().flatten()
+        P_second = torch.zeros_like(P)
         if len(items) == 0:
-            return first, which
-        i2, k2 = _likeliest(inlier2d[items], mask2d[items], s.second_keep_2d)
-        i3, k3 = _likeliest(inlier3d[items], mask3d[items], s.second_keep_3d)
+            return first, which, P_second
+        i2, k2 = likeliest_points(inlier2d[items], mask2d[items], s.second_keep_2d)
+        i3, k3 = likeliest_points(inlier3d[items], mask3d[items], s.second_keep_3d)
         sub2d = torch.gather(p2d[items], 1, i2.unsqueeze(-1).expand(-1, -1, p2d.shape[-1]))
         sub3d = torch.gather(p3d[items], 1, i3.unsqueeze(-1).expand(-1, -1, 3))
         f = None if factor is None else factor[items]
@@ -556,7 +561,13 @@ class BlindPnPNet(nn.Module):
         out = [x.clone() for x in first]
         for dst, src in zip(out, chosen):
             dst[items] = src.to(dst.dtype)
-        return PoseSearchResult(*out), which
+        # P2 back into the full (m, n) indices; padded slots of the subset scatter 0 onto index 0 first.
+        P2 = torch.where((k2[:, :, None] & k3[:, None, :]), P2, torch.zeros((), dtype=P2.dtype))
+        full = torch.zeros(len(items), P.shape[1], P2.shape[2], dtype=P.dtype, device=P.device)
+        full.scatter_add_(1, i2.unsqueeze(-1).expand(-1, -1, P2.shape[2]), P2.to(P.dtype))
+        P_second[items] = torch.zeros(len(items), P.shape[1], P.shape[2], dtype=P.dtype, device=P.device).scatter_add_(
+            2, i3.unsqueeze(1).expand(-1, P.shape[1], -1), full)
+        return PoseSearchResult(*out), which, P_second
 
     def _search_starts(self, P, bearings, points, mask2d, mask3d, R_pool: torch.Tensor, t_pool: torch.Tensor,
                        factor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -571,10 +582,11 @@ class BlindPnPNet(nn.Module):
                                      partners=s.rerank_partners, threshold=gate)
 
     def _refine(self, out: BlindPnPOutput, bearings, points, mask2d, mask3d,
-                factor: torch.Tensor | None) -> BlindPnPOutput:
+                factor: torch.Tensor | None, P: torch.Tensor | None = None) -> BlindPnPOutput:
         """The refinement node from ``out``'s pose; ``factor`` is :meth:`_gate_factor` of these
-        inputs (computed once per forward, shared with RANSAC and the search)."""
-        P = out.P
+        inputs (computed once per forward, shared with RANSAC and the search); ``P`` the soft
+        matches it weighs (default ``out.P``; the second pass's plan where its pose was kept)."""
+        P = out.P if P is None else P
         bearings, points = bearings.to(P.dtype), points.to(P.dtype)
         if out.search_matches is not None and self.search_settings.refine_on_matches:
             # The search's one-to-one matches, weight 1 / m each (items with fewer than 4 keep P).
@@ -643,7 +655,7 @@ def _consensus_mask(bearings: torch.Tensor, points: torch.Tensor, R: torch.Tenso
     return keep | none[:, None, None]
 
 
-def _likeliest(score: torch.Tensor, mask: torch.Tensor, keep: float) -> tuple[torch.Tensor, torch.Tensor]:
+def likeliest_points(score: torch.Tensor, mask: torch.Tensor, keep: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Per item the ``ceil(keep x real count)`` real points of largest ``score`` (at least 4, at
     most all): ``(index, mask)`` (b, k) into the point dimension, padded with valid indices and
     mask False, in the points' original order."""

@@ -220,6 +220,9 @@ class SearchSettings(_Group):
     second_below: run the second pass only for items whose first consensus is below this
         fraction of their real 2D points; null = for every item.
     second_hypotheses: RANSAC hypotheses of the second pass; null = ``ransac.num_hypotheses``.
+    second_refine: which soft matches the refinement weighs where the second pass's pose is kept:
+        ``first`` (the first pass's ``P``, as elsewhere) or ``own`` (its plan on the kept points;
+        no better on validation, docs/experiments.md "Session 16").
     """
 
     enabled: bool = False
@@ -237,6 +240,7 @@ class SearchSettings(_Group):
     second_keep_3d: float = 0.8
     second_below: float | None = None
     second_hypotheses: int | None = None
+    second_refine: str = "first"
 
     CHECKS = {"enabled": _flag, "hypotheses": _number(integer=True, low=1), "rerank_pool": _number(integer=True, low=0),
               "rerank_partners": _number(integer=True, low=1), "iterations": _number(integer=True, low=1),
@@ -247,7 +251,8 @@ class SearchSettings(_Group):
               "second_keep_2d": _number(low=0, open_low=True, high=1, open_high=False),
               "second_keep_3d": _number(low=0, open_low=True, high=1, open_high=False),
               "second_below": _number(low=0, open_low=True, high=1, open_high=False, none=True),
-              "second_hypotheses": _number(integer=True, low=1, none=True)}
+              "second_hypotheses": _number(integer=True, low=1, none=True),
+              "second_refine": _choice(("own", "first"))}
 
 
 @dataclass(frozen=True)

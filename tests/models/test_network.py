@@ -489,16 +489,16 @@ def test_relative_gates_at_the_reference_spread_change_nothing_and_scale_with_it
 
 
 def test_likeliest_keeps_the_top_share_of_real_points_in_their_order():
-    from bpnp.models.network import _likeliest
+    from bpnp.models.network import likeliest_points
 
     score = torch.tensor([[0.1, 0.9, 0.5, 0.7, 0.3, 0.8, 0.2, 0.6],
                           [0.9, 0.1, 0.8, 0.2, 0.7, 0.3, 0.6, 0.4]])
     mask = torch.tensor([[True] * 8, [True] * 6 + [False] * 2])
-    idx, keep = _likeliest(score, mask, 0.5)
+    idx, keep = likeliest_points(score, mask, 0.5)
     # item 0: ceil(0.5 x 8) = 4 of the largest (1, 5, 3, 7) in index order; item 1: at least 4 of its 6 real
     # points (0, 2, 4, 5: the padding's 0.6 and 0.4 never count), padded to the same width
     assert idx.tolist() == [[1, 3, 5, 7], [0, 2, 4, 5]] and keep.all()
-    idx, keep = _likeliest(score, mask, 1.0)
+    idx, keep = likeliest_points(score, mask, 1.0)
     assert idx[0].tolist() == list(range(8)) and keep[0].all()
     assert idx[1, :6].tolist() == list(range(6)) and keep[1].tolist() == [True] * 6 + [False] * 2
     assert (idx[1, 6:] == 0).all()  # padding points at a valid index
@@ -556,3 +556,37 @@ def test_second_pass_pose_replaces_a_failed_first_pose():
     failed = ~ok(first)
     assert failed.any(), "the decoys should defeat one hypothesis on some item"
     assert (both.second_pass[failed] == 1).all() and ok(both).all()
+    # second_refine: the same search poses, the refinement from the second pass's own plan solves them too.
+    with torch.no_grad():
+        own = _small_net(**settings, search={"enabled": True, "hypotheses": 1, "second_pass": True,
+                                                 "second_hypotheses": 256, "second_refine": "own"}).eval()(
+            batch, cost_override=M, generator=_gen())
+    assert torch.equal(own.R0, both.R0) and ok(own).all()
+
+
+def test_second_pass_plan_lies_on_the_kept_points_in_the_full_indices():
+    """The second pass's plan, scattered back: zero outside the kept rows and columns, and on
+    them the subset's plan (its mass and its row sums)."""
+    from bpnp.geometry.pose_search import PoseSearchResult
+    from bpnp.models.network import _geometric_inputs, likeliest_points
+
+    batch = _batch(b=2, m=(30, 40), outliers_2d=0.3, outliers_3d=0.3, seed=1)
+    net = _small_net(search={"enabled": True, "second_pass": True, "second_keep_2d": 0.5, "second_keep_3d": 0.7}).eval()
+    p2d, p3d, m2, m3 = batch["p2d"], batch["p3d"], batch["mask2d"], batch["mask3d"]
+    with torch.no_grad():
+        out = net(batch, generator=_gen())
+        bearings, points = _geometric_inputs(p2d, p3d, m2, m3)
+        B, m = m2.shape
+        fake = PoseSearchResult(out.R0.double(), out.t0.double(), torch.full((B, m), -1), torch.zeros(B, dtype=torch.long),
+                                torch.zeros(B, dtype=torch.long))
+        _, which, P_second = net._second_pass(out.P, out.inlier2d, out.inlier3d, p2d, p3d, m2, m3, bearings, points,
+                                              fake, None, _gen())
+        i2, k2 = likeliest_points(out.inlier2d, m2, 0.5)
+        i3, k3 = likeliest_points(out.inlier3d, m3, 0.7)
+    for b in range(B):
+        rows, cols = i2[b][k2[b]], i3[b][k3[b]]
+        inside = torch.zeros_like(P_second[b], dtype=torch.bool)
+        inside[rows[:, None], cols[None, :]] = True
+        assert (P_second[b][~inside] == 0).all() and (P_second[b][inside] > 0).all()
+        assert float(P_second[b].sum()) <= 1.0 + 1e-5
+    assert set(which.tolist()) <= {0, 1}
