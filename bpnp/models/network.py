@@ -500,9 +500,9 @@ class BlindPnPNet(nn.Module):
         """Match again on the likeliest inliers, keep the better pose (``search.second_pass``).
 
         Why: the attention matcher sees every point at once, so at many outliers the outliers
-        blur the features of the inliers too; on the half of the points its bins find likeliest
-        to have a partner the inlier share is much higher and the matching sharper (measured on
-        the validation shifts, docs/experiments.md "Session 16"). The subset's pose is judged
+        blur the features of the inliers too; on the points its bins find likeliest to have a
+        partner the inlier share is much higher (``python -m bpnp.evaluation.bin_ranking``) and the
+        matching sharper (docs/experiments.md "Session 16"). The subset's pose is judged
         on all points under the first ``P``, so a wrong subset cannot replace a better first pose.
 
         Args:
@@ -515,9 +515,9 @@ class BlindPnPNet(nn.Module):
 
         Returns:
             ``(result, which, P_second)``: the selected :class:`PoseSearchResult` per item, (B,)
-            int64 (1 = the second pass's pose, 0 = the first's, -1 = not run for the item) and
-            (B, m, n) the second pass's plan on the kept points in the full indices (0 elsewhere,
-            and for items it did not run on).
+            int64 (1 = the second pass's pose, 0 = the first's, -1 = not run for the item) and,
+            with ``second_refine: own``, (B, m, n) the second pass's plan on the kept points in the
+            full indices (0 elsewhere, and for items it did not run on), else None.
         """
         s = self.search_settings
         B = P.shape[0]
@@ -526,7 +526,7 @@ class BlindPnPNet(nn.Module):
         if s.second_below is not None:
             run = first.consensus.to(torch.float64) < s.second_below * mask2d.sum(1).to(torch.float64)
         items = run.nonzero().flatten()
-        P_second = torch.zeros_like(P)
+        P_second = torch.zeros_like(P) if s.second_refine == "own" else None
         if len(items) == 0:
             return first, which, P_second
         i2, k2 = likeliest_points(inlier2d[items], mask2d[items], s.second_keep_2d)
@@ -554,13 +554,14 @@ class BlindPnPNet(nn.Module):
             # Both poses judged on all points of the item under the first pass's P.
             R2 = torch.stack([first.R[items], ps2.R.to(first.R.dtype)], 1)
             t2 = torch.stack([first.t[items], ps2.t.to(first.t.dtype)], 1)
-            gate = s.threshold
             chosen = select_by_consensus(P[items], bearings[items], points[items], mask2d[items], mask3d[items],
-                                         R2, t2, threshold=gate, prior_weight=s.prior_weight, gate_factor=f)
+                                         R2, t2, threshold=s.threshold, prior_weight=s.prior_weight, gate_factor=f)
         which[items] = chosen.hypothesis
         out = [x.clone() for x in first]
         for dst, src in zip(out, chosen):
             dst[items] = src.to(dst.dtype)
+        if P_second is None:
+            return PoseSearchResult(*out), which, None
         # P2 back into the full (m, n) indices; padded slots of the subset scatter 0 onto index 0 first.
         P2 = torch.where((k2[:, :, None] & k3[:, None, :]), P2, torch.zeros((), dtype=P2.dtype))
         full = torch.zeros(len(items), P.shape[1], P2.shape[2], dtype=P.dtype, device=P.device)

@@ -565,13 +565,14 @@ def test_second_pass_pose_replaces_a_failed_first_pose():
 
 
 def test_second_pass_plan_lies_on_the_kept_points_in_the_full_indices():
-    """The second pass's plan, scattered back: zero outside the kept rows and columns, and on
-    them the subset's plan (its mass and its row sums)."""
+    """The second pass's plan (``second_refine: own``), scattered back into the full indices: zero
+    outside the kept rows and columns, positive on every kept pair."""
     from bpnp.geometry.pose_search import PoseSearchResult
     from bpnp.models.network import _geometric_inputs, likeliest_points
 
     batch = _batch(b=2, m=(30, 40), outliers_2d=0.3, outliers_3d=0.3, seed=1)
-    net = _small_net(search={"enabled": True, "second_pass": True, "second_keep_2d": 0.5, "second_keep_3d": 0.7}).eval()
+    net = _small_net(search={"enabled": True, "second_pass": True, "second_keep_2d": 0.5, "second_keep_3d": 0.7,
+                             "second_refine": "own"}).eval()
     p2d, p3d, m2, m3 = batch["p2d"], batch["p3d"], batch["mask2d"], batch["mask3d"]
     with torch.no_grad():
         out = net(batch, generator=_gen())
@@ -588,5 +589,8 @@ def test_second_pass_plan_lies_on_the_kept_points_in_the_full_indices():
         inside = torch.zeros_like(P_second[b], dtype=torch.bool)
         inside[rows[:, None], cols[None, :]] = True
         assert (P_second[b][~inside] == 0).all() and (P_second[b][inside] > 0).all()
-        assert float(P_second[b].sum()) <= 1.0 + 1e-5
     assert set(which.tolist()) <= {0, 1}
+    net.configure(search={"second_refine": "first"})  # the plan is only formed for the refinement that weighs it
+    with torch.no_grad():
+        assert net._second_pass(out.P, out.inlier2d, out.inlier3d, p2d, p3d, m2, m3, bearings, points, fake, None,
+                                _gen())[2] is None
