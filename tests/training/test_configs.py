@@ -148,7 +148,7 @@ def _compose_and_instantiate(compose_cfg, name, *extra):
     return cfg
 
 
-@pytest.mark.skipif(not (SHARED_DATA / "real").is_dir(), reason=f"experiment=bpnp_real trains on 7 of the "
+@pytest.mark.skipif(not (SHARED_DATA / "real").is_dir(), reason=f"experiment=bpnp_real trains on 10 of the "
                     f"project's shared COLMAP models, not found under {SHARED_DATA} (paths.data_dir)")
 def test_real_experiment_composes_on_the_shared_data(compose_cfg):
     cfg = _compose_and_instantiate(compose_cfg, "bpnp_real", f"paths.data_dir={SHARED_DATA}")
