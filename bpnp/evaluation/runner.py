@@ -50,6 +50,10 @@ __all__ = ["METHODS", "EvalSettings", "Overlay", "evaluate_instances", "instance
 #: Every method the runner knows; ``model`` always runs.
 METHODS = ("model", "ransac", "oracle", "hungarian", "nosearch")
 
+#: The network's timed stages after RANSAC (``BlindPnPNet.last_timings``): the ``ransac`` and
+#: ``nosearch`` rows' times leave them out.
+_AFTER_RANSAC = ("search", "second_pass", "refinement")
+
 
 @dataclass
 class EvalSettings:
@@ -285,7 +289,7 @@ def _model_records(out: Any, dt: float, timings: Mapping[str, float], base: Mapp
     if "ransac" in settings.baselines:  # RANSAC's own pose (before the pose search, when it ran)
         R_r = out.R0 if getattr(out, "R_ransac", None) is None else out.R_ransac
         t_r = out.t0 if getattr(out, "t_ransac", None) is None else out.t_ransac
-        spent = sum(float(timings.get(k, 0.0)) for k in ("refinement", "search", "second_pass"))
+        spent = sum(float(timings.get(k, 0.0)) for k in _AFTER_RANSAC)
         recs.append({**base, "method": "ransac",
                      **instance_errors(R_r[0].detach().cpu(), t_r[0].detach().cpu(), scene), **shared,
                      "time_s": max(dt - spent, 0.0), "pnp_status": -1})
@@ -302,7 +306,7 @@ def _nosearch_record(model: Any, out: Any, scene: Mapping[str, Any], device: tor
     start = time.perf_counter()
     refined = model.refine_pose(plain, batch)
     _sync(device)
-    own = max(dt - sum(float(timings.get(k, 0.0)) for k in ("search", "second_pass", "refinement")), 0.0)
+    own = max(dt - sum(float(timings.get(k, 0.0)) for k in _AFTER_RANSAC), 0.0)
     match = np.asarray(scene["match"])
     return {**base, "method": "nosearch",
             **instance_errors(refined.R[0].detach().cpu(), refined.t[0].detach().cpu(), scene),

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 
 from bpnp.geometry.angular_scale import check_angle
-from bpnp.geometry.ransac import gauss_newton_angular, inliers_of_features, pair_features
+from bpnp.geometry.ransac import gauss_newton_angular, pair_features, reduce_inliers_in_chunks
 from bpnp.geometry.rotations import _check_tensor
 
 __all__ = ["PoseSearchResult", "pose_search", "rematch", "row_support", "rerank_by_row_support", "select_by_consensus"]
@@ -183,7 +183,6 @@ def row_support(P: torch.Tensor, bearings: torch.Tensor, points: torch.Tensor, m
     if not isinstance(partners, int) or partners < 1:
         raise ValueError(f"row_support: partners must be a positive int, got {partners!r}")
     b, m, n = P.shape
-    k = R.shape[1]
     T = min(partners, n)
     dtype = torch.promote_types(bearings.dtype, points.dtype)
     real = mask2d[:, :, None] & mask3d[:, None, :]
@@ -199,10 +198,8 @@ def row_support(P: torch.Tensor, bearings: torch.Tensor, points: torch.Tensor, m
     finite = torch.isfinite(R).flatten(2).all(-1) & torch.isfinite(t).all(-1)
     Rs = torch.where(finite[..., None, None], R.to(dtype), torch.eye(3, dtype=dtype, device=P.device))
     ts = torch.where(finite[..., None], t.to(dtype), zero)
-    step = max(1, chunk // max(b * m * T, 1))
     f = pair_features(bc, pc, cos_thr)  # once for every chunk of poses
-    support = torch.cat([inliers_of_features(Rs[:, h:h + step], ts[:, h:h + step], f)
-                         .view(b, -1, m, T).any(-1).sum(-1) for h in range(0, k, step)], 1)
+    support = reduce_inliers_in_chunks(Rs, ts, f, lambda inl: inl.view(b, -1, m, T).any(-1).sum(-1), chunk)
     return torch.where(finite, support, torch.full_like(support, -1))
 
 
@@ -284,11 +281,7 @@ def pose_search(
         >>> bool(res.consensus[0] >= 45), torch.allclose(res.R[0], torch.eye(3, dtype=torch.float64), atol=1e-6)
         (True, True)
     """
-    for name, x in (("P", P), ("bearings", bearings), ("points", points), ("R_init", R_init), ("t_init", t_init)):
-        _check_tensor(x, name)
-    if R_init.ndim != 4 or R_init.shape[-2:] != (3, 3) or t_init.shape != (*R_init.shape[:2], 3):
-        raise ValueError(f"R_init must have shape (b, k, 3, 3) and t_init (b, k, 3), got "
-                         f"{tuple(R_init.shape)} and {tuple(t_init.shape)}")
+    _check_poses(P, bearings, points, R_init, t_init, "R_init", "t_init")
     if not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"iterations must be a positive int, got {iterations!r}")
     if not 0.0 < threshold <= start_threshold < math.pi / 2:
@@ -311,11 +304,7 @@ def pose_search(
         log_prior = prior_weight * torch.log(P64.clamp_min(torch.finfo(f64).tiny)) if prior_weight > 0 else None
         bk = b64.unsqueeze(1).expand(b, k, m, 3).reshape(b * k, m, 3)  # small: for the re-solve
         pk = p64.unsqueeze(1).expand(b, k, *p64.shape[1:]).reshape(b * k, *p64.shape[1:])
-        R = R_init.detach().to(f64).reshape(b * k, 3, 3)
-        t = t_init.detach().to(f64).reshape(b * k, 3)
-        finite = torch.isfinite(R).flatten(1).all(1) & torch.isfinite(t).all(1)
-        R = torch.where(finite[:, None, None], R, torch.eye(3, dtype=f64, device=R.device))
-        t = torch.where(finite[:, None], t, torch.zeros_like(t))
+        R, t, finite = _finite_poses(R_init, t_init)
 
         workspace = torch.empty(min(1 << 17, k * m * P.shape[2]), dtype=f64, device=P.device)  # every round's score blocks
 
@@ -341,6 +330,27 @@ def pose_search(
             t = torch.where(enough[:, None], t_new, t)
         matches, prior = match(R, t, per_item(threshold)[0])
         return _select(R, t, matches, prior, finite, b, k)
+
+
+def _check_poses(P, bearings, points, R, t, r_name: str, t_name: str) -> None:
+    """The inputs' tensor checks and the (b, k, 3, 3) / (b, k, 3) shapes of ``k`` poses per item."""
+    for name, x in (("P", P), ("bearings", bearings), ("points", points), (r_name, R), (t_name, t)):
+        _check_tensor(x, name)
+    if R.ndim != 4 or R.shape[-2:] != (3, 3) or t.shape != (*R.shape[:2], 3):
+        raise ValueError(f"{r_name} must have shape (b, k, 3, 3) and {t_name} (b, k, 3), got "
+                         f"{tuple(R.shape)} and {tuple(t.shape)}")
+
+
+def _finite_poses(R: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(b, k, 3, 3), (b, k, 3) poses as (b k, 3, 3), (b k, 3) float64, non-finite ones replaced by
+    the identity (so the scoring stays finite), and which were finite (b k,)."""
+    f64 = torch.float64
+    R = R.detach().to(f64).reshape(-1, 3, 3)
+    t = t.detach().to(f64).reshape(-1, 3)
+    finite = torch.isfinite(R).flatten(1).all(1) & torch.isfinite(t).all(1)
+    R = torch.where(finite[:, None, None], R, torch.eye(3, dtype=f64, device=R.device))
+    t = torch.where(finite[:, None], t, torch.zeros_like(t))
+    return R, t, finite
 
 
 def _select(R, t, matches, prior, finite, b: int, k: int) -> PoseSearchResult:
@@ -374,10 +384,7 @@ def select_by_consensus(P: torch.Tensor, bearings: torch.Tensor, points: torch.T
         :class:`PoseSearchResult` of the selected poses (``hypothesis``: which of the ``k``).
         Computed in float64.
     """
-    for name, x in (("P", P), ("bearings", bearings), ("points", points), ("R", R), ("t", t)):
-        _check_tensor(x, name)
-    if R.ndim != 4 or R.shape[-2:] != (3, 3) or t.shape != (*R.shape[:2], 3):
-        raise ValueError(f"R must have shape (b, k, 3, 3) and t (b, k, 3), got {tuple(R.shape)} and {tuple(t.shape)}")
+    _check_poses(P, bearings, points, R, t, "R", "t")
     if not 0.0 < threshold < math.pi / 2:
         raise ValueError(f"need 0 < threshold < pi/2 (radians), got {threshold!r}")
     if not prior_weight >= 0:
@@ -385,10 +392,7 @@ def select_by_consensus(P: torch.Tensor, bearings: torch.Tensor, points: torch.T
     b, k = R.shape[:2]
     with torch.no_grad():
         f64 = torch.float64
-        R64, t64 = R.detach().to(f64).reshape(b * k, 3, 3), t.detach().to(f64).reshape(b * k, 3)
-        finite = torch.isfinite(R64).flatten(1).all(1) & torch.isfinite(t64).all(1)
-        R64 = torch.where(finite[:, None, None], R64, torch.eye(3, dtype=f64, device=R.device))
-        t64 = torch.where(finite[:, None], t64, torch.zeros_like(t64))
+        R64, t64, finite = _finite_poses(R, t)
         gate = threshold if gate_factor is None else threshold * gate_factor.detach().to(device=P.device, dtype=f64)
         matches, prior = rematch(P.detach().to(f64), bearings.detach().to(f64), points.detach().to(f64), mask2d,
                                  mask3d, R64.view(b, k, 3, 3), t64.view(b, k, 3), gate, prior_weight)

@@ -77,7 +77,7 @@ from bpnp.geometry.rotations import _check_float, _check_tensor, so3_exp
 from bpnp.geometry.vec3 import dot3, norm3
 
 __all__ = ["RansacStatus", "RansacResult", "ransac_pnp", "default_top_k", "seeded_generator", "gauss_newton_angular",
-           "angular_inliers", "PairFeatures", "pair_features", "inliers_of_features"]
+           "angular_inliers", "PairFeatures", "pair_features", "inliers_of_features", "reduce_inliers_in_chunks"]
 
 
 class RansacStatus(IntEnum):
@@ -230,6 +230,19 @@ def inliers_of_features(R: torch.Tensor, t: torch.Tensor, f: PairFeatures) -> to
     return (dot * dot.abs()) > rhs
 
 
+def reduce_inliers_in_chunks(R: torch.Tensor, t: torch.Tensor, f: PairFeatures, reduce,
+                             chunk: int) -> torch.Tensor:
+    """``reduce`` of :func:`inliers_of_features` over chunks of the poses, concatenated along the
+    pose dimension: poses (b, H, 3, 3), (b, H, 3), about ``chunk`` (pose, pair) entries of the
+    (b, h, K) inlier mask at a time (``reduce`` maps it to (b, h, ...)). The chunks split the
+    poses only, so every entry is computed as on the whole mask (why chunks:
+    :func:`_angular_scores`)."""
+    b, H, K = R.shape[0], R.shape[1], f.Fk.shape[1]
+    step = max(1, chunk // max(b * K, 1))
+    return torch.cat([reduce(inliers_of_features(R[:, h:h + step], t[:, h:h + step], f))
+                      for h in range(0, H, step)], 1)
+
+
 def angular_inliers(
     R: torch.Tensor,
     t: torch.Tensor,
@@ -261,13 +274,10 @@ def _angular_scores(R: torch.Tensor, t: torch.Tensor, bc: torch.Tensor, pc: torc
     (``python bench/ransac.py``). The chunks split the poses only, so every entry is the same
     computation whatever the chunk.
     """
-    b, H, K = R.shape[0], R.shape[1], bc.shape[1]
     f = pair_features(bc, pc, cos_thr)
     # Score (sum of weights) and count (real candidates) of the inliers in one matmul.
     wk = torch.stack([wc, (wc > 0).to(wc.dtype)], -1)  # (b, K, 2)
-    step = max(1, chunk // max(b * K, 1))
-    sc = torch.cat([inliers_of_features(R[:, h:h + step], t[:, h:h + step], f).to(wc.dtype) @ wk
-                    for h in range(0, H, step)], 1)
+    sc = reduce_inliers_in_chunks(R, t, f, lambda inl: inl.to(wc.dtype) @ wk, chunk)
     return sc[..., 0], sc[..., 1].round().long()
 
 

@@ -402,11 +402,7 @@ class BlindPnPNet(nn.Module):
             ransac_inliers = torch.zeros(B, dtype=torch.long, device=P.device)
         timer.lap("ransac")
         if search is not None:
-            R_top = rs.R_top if rs.R_top is not None else rs.R[:, None]
-            t_top = rs.t_top if rs.t_top is not None else rs.t[:, None]
-            R_top, t_top = self._search_starts(P.detach(), bearings, points, mask2d, mask3d, R_top, t_top, factor)
-            ps = pose_search(P.detach(), bearings, points, mask2d, mask3d, R_top, t_top,
-                             **self._search_call_kwargs(factor))
+            ps = self._search_from(rs, P.detach(), bearings, points, mask2d, mask3d, factor)
             timer.lap("search")
             if search.second_pass:
                 ps, second, P_second = self._second_pass(P.detach(), inlier2d, inlier3d, p2d, p3d, mask2d, mask3d,
@@ -547,10 +543,7 @@ class BlindPnPNet(nn.Module):
                 kw["num_hypotheses"] = s.second_hypotheses
             pool = max(s.hypotheses, s.rerank_pool)
             rs = ransac_pnp(P2, b2, x2, k2, k3, generator=generator, top_hypotheses=pool, **kw)
-            R_top = rs.R_top if rs.R_top is not None else rs.R[:, None]
-            t_top = rs.t_top if rs.t_top is not None else rs.t[:, None]
-            R_top, t_top = self._search_starts(P2, b2, x2, k2, k3, R_top, t_top, f)
-            ps2 = pose_search(P2, b2, x2, k2, k3, R_top, t_top, **self._search_call_kwargs(f))
+            ps2 = self._search_from(rs, P2, b2, x2, k2, k3, f)
             # Both poses judged on all points of the item under the first pass's P.
             R2 = torch.stack([first.R[items], ps2.R.to(first.R.dtype)], 1)
             t2 = torch.stack([first.t[items], ps2.t.to(first.t.dtype)], 1)
@@ -569,6 +562,14 @@ class BlindPnPNet(nn.Module):
         P_second[items] = torch.zeros(len(items), P.shape[1], P.shape[2], dtype=P.dtype, device=P.device).scatter_add_(
             2, i3.unsqueeze(1).expand(-1, P.shape[1], -1), full)
         return PoseSearchResult(*out), which, P_second
+
+    def _search_from(self, rs, P, bearings, points, mask2d, mask3d, factor: torch.Tensor | None) -> PoseSearchResult:
+        """The pose search from RANSAC's result ``rs`` (its ranked pool of poses, or its one pose):
+        the starts of :meth:`_search_starts`, then :func:`pose_search` with the search settings."""
+        R_top = rs.R_top if rs.R_top is not None else rs.R[:, None]
+        t_top = rs.t_top if rs.t_top is not None else rs.t[:, None]
+        R_top, t_top = self._search_starts(P, bearings, points, mask2d, mask3d, R_top, t_top, factor)
+        return pose_search(P, bearings, points, mask2d, mask3d, R_top, t_top, **self._search_call_kwargs(factor))
 
     def _search_starts(self, P, bearings, points, mask2d, mask3d, R_pool: torch.Tensor, t_pool: torch.Tensor,
                        factor: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
