@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from bpnp.geometry.angular_scale import check_angle
 from bpnp.geometry.ransac import gauss_newton_angular, pair_features, reduce_inliers_in_chunks
 from bpnp.geometry.rotations import _check_tensor
+from bpnp.geometry.selection import top_k
 
 __all__ = ["PoseSearchResult", "pose_search", "rematch", "row_support", "rerank_by_row_support", "select_by_consensus"]
 
@@ -187,7 +188,7 @@ def row_support(P: torch.Tensor, bearings: torch.Tensor, points: torch.Tensor, m
     dtype = torch.promote_types(bearings.dtype, points.dtype)
     real = mask2d[:, :, None] & mask3d[:, None, :]
     key = torch.where(real & torch.isfinite(P), P, torch.full((), -math.inf, dtype=P.dtype, device=P.device))
-    val, J = key.topk(T, dim=2)  # (b, m, T): each 2D point's T most probable 3D points
+    val, J = top_k(key, T)  # (b, m, T): each 2D point's T most probable 3D points
     ok = (val > 0).reshape(b, m * T)
     bc = bearings.to(dtype)[:, :, None, :].expand(b, m, T, 3).reshape(b, m * T, 3)
     pc = torch.gather(points.to(dtype), 1, J.reshape(b, m * T, 1).expand(b, m * T, 3))
@@ -301,7 +302,11 @@ def pose_search(
         m = bearings.shape[1]
         P64, b64, p64 = P.detach().to(f64), bearings.detach().to(f64), points.detach().to(f64)
         # w log P once for every round and hypothesis (broadcast over the k poses, never copied).
-        log_prior = prior_weight * torch.log(P64.clamp_min(torch.finfo(f64).tiny)) if prior_weight > 0 else None
+        log_prior = None
+        if prior_weight > 0:  # in place on one fresh buffer: the same values, a third of the memory traffic
+            log_prior = P64.clamp_min(torch.finfo(f64).tiny).log_()
+            if prior_weight != 1.0:
+                log_prior.mul_(prior_weight)
         bk = b64.unsqueeze(1).expand(b, k, m, 3).reshape(b * k, m, 3)  # small: for the re-solve
         pk = p64.unsqueeze(1).expand(b, k, *p64.shape[1:]).reshape(b * k, *p64.shape[1:])
         R, t, finite = _finite_poses(R_init, t_init)

@@ -74,6 +74,7 @@ import torch.nn.functional as F
 from bpnp.geometry.angular_scale import check_angle
 from bpnp.geometry.p3p import p3p
 from bpnp.geometry.rotations import _check_float, _check_tensor, so3_exp
+from bpnp.geometry import selection  # its top_k: the module's name, since _ransac has a top_k argument
 from bpnp.geometry.vec3 import dot3, norm3
 
 __all__ = ["RansacStatus", "RansacResult", "ransac_pnp", "default_top_k", "seeded_generator", "gauss_newton_angular",
@@ -474,7 +475,7 @@ def ransac_pnp(
 def _nearest(d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (b, N, k') of the ``k' = min(k, N)`` nearest columns of each row by the distances
     ``d`` (b, N, N) (inf = excluded: itself, padding) and whether each is a real neighbour."""
-    val, idx = d.topk(min(k, d.shape[-1]), dim=2, largest=False)
+    val, idx = selection.top_k(d, min(k, d.shape[-1]), largest=False)
     return idx, torch.isfinite(val)
 
 
@@ -605,12 +606,12 @@ def _ransac(P, bearings, points, mask2d, mask3d, *, H, top_k, threshold, min_inl
     # by (i, j); padding only inserts indices, so it keeps that order among the real entries.
     # topk's own tie-breaking is unspecified (and differs between devices), hence a second topk
     # that re-selects the entries tied with the k-th value by index.
-    first = key.topk(K, dim=1)
-    v_k = first.values[:, -1:]
-    if bool(((key == v_k).sum(1) == (first.values == v_k).sum(1)).all()):
+    first_values, first_indices = selection.top_k(key, K)
+    v_k = first_values[:, -1:]
+    if bool(((key == v_k).sum(1) == (first_values == v_k).sum(1)).all()):
         # Every entry tied with the k-th value is already selected (the usual case for float P):
         # the set is unique, so the second topk would pick the same entries.
-        flat = first.indices
+        flat = first_indices
     else:
         flat_idx = torch.arange(m * n, device=device).unsqueeze(0)
         sel_key = torch.where(key > v_k, -1, torch.where(key == v_k, flat_idx, m * n))

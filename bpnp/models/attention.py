@@ -108,7 +108,8 @@ class _Neighbourhood:
     Attributes:
         flat: (B N k,) int64 row indices of the neighbours into the (B N, .) flattened tokens.
         attn_mask: (B N, 1, 1, k) bool, True = attend (valid neighbour of a real point; padded
-            points attend to their first slot only, so that no row is empty).
+            points attend to their first slot only, so that no row is empty); None when every
+            slot is attended.
         offsets: (B N, k, D) neighbour offsets ``(x_j - x_i) / s`` (0 on invalid slots).
         k: neighbours per point (``min(knn, N)``).
     """
@@ -125,7 +126,9 @@ class _Neighbourhood:
         first = torch.zeros_like(attn)
         first[..., 0] = True
         attn = torch.where(mask[:, :, None], attn, first)
-        self.attn_mask = attn.reshape(B * N, 1, 1, k)
+        # None where every slot is attended (no padding, k real neighbours everywhere): SDPA
+        # without a mask is the same arithmetic (a mask adds 0 to every score), a little faster.
+        self.attn_mask = None if bool(attn.all()) else attn.reshape(B * N, 1, 1, k)
         xf = x.reshape(B * N, D)
         off = xf.index_select(0, self.flat).reshape(B * N, k, D) - xf[:, None, :]
         valid_f = (valid & mask[:, :, None]).reshape(B * N, k, 1)
@@ -181,7 +184,7 @@ class _CrossAttention(nn.Module):
         self.kv = nn.Linear(width, 2 * cross_dim)
         self.out = nn.Linear(cross_dim, width)
 
-    def forward(self, x: torch.Tensor, other: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, other: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         B, N, _ = x.shape
         h, D = self.heads, self.cross_dim
         q = self.q(x).reshape(B, N, h, D // h).transpose(1, 2)  # (B, h, N, d)
@@ -350,6 +353,9 @@ class AttentionMatcher(nn.Module):
         has_points = [mask.any(1) for mask in masks]
         key_masks = []
         for mask, has in zip(masks, has_points):  # an empty side gets a dummy key (slot 0): no NaN row
+            if bool(mask.all()):  # no padding: no mask (the same scores, SDPA's faster path)
+                key_masks.append(None)
+                continue
             dummy = torch.zeros_like(mask)
             dummy[:, 0] = ~has
             key_masks.append((mask | dummy)[:, None, None, :])

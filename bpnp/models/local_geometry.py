@@ -31,6 +31,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from bpnp.geometry.selection import top_k
 from bpnp.models.context_norm import masked_mean_var, masked_rms_radius
 
 __all__ = ["KNNStem", "masked_knn"]
@@ -52,7 +53,7 @@ def masked_knn(x: torch.Tensor, mask: torch.Tensor, k: int) -> tuple[torch.Tenso
     xt = x.transpose(1, 2)  # (B, N, C)
     d2 = torch.cdist(xt, xt).square()
     d2 = d2.masked_fill(~mask[:, None, :], float("inf"))
-    dist, idx = torch.topk(d2, k, dim=2, largest=False)
+    dist, idx = top_k(d2, k, largest=False)
     return idx, torch.isfinite(dist)
 
 
