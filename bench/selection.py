@@ -32,7 +32,7 @@ def _cases():
         x = torch.rand(b, N, 3, generator=g)
         d = torch.cdist(x, x).square().masked_fill(torch.eye(N, dtype=torch.bool), float("inf"))
         yield f"neighbour distances b={b} N={N}, 16 smallest", d, 16, False
-    for m in (256, 1000):
+    for m in (256, 1000, 2000):
         P = torch.randn(1, m, m, generator=g).exp()
         P[0, torch.arange(m), torch.randperm(m, generator=g)] += 30.0
         P = P / P.sum()

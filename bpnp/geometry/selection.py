@@ -11,14 +11,14 @@ badly there (``python bench/selection.py`` times both against ``torch.topk``):
   support each need) takes 10 ms on one thread, 5.5 ms once each row is padded to 1,024 entries
   with the worst value. Rows of ``40 k`` to ``64 k`` entries are padded to ``64 k``.
 - **one very long row**: RANSAC's candidates, the 1,000 largest of the ``m n`` entries of P
-  (45 ms at m = n = 2,000). From ``2^14`` entries per row on, the row's columns are split into
+  (48 ms at m = n = 2,000). From ``2^14`` entries per row on, the row's columns are split into
   ``g`` strided groups of ``s = round(sqrt(N / k))`` (group ``j``: columns ``j, j + g, ...``;
   the ``N - s g`` left over are candidates outright). The ``k`` groups with the best extreme
   hold every entry of a top-k: with ``v`` the k-th best value, a group whose extreme beats ``v``
   holds an entry that beats ``v``, and fewer than ``k`` entries do, so every such group is
   chosen and with them every entry better than ``v``; the other chosen groups (or, if too few,
   every group holding a ``v``) add entries equal to ``v`` up to ``k``. ``topk`` then runs on
-  the ``s k`` members of the chosen groups only (2.3 ms at m = n = 2,000).
+  the ``s k`` members of the chosen groups only (4.7 ms at m = n = 2,000).
 
 Every other input, and every non-CPU tensor, goes to ``torch.topk`` unchanged. Both paths give
 the values of ``torch.topk`` and the indices of a valid top-k of the input; among entries tied
