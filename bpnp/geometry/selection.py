@@ -8,7 +8,7 @@ badly there (``python bench/selection.py`` times both against ``torch.topk``):
 
 - **rows just below the switch**: a (1000, 1000) top-16 (the neighbour distances of one
   1,000-point set, which the matcher's kNN, RANSAC's guided sampling and the pose search's row
-  support each need) takes 10 ms on one thread, 5.5 ms once each row is padded to 1,024 entries
+  support each need) takes 10 ms on one thread, 5.7 ms once each row is padded to 1,024 entries
   with the worst value. Rows of ``40 k`` to ``64 k`` entries are padded to ``64 k``.
 - **one very long row**: RANSAC's candidates, the 1,000 largest of the ``m n`` entries of P
   (48 ms at m = n = 2,000). From ``2^14`` entries per row on, the row's columns are split into
