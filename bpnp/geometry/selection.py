@@ -3,8 +3,8 @@ selected the way torch's CPU kernel is fastest at.
 
 Why our own: on a CPU, ``torch.topk`` selects each row by ``nth_element`` and a sort of the first
 ``k`` while the row has fewer than ``64 k`` entries, and by a partial (heap) sort from ``64 k`` on
-(``aten/src/ATen/native/cpu/SortingKernel.cpp`` of torch 2.x). Two shapes of this project sit
-badly there (``python bench/selection.py`` times both against ``torch.topk``):
+(``topk_impl_loop`` in ``aten/src/ATen/native/TopKImpl.h`` of torch 2.x). Two shapes of this
+project sit badly there (``python bench/selection.py`` times both against ``torch.topk``):
 
 - **rows just below the switch**: a (1000, 1000) top-16 (the neighbour distances of one
   1,000-point set, which the matcher's kNN, RANSAC's guided sampling and the pose search's row
